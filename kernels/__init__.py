@@ -1,0 +1,67 @@
+"""Triton kernels registered as PyTorch ops with FLOP formulas; imported as ``lightning_scaling.kernels``.
+
+Layers, like Liger-Kernel: ``ops/`` holds the raw Triton kernels with their ``torch.library`` op, autograd and
+FLOP formula; ``modules.py`` holds the thin ``nn.Module`` drop-ins (``FusedSelfAttention``, ``FusedSwiGLU``).
+
+Which path an op takes: the Triton kernels for CUDA tensors; the PyTorch reference for CPU tensors, unless
+``triton_on_cpu()`` is active and ``TRITON_INTERPRET=1`` was set before Triton was imported, in which case the
+Triton kernels run on the CPU in Triton's interpreter (slow; for tests only).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+
+import torch
+
+_TRITON_ON_CPU = False
+
+
+def interpreter_enabled() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in {"1", "true", "on", "yes"}
+
+
+@contextlib.contextmanager
+def triton_on_cpu() -> Iterator[None]:
+    """Run the Triton kernels on CPU tensors in Triton's interpreter inside this block (tests only).
+
+    Raises ``RuntimeError`` unless ``TRITON_INTERPRET=1`` is set (it must be set before Triton is imported).
+    """
+    global _TRITON_ON_CPU
+    if not interpreter_enabled():
+        raise RuntimeError("triton_on_cpu() needs TRITON_INTERPRET=1 set before triton is first imported")
+    previous, _TRITON_ON_CPU = _TRITON_ON_CPU, True
+    try:
+        yield
+    finally:
+        _TRITON_ON_CPU = previous
+
+
+def use_triton(tensor: torch.Tensor) -> bool:
+    """Whether an op given ``tensor`` runs its Triton kernels (CUDA, or CPU under ``triton_on_cpu()``)."""
+    if tensor.is_cuda:
+        return True
+    return tensor.device.type == "cpu" and _TRITON_ON_CPU and interpreter_enabled()
+
+
+def __getattr__(name: str):  # lazy: importing the package does not import Triton
+    if name in {"FusedSelfAttention", "FusedSwiGLU"}:
+        from lightning_scaling.kernels import modules
+
+        return getattr(modules, name)
+    if name in {"flash_attention"}:
+        from lightning_scaling.kernels.ops import attention
+
+        return getattr(attention, name)
+    if name in {"swiglu"}:
+        from lightning_scaling.kernels.ops import swiglu
+
+        return getattr(swiglu, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["FusedSelfAttention", "FusedSwiGLU", "flash_attention", "swiglu", "triton_on_cpu", "use_triton",
+           "interpreter_enabled"]

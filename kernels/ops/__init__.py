@@ -1,0 +1,1 @@
+"""Raw Triton kernels and their ``torch.library`` ops (autograd, fake tensors, FLOP formulas)."""

@@ -1,0 +1,463 @@
+"""Fused attention, FlashAttention-2 style: Triton forward and backward kernels, the ``torch.library`` ops
+(autograd, fake tensors, CPU reference path) and their FLOP formulas.
+
+Shapes: ``q`` is [batch, heads, q_len, head_dim]; ``k`` and ``v`` are [batch, heads, kv_len, head_dim].
+Causal masking is top-left aligned like ``F.scaled_dot_product_attention(is_causal=True)``: query i sees keys
+j <= i. The softmax scale defaults to 1/sqrt(head_dim).
+
+Algorithm (Dao 2023, FlashAttention-2, arXiv 2307.08691, Alg. 1 and 2): the forward streams key/value blocks
+through an online softmax and saves only the output and the row log-sum-exp; the backward recomputes the
+probabilities block by block from the log-sum-exp, after a preprocess that computes delta = rowsum(dO * O).
+Accumulation is in fp32 for fp16/bf16 inputs.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from lightning_scaling.flop_counting import register_flop_formula
+from lightning_scaling.flops import attention_flops
+from lightning_scaling.kernels import interpreter_enabled, use_triton
+
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
+_LOG2E = 1.4426950408889634  # log2(e): the kernels use exp2, so scores are pre-multiplied by log2(e)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Block sizes. The interpreter cannot autotune (and each program instance costs ~1 ms), so it gets one small
+# config; on a GPU the autotuner picks among a few per (sequence lengths, head dim, causal).
+# ----------------------------------------------------------------------------------------------------------
+def _configs(gpu_configs: list[tuple[int, int, int, int]]) -> list[triton.Config]:
+    if interpreter_enabled():
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1, num_stages=1)]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in gpu_configs]
+
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages); the last, small one fits in shared memory for fp32 at head dim 128.
+_FWD_CONFIGS = _configs([(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 4), (128, 32, 4, 4),
+                         (32, 32, 4, 2)])
+_BWD_CONFIGS = _configs([(64, 64, 4, 3), (128, 64, 8, 3), (64, 128, 8, 3), (32, 64, 4, 4), (64, 32, 4, 4),
+                         (32, 32, 4, 2)])
+_PRE_BLOCK_M = 16 if interpreter_enabled() else 128
+_KEY = ["SEQ_Q", "SEQ_K", "HEAD_DIM", "CAUSAL"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Forward: one program per (block of BLOCK_M queries, batch*head); loop over key/value blocks.
+# ----------------------------------------------------------------------------------------------------------
+@triton.autotune(configs=_FWD_CONFIGS, key=_KEY)
+@triton.jit
+def _attn_fwd_kernel(
+    Q, K, V, O, LSE,
+    stride_qb, stride_qh, stride_qs, stride_qd,
+    stride_kb, stride_kh, stride_ks, stride_kd,
+    stride_vb, stride_vh, stride_vs, stride_vd,
+    stride_ob, stride_oh, stride_os, stride_od,
+    H, SEQ_Q, SEQ_K, qk_scale,
+    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    start_m = tl.program_id(0)
+    off_bh = tl.program_id(1)
+    off_b = off_bh // H
+    off_h = off_bh % H
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    Q += off_b * stride_qb + off_h * stride_qh
+    K += off_b * stride_kb + off_h * stride_kh
+    V += off_b * stride_vb + off_h * stride_vh
+
+    # This block of queries stays in registers for the whole loop.
+    q = tl.load(Q + offs_m[:, None] * stride_qs + offs_d[None, :] * stride_qd,
+                mask=offs_m[:, None] < SEQ_Q, other=0.0)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running row max (log2 units)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running row sum of exp2(score - m_i)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+
+    # Causal: keys past the last query of this block are all masked, so stop there.
+    hi = tl.minimum((start_m + 1) * BLOCK_M, SEQ_K) if CAUSAL else SEQ_K
+    for start_n in range(0, hi, BLOCK_N):
+        cols = start_n + offs_n
+        k_t = tl.load(K + cols[None, :] * stride_ks + offs_d[:, None] * stride_kd,
+                      mask=cols[None, :] < SEQ_K, other=0.0)  # [HEAD_DIM, BLOCK_N]
+        v = tl.load(V + cols[:, None] * stride_vs + offs_d[None, :] * stride_vd,
+                    mask=cols[:, None] < SEQ_K, other=0.0)  # [BLOCK_N, HEAD_DIM]
+        s = tl.dot(q, k_t, input_precision=DOT_PRECISION) * qk_scale
+        keep = cols[None, :] < SEQ_K
+        if CAUSAL:
+            keep = keep & (offs_m[:, None] >= cols[None, :])
+        s = tl.where(keep, s, float("-inf"))
+        # Online softmax (FlashAttention-2 Alg. 1): rescale the old sum and accumulator to the new max.
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.math.exp2(s - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    # Every row sees key 0 (top-left causal), so l_i > 0 and nothing divides by zero.
+    acc = acc / l_i[:, None]
+    lse = (m_i + tl.math.log2(l_i)) / 1.4426950408889634  # natural-log log-sum-exp of the scaled scores
+    tl.store(LSE + off_bh * SEQ_Q + offs_m, lse, mask=offs_m < SEQ_Q)
+    O += off_b * stride_ob + off_h * stride_oh
+    tl.store(O + offs_m[:, None] * stride_os + offs_d[None, :] * stride_od, acc.to(O.dtype.element_ty),
+             mask=offs_m[:, None] < SEQ_Q)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Backward, step 1: delta_i = sum_d dO[i, d] * O[i, d] (the softmax Jacobian's row term).
+# ----------------------------------------------------------------------------------------------------------
+@triton.jit
+def _attn_bwd_preprocess_kernel(
+    O, DO, DELTA,
+    stride_ob, stride_oh, stride_os, stride_od,
+    stride_dob, stride_doh, stride_dos, stride_dod,
+    H, SEQ_Q,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    start_m = tl.program_id(0)
+    off_bh = tl.program_id(1)
+    off_b = off_bh // H
+    off_h = off_bh % H
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    rows = offs_m[:, None] < SEQ_Q
+    o = tl.load(O + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_os
+                + offs_d[None, :] * stride_od, mask=rows, other=0.0).to(tl.float32)
+    do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_dos
+                 + offs_d[None, :] * stride_dod, mask=rows, other=0.0).to(tl.float32)
+    tl.store(DELTA + off_bh * SEQ_Q + offs_m, tl.sum(o * do, 1), mask=offs_m < SEQ_Q)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Backward, step 2: one program per (block of BLOCK_N keys, batch*head) accumulates dK and dV over queries.
+# dV = P^T dO;  dP = dO V^T;  dS = P * (dP - delta);  dK = scale * dS^T Q   (FlashAttention-2 Alg. 2)
+# ----------------------------------------------------------------------------------------------------------
+@triton.autotune(configs=_BWD_CONFIGS, key=_KEY)
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV,
+    stride_qb, stride_qh, stride_qs, stride_qd,
+    stride_kb, stride_kh, stride_ks, stride_kd,
+    stride_vb, stride_vh, stride_vs, stride_vd,
+    stride_dob, stride_doh, stride_dos, stride_dod,
+    H, SEQ_Q, SEQ_K, sm_scale,
+    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    start_n = tl.program_id(0)
+    off_bh = tl.program_id(1)
+    off_b = off_bh // H
+    off_h = off_bh % H
+    offs_n = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    Q += off_b * stride_qb + off_h * stride_qh
+    DO += off_b * stride_dob + off_h * stride_doh
+    LSE += off_bh * SEQ_Q
+    DELTA += off_bh * SEQ_Q
+
+    key_rows = offs_n[:, None] < SEQ_K
+    k = tl.load(K + off_b * stride_kb + off_h * stride_kh + offs_n[:, None] * stride_ks
+                + offs_d[None, :] * stride_kd, mask=key_rows, other=0.0)
+    v = tl.load(V + off_b * stride_vb + off_h * stride_vh + offs_n[:, None] * stride_vs
+                + offs_d[None, :] * stride_vd, mask=key_rows, other=0.0)
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    qk_scale = sm_scale * 1.4426950408889634
+
+    # Causal: queries before this key block never see it, so start at the query block holding its first key.
+    lo = (start_n * BLOCK_N // BLOCK_M) * BLOCK_M if CAUSAL else 0
+    for start_m in range(lo, SEQ_Q, BLOCK_M):
+        rows = start_m + offs_m
+        q_t = tl.load(Q + rows[None, :] * stride_qs + offs_d[:, None] * stride_qd,
+                      mask=rows[None, :] < SEQ_Q, other=0.0)  # [HEAD_DIM, BLOCK_M]
+        do = tl.load(DO + rows[:, None] * stride_dos + offs_d[None, :] * stride_dod,
+                     mask=rows[:, None] < SEQ_Q, other=0.0)  # [BLOCK_M, HEAD_DIM]
+        lse = tl.load(LSE + rows, mask=rows < SEQ_Q, other=0.0) * 1.4426950408889634
+        delta = tl.load(DELTA + rows, mask=rows < SEQ_Q, other=0.0)
+        # Transposed probabilities P^T [BLOCK_N, BLOCK_M], recomputed from the saved log-sum-exp.
+        s_t = tl.dot(k, q_t, input_precision=DOT_PRECISION) * qk_scale
+        keep = (rows[None, :] < SEQ_Q) & key_rows
+        if CAUSAL:
+            keep = keep & (rows[None, :] >= offs_n[:, None])
+        p_t = tl.where(keep, tl.math.exp2(s_t - lse[None, :]), 0.0)
+        dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk += tl.dot(ds_t.to(q_t.dtype), tl.trans(q_t), input_precision=DOT_PRECISION)
+
+    dk *= sm_scale
+    tl.store(DK + off_bh * SEQ_K * HEAD_DIM + offs_n[:, None] * HEAD_DIM + offs_d[None, :],
+             dk.to(DK.dtype.element_ty), mask=key_rows)
+    tl.store(DV + off_bh * SEQ_K * HEAD_DIM + offs_n[:, None] * HEAD_DIM + offs_d[None, :],
+             dv.to(DV.dtype.element_ty), mask=key_rows)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Backward, step 3: one program per (block of BLOCK_M queries, batch*head) accumulates dQ over keys.
+# dQ = scale * dS K
+# ----------------------------------------------------------------------------------------------------------
+@triton.autotune(configs=_BWD_CONFIGS, key=_KEY)
+@triton.jit
+def _attn_bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ,
+    stride_qb, stride_qh, stride_qs, stride_qd,
+    stride_kb, stride_kh, stride_ks, stride_kd,
+    stride_vb, stride_vh, stride_vs, stride_vd,
+    stride_dob, stride_doh, stride_dos, stride_dod,
+    H, SEQ_Q, SEQ_K, sm_scale,
+    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    start_m = tl.program_id(0)
+    off_bh = tl.program_id(1)
+    off_b = off_bh // H
+    off_h = off_bh % H
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    K += off_b * stride_kb + off_h * stride_kh
+    V += off_b * stride_vb + off_h * stride_vh
+
+    query_rows = offs_m[:, None] < SEQ_Q
+    q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qs
+                + offs_d[None, :] * stride_qd, mask=query_rows, other=0.0)
+    do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_dos
+                 + offs_d[None, :] * stride_dod, mask=query_rows, other=0.0)
+    lse = tl.load(LSE + off_bh * SEQ_Q + offs_m, mask=offs_m < SEQ_Q, other=0.0) * 1.4426950408889634
+    delta = tl.load(DELTA + off_bh * SEQ_Q + offs_m, mask=offs_m < SEQ_Q, other=0.0)
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    qk_scale = sm_scale * 1.4426950408889634  # 1.4426950408889634 = log2(e) throughout (the kernels use exp2)
+
+    # Causal: keys past the last query of this block are all masked, so stop there.
+    hi = tl.minimum((start_m + 1) * BLOCK_M, SEQ_K) if CAUSAL else SEQ_K
+    for start_n in range(0, hi, BLOCK_N):
+        cols = start_n + offs_n
+        k = tl.load(K + cols[:, None] * stride_ks + offs_d[None, :] * stride_kd,
+                    mask=cols[:, None] < SEQ_K, other=0.0)  # [BLOCK_N, HEAD_DIM]
+        v_t = tl.load(V + cols[None, :] * stride_vs + offs_d[:, None] * stride_vd,
+                      mask=cols[None, :] < SEQ_K, other=0.0)  # [HEAD_DIM, BLOCK_N]
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        keep = query_rows & (cols[None, :] < SEQ_K)
+        if CAUSAL:
+            keep = keep & (offs_m[:, None] >= cols[None, :])
+        p = tl.where(keep, tl.math.exp2(s - lse[:, None]), 0.0)
+        dp = tl.dot(do, v_t, input_precision=DOT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+
+    dq *= sm_scale
+    tl.store(DQ + off_bh * SEQ_Q * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :],
+             dq.to(DQ.dtype.element_ty), mask=query_rows)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------------------
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 inputs: exact fp32 products (no TF32), so fp32 results match PyTorch's fp32 math.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _triton_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
+                    scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    b, h, sq, d = q.shape
+    sk = k.shape[2]
+    out = torch.empty((b, h, sq, d), dtype=q.dtype, device=q.device)
+    lse = torch.empty((b, h, sq), dtype=torch.float32, device=q.device)
+    grid = lambda meta: (triton.cdiv(sq, meta["BLOCK_M"]), b * h)  # noqa: E731
+    _attn_fwd_kernel[grid](
+        q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        h, sq, sk, scale * _LOG2E,
+        HEAD_DIM=d, CAUSAL=causal, DOT_PRECISION=_dot_precision(q.dtype),
+    )
+    return out, lse
+
+
+def _triton_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     out: torch.Tensor, lse: torch.Tensor, causal: bool,
+                     scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    b, h, sq, d = q.shape
+    sk = k.shape[2]
+    delta = torch.empty((b, h, sq), dtype=torch.float32, device=q.device)
+    _attn_bwd_preprocess_kernel[(triton.cdiv(sq, _PRE_BLOCK_M), b * h)](
+        out, grad_out, delta, *out.stride(), *grad_out.stride(), h, sq, HEAD_DIM=d, BLOCK_M=_PRE_BLOCK_M,
+    )
+    dq = torch.empty((b, h, sq, d), dtype=q.dtype, device=q.device)
+    dk = torch.empty((b, h, sk, d), dtype=k.dtype, device=k.device)
+    dv = torch.empty((b, h, sk, d), dtype=v.dtype, device=v.device)
+    strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride())
+    flags = dict(HEAD_DIM=d, CAUSAL=causal, DOT_PRECISION=_dot_precision(q.dtype))
+    _attn_bwd_dkdv_kernel[lambda meta: (triton.cdiv(sk, meta["BLOCK_N"]), b * h)](
+        q, k, v, grad_out, lse, delta, dk, dv, *strides, h, sq, sk, scale, **flags,
+    )
+    _attn_bwd_dq_kernel[lambda meta: (triton.cdiv(sq, meta["BLOCK_M"]), b * h)](
+        q, k, v, grad_out, lse, delta, dq, *strides, h, sq, sk, scale, **flags,
+    )
+    return dq, dk, dv
+
+
+# ----------------------------------------------------------------------------------------------------------
+# PyTorch reference (the CPU path): materialises the [q_len, kv_len] scores, computes in fp32 or wider.
+# ----------------------------------------------------------------------------------------------------------
+def _reference_probabilities(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor | None, causal: bool,
+                             scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    scores = torch.matmul(q, k.transpose(-2, -1)) * scale
+    if causal:
+        sq, sk = scores.shape[-2:]
+        allowed = torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril()
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    if lse is None:
+        lse = torch.logsumexp(scores, dim=-1)
+    return torch.exp(scores - lse.unsqueeze(-1)), lse
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _reference_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
+                       scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    ct = _compute_dtype(q.dtype)
+    p, lse = _reference_probabilities(q.to(ct), k.to(ct), None, causal, scale)
+    return torch.matmul(p, v.to(ct)).to(q.dtype), lse.to(torch.float32)
+
+
+def _reference_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        out: torch.Tensor, lse: torch.Tensor, causal: bool,
+                        scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ct = _compute_dtype(q.dtype)
+    q32, k32, v32, do32 = q.to(ct), k.to(ct), v.to(ct), grad_out.to(ct)
+    p, _ = _reference_probabilities(q32, k32, lse.to(ct), causal, scale)
+    delta = (do32 * out.to(ct)).sum(-1, keepdim=True)
+    dv = torch.matmul(p.transpose(-2, -1), do32)
+    ds = p * (torch.matmul(do32, v32.transpose(-2, -1)) - delta)
+    dq = torch.matmul(ds, k32) * scale
+    dk = torch.matmul(ds.transpose(-2, -1), q32) * scale
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# torch.library ops: forward returns (out, lse); backward is its own op so FlopCounterMode sees it.
+# ----------------------------------------------------------------------------------------------------------
+@torch.library.custom_op("lightning_scaling::flash_attention_forward", mutates_args=())
+def flash_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
+                            scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention output [B, H, Sq, D] (dtype of q) and row log-sum-exp [B, H, Sq] (fp32, natural log)."""
+    if use_triton(q):
+        return _triton_forward(q, k, v, causal, scale)
+    return _reference_forward(q, k, v, causal, scale)
+
+
+@flash_attention_forward.register_fake
+def _(q, k, v, causal, scale):
+    b, h, sq, d = q.shape
+    return q.new_empty((b, h, sq, d)), q.new_empty((b, h, sq), dtype=torch.float32)
+
+
+@torch.library.custom_op("lightning_scaling::flash_attention_backward", mutates_args=())
+def flash_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                             out: torch.Tensor, lse: torch.Tensor, causal: bool,
+                             scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients (dq, dk, dv) of ``flash_attention_forward``, recomputing probabilities from ``lse``."""
+    if use_triton(q):
+        return _triton_backward(grad_out, q, k, v, out, lse, causal, scale)
+    return _reference_backward(grad_out, q, k, v, out, lse, causal, scale)
+
+
+@flash_attention_backward.register_fake
+def _(grad_out, q, k, v, out, lse, causal, scale):
+    return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape))
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, v, causal, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.causal, ctx.scale = causal, scale
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, grad_out: torch.Tensor, grad_lse: torch.Tensor | None):
+    q, k, v, out, lse = ctx.saved_tensors
+    dq, dk, dv = flash_attention_backward(grad_out, q, k, v, out, lse, ctx.causal, ctx.scale)
+    return dq, dk, dv, None, None
+
+
+flash_attention_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# FLOP formulas (model FLOPs; the causal convention comes from lightning_scaling.flops).
+# ----------------------------------------------------------------------------------------------------------
+def _forward_flops(q, k, v, causal, scale, *, out_shape=None, causal_attention="half") -> int:
+    """FLOPs of one ``flash_attention_forward`` call; ``q``/``k``/``v`` are shapes (the counter's convention)."""
+    # SPEC.md §1 (Hoffmann 2022 App. F; FlashAttention's count): Q·Kᵀ and softmax·V, 4·B·H·Sq·Sk·D, halved if
+    # causal under "half" (lightning_scaling.flops.attention_flops). The softmax itself is not counted.
+    b, h, sq, d = q
+    return int(attention_flops(b, h, sq, k[2], d, bool(causal), causal_attention))
+
+
+def _backward_flops(grad_out, q, k, v, out, lse, causal, scale, *, out_shape=None,
+                    causal_attention="half") -> int:
+    """FLOPs of one ``flash_attention_backward`` call (model FLOPs = 2 × forward)."""
+    # SPEC.md §1 (Hoffmann 2022 App. F): backward = 2 × forward in model FLOPs. FlashAttention reports 2.5 ×
+    # because its backward recomputes Q·Kᵀ: that is hardware FLOPs (HFU), not the model FLOPs of MFU.
+    return 2 * _forward_flops(q, k, v, causal, scale, causal_attention=causal_attention)
+
+
+register_flop_formula(torch.ops.lightning_scaling.flash_attention_forward, _forward_flops)
+register_flop_formula(torch.ops.lightning_scaling.flash_attention_backward, _backward_flops)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Public entry point
+# ----------------------------------------------------------------------------------------------------------
+def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D [batch, heads, seq, head_dim], got shape {tuple(t.shape)}")
+        if not t.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point tensor, got {t.dtype}")
+        if t.dtype != q.dtype:
+            raise ValueError(f"{name} must have the dtype of q ({q.dtype}), got {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{name} must be on the device of q ({q.device}), got {t.device}")
+    b, h, _, d = q.shape
+    if k.shape[0] != b or k.shape[1] != h or k.shape[3] != d:
+        raise ValueError(f"k must be [batch={b}, heads={h}, kv_len, head_dim={d}] like q, got {tuple(k.shape)}")
+    if v.shape != k.shape:
+        raise ValueError(f"v must have the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
+    if q.shape[2] == 0 or k.shape[2] == 0:
+        raise ValueError(f"q and k need at least one position, got q_len={q.shape[2]}, kv_len={k.shape[2]}")
+    if use_triton(q):
+        if d not in SUPPORTED_HEAD_DIMS:
+            raise ValueError(f"q head_dim must be one of {SUPPORTED_HEAD_DIMS} for the Triton kernels, got {d}")
+        if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            raise ValueError(f"q dtype must be float16, bfloat16 or float32 for the Triton kernels, got {q.dtype}")
+
+
+def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
+                    scale: float | None = None) -> torch.Tensor:
+    """softmax(scale · q kᵀ [+ causal mask]) v without materialising the scores; differentiable.
+
+    ``q`` [batch, heads, q_len, head_dim], ``k``/``v`` [batch, heads, kv_len, head_dim], all one dtype and
+    device; returns [batch, heads, q_len, head_dim]. ``scale`` defaults to 1/sqrt(head_dim). On CUDA (and on
+    the CPU under ``triton_on_cpu()``) runs the Triton kernels, which take head_dim in {16, 32, 64, 128};
+    otherwise the PyTorch reference.
+    """
+    _check_inputs(q, k, v)
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    elif not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale must be a finite number > 0, got {scale!r}")
+    out, _ = flash_attention_forward(q, k, v, bool(causal), float(scale))
+    return out

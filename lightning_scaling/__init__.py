@@ -1,0 +1,41 @@
+"""lightning-scaling: keep a Lightning training run compute-optimal.
+
+The pure math (``laws``, ``flops``, ``noise``, ``fit``) imports neither Lightning nor Triton; the callbacks
+import Lightning when first used. Names below load lazily so ``import lightning_scaling`` stays cheap.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    # laws
+    "ChinchillaLaw": "lightning_scaling.laws",
+    "KaplanLaw": "lightning_scaling.laws",
+    "DataConstrainedLaw": "lightning_scaling.laws",
+    "Allocation": "lightning_scaling.laws",
+    "HOFFMANN_2022": "lightning_scaling.laws",
+    "BESIROGLU_2024": "lightning_scaling.laws",
+    "MUENNIGHOFF_2023": "lightning_scaling.laws",
+    "inference_optimal": "lightning_scaling.laws",
+    # analytic FLOPs
+    "transformer_flops": "lightning_scaling.flops",
+    "transformer_params": "lightning_scaling.flops",
+    # callbacks
+    "FlopCounter": "lightning_scaling.callbacks",
+    "TokenBudget": "lightning_scaling.callbacks",
+    "GradientNoiseScale": "lightning_scaling.callbacks",
+    "DataRepetition": "lightning_scaling.callbacks",
+    "ScalingMonitor": "lightning_scaling.callbacks",
+}
+
+__all__ = sorted(_LAZY) + ["__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'lightning_scaling' has no attribute {name!r}")

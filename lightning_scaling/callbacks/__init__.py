@@ -1,0 +1,22 @@
+"""Lightning callbacks: FLOPs and MFU, tokens per parameter, gradient noise scale, data repetition."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_LAZY = {
+    "FlopCounter": "lightning_scaling.callbacks.flop_counter",
+    "TokenBudget": "lightning_scaling.callbacks.token_budget",
+    "GradientNoiseScale": "lightning_scaling.callbacks.gradient_noise_scale",
+    "DataRepetition": "lightning_scaling.callbacks.data_repetition",
+    "ScalingMonitor": "lightning_scaling.callbacks.scaling_monitor",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'lightning_scaling.callbacks' has no attribute {name!r}")

@@ -1,0 +1,154 @@
+"""What our callbacks share: counting tokens and samples in a batch, warning once on rank zero,
+and never letting our own bookkeeping crash a user's training run."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping, Sequence
+from typing import Any, Callable, TypeVar
+
+import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+
+TokensFn = Callable[[Any], "int | torch.Tensor"]
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+_TOKEN_KEYS = ("input_ids", "tokens", "input", "inputs", "x")
+
+
+def _first_tensor(batch: Any) -> torch.Tensor | None:
+    if isinstance(batch, torch.Tensor):
+        return batch
+    if isinstance(batch, Mapping):
+        for key in _TOKEN_KEYS:
+            if isinstance(batch.get(key), torch.Tensor):
+                return batch[key]
+        for value in batch.values():
+            found = _first_tensor(value)
+            if found is not None:
+                return found
+        return None
+    if isinstance(batch, Sequence) and not isinstance(batch, (str, bytes)):
+        for value in batch:
+            found = _first_tensor(value)
+            if found is not None:
+                return found
+    return None
+
+
+def count_tokens(batch: Any, tokens_fn: TokensFn | None = None) -> int | None:
+    """Training tokens in one batch (this rank, one micro-batch), or None when we cannot tell.
+
+    ``tokens_fn(batch)`` wins when given. Otherwise: the non-padding tokens of ``attention_mask`` when the
+    batch is a mapping that carries one; else the element count of the token tensor (``input_ids`` or the
+    first tensor of a tuple/list/dict) when it holds integer ids. A float tensor is not tokens: None.
+    """
+    if tokens_fn is not None:
+        value = tokens_fn(batch)
+        return int(value.sum().item()) if isinstance(value, torch.Tensor) else int(value)
+    if isinstance(batch, Mapping) and isinstance(batch.get("attention_mask"), torch.Tensor):
+        return int(batch["attention_mask"].sum().item())
+    tensor = _first_tensor(batch)
+    if tensor is None or tensor.is_floating_point() or tensor.is_complex():
+        return None
+    return int(tensor.numel())
+
+
+def count_samples(batch: Any) -> int | None:
+    """Samples (sequences) in one batch: the leading dimension of its token tensor, or None."""
+    tensor = _first_tensor(batch)
+    if tensor is None or tensor.dim() == 0:
+        return None
+    return int(tensor.shape[0])
+
+
+def shape_signature(batch: Any) -> tuple:
+    """Hashable signature of a batch's tensor shapes and dtypes (the key of the FLOP cache)."""
+    if isinstance(batch, torch.Tensor):
+        return (tuple(batch.shape), str(batch.dtype))
+    if isinstance(batch, Mapping):
+        return tuple((str(k), shape_signature(v)) for k, v in sorted(batch.items(), key=lambda kv: str(kv[0])))
+    if isinstance(batch, Sequence) and not isinstance(batch, (str, bytes)):
+        return tuple(shape_signature(v) for v in batch)
+    return (type(batch).__name__,)
+
+
+class WarnOnce:
+    """Warn (or inform) once per key, on rank zero only."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self.seen: set[str] = set()
+
+    def warn(self, key: str, message: str) -> bool:
+        if key in self.seen:
+            return False
+        self.seen.add(key)
+        rank_zero_warn(f"{self.prefix}: {message}")
+        return True
+
+    def info(self, key: str, message: str) -> bool:
+        if key in self.seen:
+            return False
+        self.seen.add(key)
+        rank_zero_info(f"{self.prefix}: {message}")
+        return True
+
+
+def guarded(hook: _F) -> _F:
+    """Wrap a callback hook so an error in our bookkeeping warns once and switches the callback off.
+
+    The instance needs ``self.enabled`` (bool) and ``self._warn`` (a ``WarnOnce``). Errors raised by the
+    user's own code (not ours) still propagate: we only guard our hooks.
+    """
+
+    @functools.wraps(hook)
+    def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if not getattr(self, "enabled", True):
+            return None
+        try:
+            return hook(self, *args, **kwargs)
+        except Exception as err:  # noqa: BLE001 - never crash the user's run over our bookkeeping
+            self.enabled = False
+            self._warn.warn(
+                "internal-error",
+                f"switched off after an error in {hook.__name__}: {type(err).__name__}: {err}. "
+                "Training continues; please report this.",
+            )
+            return None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def unwrap_loss(output: Any) -> torch.Tensor | None:
+    """The loss tensor of a ``training_step`` output (a tensor or a dict with ``loss``), or None."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, Mapping) and isinstance(output.get("loss"), torch.Tensor):
+        return output["loss"]
+    return None
+
+
+def global_sum(trainer: Any, values: Sequence[int]) -> list[int]:
+    """Sum integer counters over data-parallel ranks with one all-reduce (SUM; gloo has no AVG).
+
+    Every rank must call this at the same point (for example once per optimizer step). With one process
+    it returns the values unchanged and costs nothing.
+    """
+    if getattr(trainer, "world_size", 1) <= 1:
+        return [int(v) for v in values]
+    device = trainer.strategy.root_device
+    tensor = torch.tensor([int(v) for v in values], dtype=torch.int64, device=device)
+    reduced = trainer.strategy.reduce(tensor, reduce_op="sum")
+    return [int(v) for v in reduced.tolist()]
+
+
+def planned_optimizer_steps(trainer: Any) -> int | None:
+    """Optimizer steps the whole run will take (``estimated_stepping_batches``), or None when unbounded."""
+    try:
+        steps = trainer.estimated_stepping_batches
+    except Exception:  # noqa: BLE001 - no dataloader length, no max_steps: no projection
+        return None
+    if steps is None or steps == float("inf") or steps <= 0:
+        return None
+    return int(steps)

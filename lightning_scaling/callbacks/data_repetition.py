@@ -1,0 +1,435 @@
+"""DataRepetition: epochs over the unique data, the effective data D' they are worth, and a warning when the
+run will repeat its data past the point where repetition stops paying (Muennighoff et al. 2023)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from torch.utils.data import DataLoader, IterableDataset
+
+from lightning_scaling._validation import positive_float, positive_int
+from lightning_scaling.callbacks._common import (
+    TokensFn,
+    WarnOnce,
+    _first_tensor,
+    count_samples,
+    count_tokens,
+    global_sum,
+    guarded,
+    planned_optimizer_steps,
+)
+
+_STATE_VERSION = 1
+
+
+class DataRepetition(Callback):
+    r"""Track how many times a run repeats its data and what the repeats are worth.
+
+    Unique data ``U`` (tokens) is ``unique_tokens=`` when given; else ``len(dataset)`` × the mean tokens per
+    sample seen (tokens counted as :class:`TokenBudget` counts them, non-padding tokens when the batch carries
+    an ``attention_mask``); else, for a dataset without a length (a stream, an ``IterableDataset``), the
+    distinct samples seen, estimated by a HyperLogLog sketch over 64-bit hashes of each sample's token ids
+    (:mod:`lightning_scaling.sketch`), × the mean tokens per sample.
+
+    Logged on each optimizer step (global over data-parallel ranks and accumulation micro-batches):
+
+    - ``scaling/epochs``: tokens seen / U (for a map-style dataset with a length: samples seen / len(dataset))
+    - ``scaling/effective_tokens``: D', the fresh tokens the tokens seen are worth (Muennighoff 2023, eq. 5)
+    - ``scaling/effective_tokens_per_param``: D' / parameters
+    - ``scaling/repetition_value``: worth of the next repeated token against a fresh one, exp(−R_D/R*_D)
+      (1 in the first epoch, 0.77 after 5 epochs, 0.38 after 16)
+    - ``scaling/projected_epochs``: epochs at the end of the run (``trainer.estimated_stepping_batches``:
+      max_steps / max_epochs); equals ``scaling/epochs`` when the end is unknown
+    - ``scaling/distinct_fraction``: distinct samples seen / samples seen, when the sketch is on (every
+      ``sketch_every_n_steps`` steps); about 1/epochs for data that cycles
+
+    Warnings (rank zero, once each, at the step where the projection first crosses the threshold):
+    ``warn_epochs`` (diminishing returns) and ``stop_epochs`` (more epochs buy almost nothing); each gives the
+    data-constrained optimum (parameters and epochs) for the same compute (6·N·D) and unique data. When both
+    thresholds are crossed at the same step only the ``stop_epochs`` warning is shown (both are recorded).
+
+    With a sketch and no length, the projection assumes new distinct samples keep arriving at the rate seen
+    between the last two sketch evaluations (1 for a fresh stream, 0 once the stream cycles).
+
+    Args:
+        unique_tokens: unique tokens in the training data; default: measured as above.
+        tokens_fn: counts the training tokens of one batch (shared with :class:`TokenBudget`).
+        sketch: estimate distinct samples with a HyperLogLog sketch. None (default): on for datasets without
+            ``__len__``; True: always (also reports duplicates inside a map-style dataset as
+            ``distinct_fraction``); False: never.
+        sketch_precision: p; the sketch has 2**p one-byte registers, relative standard error 1.04/sqrt(2**p)
+            (0.81% at the default 14). Under DDP the registers are max-reduced (2**p bytes) once per step.
+        sketch_every_n_steps: optimizer steps between sketch estimates; default ``trainer.log_every_n_steps``.
+        warn_epochs: warn when the run is projected past this many epochs (about 4: diminishing returns).
+        stop_epochs: warn when the run is projected past this many epochs (about 16: repeats worth little).
+        law: a :class:`lightning_scaling.laws.DataConstrainedLaw`; default: Muennighoff et al.'s C4 fit.
+        params: model parameters; default: the unique parameters of the module (shared weights once).
+    """
+
+    def __init__(
+        self,
+        unique_tokens: float | None = None,
+        tokens_fn: TokensFn | None = None,
+        sketch: bool | None = None,
+        sketch_precision: int = 14,
+        warn_epochs: float = 4.0,
+        stop_epochs: float = 16.0,
+        law: Any = None,
+        params: float | None = None,
+        sketch_every_n_steps: int | None = None,
+    ) -> None:
+        self.unique_tokens_arg = None if unique_tokens is None else positive_float("unique_tokens", unique_tokens)
+        if tokens_fn is not None and not callable(tokens_fn):
+            raise ValueError(f"tokens_fn must be callable (batch -> tokens), got {tokens_fn!r}")
+        self.tokens_fn = tokens_fn
+        if sketch not in (None, True, False):
+            raise ValueError(f"sketch must be None (auto), True or False, got {sketch!r}")
+        self.sketch_arg = sketch
+        self.sketch_precision = positive_int("sketch_precision", sketch_precision)
+        if not 4 <= self.sketch_precision <= 18:
+            raise ValueError(f"sketch_precision must lie in [4, 18], got {sketch_precision!r}")
+        self.sketch_every_n_steps = (
+            None if sketch_every_n_steps is None else positive_int("sketch_every_n_steps", sketch_every_n_steps)
+        )
+        self.warn_epochs = positive_float("warn_epochs", warn_epochs)
+        self.stop_epochs = positive_float("stop_epochs", stop_epochs)
+        if self.stop_epochs <= self.warn_epochs:
+            raise ValueError(f"stop_epochs must be > warn_epochs ({self.warn_epochs:g}), got {stop_epochs!r}")
+        if law is not None and not all(
+            callable(getattr(law, name, None)) for name in ("effective_tokens", "repetition_value", "compute_optimal")
+        ):
+            raise ValueError(f"law must be a DataConstrainedLaw (effective_tokens, repetition_value, compute_optimal), got {law!r}")
+        self.law = law
+        self.params_arg = None if params is None else positive_float("params", params)
+
+        self.enabled = True
+        self._warn = WarnOnce("DataRepetition")
+        # run configuration, found at train start
+        self.params: float | None = self.params_arg
+        self.dataset_len: int | None = None
+        self.sketch_on = False
+        self._sketch: Any = None  # a lightning_scaling.sketch.HyperLogLog while the sketch is on
+        self._planned_steps: int | None = None
+        # checkpointed state: global totals, identical on every rank
+        self.tokens = 0
+        self.samples = 0
+        self.global_steps = 0  # trainer.global_step advances counted by this callback
+        self.warned: dict[str, int] = {}  # "warn"/"stop" -> global step where the projection first crossed
+        self.distinct: float | None = None  # distinct samples seen (sketch estimate)
+        self.fresh_rate: float | None = None  # new distinct samples per sample, between the last two estimates
+        self._snapshot: tuple[int, float] | None = None  # (samples, distinct) at the last estimate
+        self._loaded_registers: torch.Tensor | None = None
+        # per-step scratch (this rank): tokens, samples, batches whose tokens/samples could not be counted,
+        # batches the sketch failed on
+        self._pending = [0, 0, 0, 0, 0]
+        self._last_global_step: int | None = None
+        # latest numbers (see summary())
+        self.unique_tokens: float | None = None
+        self.epochs: float | None = None
+        self.effective_tokens: float | None = None
+        self.effective_tokens_per_param: float | None = None
+        self.repetition_value: float | None = None
+        self.projected_tokens: float | None = None
+        self.projected_unique_tokens: float | None = None
+        self.projected_epochs: float | None = None
+        self.distinct_fraction: float | None = None
+
+    # ----------------------------------------------------------------------------------------------- hooks
+
+    @guarded
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.params_arg is None:
+            self.params = float(sum(p.numel() for p in pl_module.parameters())) or None
+        self.dataset_len = _dataset_length(trainer.train_dataloader)
+        self.sketch_on = self.sketch_arg if self.sketch_arg is not None else self.dataset_len is None
+        if self.sketch_on:
+            from lightning_scaling.sketch import HyperLogLog
+
+            self._sketch = HyperLogLog(self.sketch_precision, device=trainer.strategy.root_device)
+            if self._loaded_registers is not None:
+                if self._loaded_registers.numel() == self._sketch.m:
+                    self._sketch.registers = self._loaded_registers.to(self._sketch.registers).clone()
+                else:
+                    self._warn.warn(
+                        "sketch-precision",
+                        "the checkpoint's sketch has another precision; distinct samples are counted afresh.",
+                    )
+                    self._reset_sketch_state()
+        elif self.distinct is not None:
+            self._reset_sketch_state()
+        self._loaded_registers = None
+        if self.unique_tokens_arg is None and self.dataset_len is None and not self.sketch_on:
+            self._warn.warn(
+                "no-unique",
+                "the training data has no length and the sketch is off, so epochs are unknown; pass "
+                "DataRepetition(unique_tokens=...) or sketch=True.",
+            )
+        if self.law is None:
+            from lightning_scaling.laws import DataConstrainedLaw
+
+            self.law = DataConstrainedLaw()
+        self._planned_steps = planned_optimizer_steps(trainer)
+        self._last_global_step = trainer.global_step
+        self._pending = [0, 0, 0, 0, 0]
+
+    @guarded
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        # Never raise before the step's all-reduce: a failure is counted and acted on by every rank together.
+        try:
+            tokens = count_tokens(batch, self.tokens_fn)
+            samples = count_samples(batch)
+        except Exception:  # noqa: BLE001 - counted below, handled after the reduce on every rank
+            tokens = samples = None
+        if tokens is None:
+            self._pending[2] += 1
+        else:
+            self._pending[0] += tokens
+        if samples is None:
+            self._pending[3] += 1
+        else:
+            self._pending[1] += samples
+        if self._sketch is not None:
+            try:
+                rows = _first_tensor(batch)
+                mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
+                mask = mask if isinstance(mask, torch.Tensor) and rows is not None and mask.shape == rows.shape else None
+                self._sketch.add_rows(rows, mask)
+            except Exception:  # noqa: BLE001 - counted below
+                self._pending[4] += 1
+
+    @guarded
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if trainer.global_step == self._last_global_step:
+            return  # still accumulating: no optimizer step yet
+        advanced = trainer.global_step - (self._last_global_step or 0)
+        self._last_global_step = trainer.global_step
+        if not self._flush(trainer, max(advanced, 0)):
+            return
+        if self._sketch is not None:
+            every = self.sketch_every_n_steps or max(int(getattr(trainer, "log_every_n_steps", 50) or 50), 1)
+            if self.distinct is None or trainer.global_step % every == 0:
+                self._estimate_distinct()
+        self._update()
+        self._check_warnings(trainer)
+        self._log(pl_module)
+
+    @guarded
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # Any micro-batches not followed by an optimizer step (training stopped mid-accumulation).
+        if self._flush(trainer, 0):
+            if self._sketch is not None:
+                self._estimate_distinct()
+            self._update()
+
+    def state_dict(self) -> dict[str, Any]:
+        registers = None
+        if self._sketch is not None:
+            registers = self._sketch.registers.detach().cpu().clone()
+        elif self._loaded_registers is not None:
+            registers = self._loaded_registers
+        return {
+            "version": _STATE_VERSION,
+            "tokens": self.tokens,
+            "samples": self.samples,
+            "global_steps": self.global_steps,
+            "warned": dict(self.warned),
+            "distinct": self.distinct,
+            "fresh_rate": self.fresh_rate,
+            "snapshot": None if self._snapshot is None else list(self._snapshot),
+            "registers": registers,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.tokens = int(state_dict.get("tokens", 0))
+        self.samples = int(state_dict.get("samples", 0))
+        self.global_steps = int(state_dict.get("global_steps", 0))
+        self.warned = {str(k): int(v) for k, v in dict(state_dict.get("warned", {})).items()}
+        self.distinct = state_dict.get("distinct")
+        self.fresh_rate = state_dict.get("fresh_rate")
+        snapshot = state_dict.get("snapshot")
+        self._snapshot = None if snapshot is None else (int(snapshot[0]), float(snapshot[1]))
+        registers = state_dict.get("registers")
+        self._loaded_registers = None if registers is None else registers.detach().cpu().to(torch.uint8).clone()
+        # the warnings already given stay given
+        for key in self.warned:
+            self._warn.seen.add(key)
+
+    # ---------------------------------------------------------------------------------------------- public
+
+    def summary(self) -> dict[str, Any]:
+        """The latest numbers: ``tokens``/``samples`` seen (all ranks), ``unique_tokens`` (U), ``epochs``,
+        ``effective_tokens`` (D', tokens), ``effective_tokens_per_param``, ``repetition_value``,
+        ``projected_tokens``/``projected_epochs`` (end of run), ``distinct_samples`` and ``distinct_fraction``
+        (sketch), ``params``, and ``warned`` (threshold -> the optimizer step where it was crossed)."""
+        return {
+            "tokens": self.tokens,
+            "samples": self.samples,
+            "unique_tokens": self.unique_tokens,
+            "epochs": self.epochs,
+            "effective_tokens": self.effective_tokens,
+            "effective_tokens_per_param": self.effective_tokens_per_param,
+            "repetition_value": self.repetition_value,
+            "projected_tokens": self.projected_tokens,
+            "projected_epochs": self.projected_epochs,
+            "distinct_samples": self.distinct,
+            "distinct_fraction": self.distinct_fraction,
+            "params": self.params,
+            "warned": dict(self.warned),
+        }
+
+    # ------------------------------------------------------------------------------------------- internals
+
+    def _reset_sketch_state(self) -> None:
+        self.distinct = self.fresh_rate = self._snapshot = None
+
+    def _flush(self, trainer: Trainer, advanced: int) -> bool:
+        """Add this step's deltas, summed over ranks with one all-reduce; max-reduce the sketch registers.
+        Every rank calls this at the same point and takes the same decisions from the reduced numbers."""
+        tokens, samples, no_tokens, no_samples, sketch_failed = global_sum(trainer, self._pending)
+        self._pending = [0, 0, 0, 0, 0]
+        if self._sketch is not None and trainer.world_size > 1:
+            self._sketch.registers = trainer.strategy.reduce(self._sketch.registers, reduce_op="max")
+        self.tokens += tokens
+        self.samples += samples
+        self.global_steps += advanced
+        if no_tokens or (no_samples and self.unique_tokens_arg is None):
+            what = "tokens" if no_tokens else "samples (the leading dimension of the token tensor)"
+            self._warn.warn(
+                "uncountable",
+                f"cannot count the {what} of a batch; pass DataRepetition(tokens_fn=...) (and unique_tokens=... "
+                "when a batch has no token tensor). Switched off.",
+            )
+            self.enabled = False
+            return False
+        if (sketch_failed or no_samples) and self._sketch is not None:
+            self._warn.warn("sketch-failed", "could not hash a batch's samples; the distinct-sample sketch is off.")
+            self._sketch = None
+            self.sketch_on = False
+            self._reset_sketch_state()
+        return True
+
+    def _estimate_distinct(self) -> None:
+        if self._sketch is None or self.samples <= 0:
+            return
+        distinct = min(self._sketch.estimate(), float(self.samples))
+        if self._snapshot is None:
+            rate = distinct / self.samples
+        elif self.samples > self._snapshot[0]:
+            rate = (distinct - self._snapshot[1]) / (self.samples - self._snapshot[0])
+        else:
+            rate = self.fresh_rate if self.fresh_rate is not None else 1.0
+        self.fresh_rate = min(max(rate, 0.0), 1.0)
+        self._snapshot = (self.samples, distinct)
+        self.distinct = distinct
+
+    def _update(self) -> None:
+        if self.tokens <= 0 or (self.samples <= 0 and self.unique_tokens_arg is None):
+            return
+        per_sample = self.tokens / max(self.samples, 1)  # mean training tokens per sample
+        growth = 0.0  # unique tokens per remaining training token
+        if self.unique_tokens_arg is not None:
+            unique = self.unique_tokens_arg
+        elif self.dataset_len is not None:
+            unique = self.dataset_len * per_sample
+        elif self.distinct is not None:
+            unique = max(self.distinct, 1.0) * per_sample
+            growth = self.fresh_rate or 0.0
+        else:
+            return
+        self.unique_tokens = unique
+        self.distinct_fraction = None if self.distinct is None else min(self.distinct / max(self.samples, 1), 1.0)
+        self.epochs = self.tokens / unique
+        if self._planned_steps is not None and self.global_steps > 0:
+            remaining = max(self._planned_steps - (self._last_global_step or 0), 0) * self.tokens / self.global_steps
+            self.projected_tokens = self.tokens + remaining
+            self.projected_unique_tokens = unique + growth * remaining
+        else:
+            self.projected_tokens, self.projected_unique_tokens = float(self.tokens), unique
+        self.projected_epochs = self.projected_tokens / self.projected_unique_tokens
+        law = self.law
+        # Muennighoff 2023, eq. 5: D' = U + U·R*_D·(1 − exp(−R_D/R*_D)), R_D = epochs − 1
+        self.effective_tokens = float(law.effective_tokens(self.tokens, unique))
+        # Muennighoff 2023, derivative of eq. 5: dD'/dD = exp(−R_D/R*_D)
+        self.repetition_value = float(law.repetition_value(self.tokens, unique))
+        self.effective_tokens_per_param = self.effective_tokens / self.params if self.params else None
+
+    def _check_warnings(self, trainer: Trainer) -> None:
+        if self.projected_epochs is None:
+            return
+        crossed = [
+            key
+            for key, threshold in (("warn", self.warn_epochs), ("stop", self.stop_epochs))
+            if key not in self.warned and self.projected_epochs > threshold
+        ]
+        for key in crossed:
+            self.warned[key] = trainer.global_step
+        if "stop" in crossed:
+            self._warn.seen.add("warn")  # the stronger warning says it all
+            self._warn.warn("stop", self._advice(self.stop_epochs, "more epochs buy almost nothing"))
+        elif "warn" in crossed:
+            self._warn.warn("warn", self._advice(self.warn_epochs, "each further epoch is worth less (diminishing returns)"))
+
+    def _advice(self, threshold: float, meaning: str) -> str:
+        unique = self.projected_unique_tokens or self.unique_tokens
+        tokens = self.projected_tokens or float(self.tokens)
+        law = self.law
+        # value of the last repeated token at the end of the run (Muennighoff 2023, derivative of eq. 5)
+        end_value = float(law.repetition_value(tokens, unique))
+        text = (
+            f"the run is projected to {self.projected_epochs:.1f} epochs over {_fmt(unique)} unique tokens "
+            f"({_fmt(tokens)} training tokens), past {threshold:g} epochs: {meaning}. At the end a repeated token "
+            f"is worth {end_value:.0%} of a fresh one (Muennighoff et al. 2023)."
+        )
+        if self.params:
+            flops = 6.0 * self.params * tokens  # C ≈ 6·N·D (Kaplan 2020, Table 1)
+            try:
+                best = law.compute_optimal(flops, unique)
+                text += (
+                    f" For the same compute ({_fmt(flops)} FLOPs, 6·N·D) and unique data, the data-constrained "
+                    f"optimum is {_fmt(float(best.params))} parameters for {float(best.epochs):.1f} epochs "
+                    f"({_fmt(float(best.tokens))} tokens) instead of {_fmt(self.params)} parameters for "
+                    f"{self.projected_epochs:.1f} epochs."
+                )
+            except Exception:  # noqa: BLE001 - the advice is optional, the warning is not
+                pass
+        return text + " Add unique data, or train a larger model for fewer epochs / stop earlier."
+
+    def _log(self, pl_module: LightningModule) -> None:
+        metrics = {
+            "scaling/epochs": self.epochs,
+            "scaling/effective_tokens": self.effective_tokens,
+            "scaling/effective_tokens_per_param": self.effective_tokens_per_param,
+            "scaling/repetition_value": self.repetition_value,
+            "scaling/projected_epochs": self.projected_epochs,
+            "scaling/distinct_fraction": self.distinct_fraction,
+        }
+        for name, value in metrics.items():
+            if value is not None and math.isfinite(value):
+                pl_module.log(name, float(value), on_step=True, on_epoch=False, sync_dist=False, batch_size=1)
+
+
+def _dataset_length(loader: Any) -> int | None:
+    """Samples in the training dataset of a single ``DataLoader`` over a map-style dataset, else None."""
+    dataset = getattr(loader, "dataset", None) if isinstance(loader, DataLoader) else None
+    if dataset is None or isinstance(dataset, IterableDataset):
+        return None
+    try:
+        length = len(dataset)
+    except (TypeError, NotImplementedError):
+        return None
+    return int(length) if length > 0 else None
+
+
+def _fmt(value: float | None) -> str:
+    if value is None:
+        return "?"
+    for bound, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= bound:
+            return f"{value / bound:.3g}{suffix}"
+    return f"{value:.3g}"

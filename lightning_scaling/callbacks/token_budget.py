@@ -1,0 +1,311 @@
+"""TokenBudget: tokens seen, tokens per parameter against the Chinchilla rule, projected to the end of the run."""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_info
+
+from lightning_scaling.callbacks._common import (
+    TokensFn,
+    WarnOnce,
+    count_tokens,
+    global_sum,
+    guarded,
+    planned_optimizer_steps,
+)
+
+
+class TokenBudget(Callback):
+    r"""Count training tokens and compare the run with the compute-optimal allocation.
+
+    Tokens are the non-padding tokens of a batch's ``attention_mask`` when it has one, else the element count
+    of its integer token tensor; ``tokens_fn(batch)`` counts any other batch. Parameters are all unique
+    trainable and frozen parameters (tied weights once; full shapes under FSDP: counted before sharding), or
+    the non-embedding ones with ``non_embedding=True`` (Kaplan's convention).
+
+    Logged on each optimizer step (totals over data-parallel ranks):
+
+    - ``scaling/tokens``: training tokens so far
+    - ``scaling/params``: parameters counted (constant)
+    - ``scaling/tokens_per_param``: tokens so far / parameters
+    - ``scaling/projected_tokens_per_param``: the same at the end of the run (``trainer.estimated_stepping_batches``)
+    - ``scaling/compute_overhead``: extra compute of the projected run over the compute-optimal run that reaches
+      the same loss, under ``law`` (de Vries 2023 from Hoffmann et al. 2022 eq. 2; 0.2 = 20% more)
+
+    At train start it prints a pre-flight summary (planned tokens, tokens per parameter, FLOPs) and, once
+    ``projection_warmup_steps`` steps have run, the projected wall-clock. It warns once (rank zero) when the
+    projected run ends under ``tokens_per_param`` with an overhead above ``overhead_threshold``, and reports
+    once (information) when it ends above ``overtrained_factor`` x ``tokens_per_param``.
+
+    Args:
+        tokens_fn: counts the training tokens of one batch (this rank, one micro-batch).
+        non_embedding: count non-embedding parameters instead of all.
+        law: a :class:`lightning_scaling.laws.ChinchillaLaw` (default: Besiroglu et al. 2024's refit, whose
+            optimum sits at about 20 tokens per parameter), for the overhead and the advice.
+        tokens_per_param: the rule of thumb (Hoffmann et al. 2022, Table 3: about 20).
+        overhead_threshold: warn only when the projected compute overhead exceeds this fraction.
+        overtrained_factor: report when the run ends above this multiple of ``tokens_per_param``.
+        inference_tokens: tokens the model will serve; compares with the inference-aware optimum
+            (Sardana et al. 2023) instead of the training-only one.
+        params: the parameter count to use, overriding the count from the module.
+        projection_warmup_steps: optimizer steps before projecting (tokens/step and step time settle).
+    """
+
+    def __init__(
+        self,
+        tokens_fn: TokensFn | None = None,
+        non_embedding: bool = False,
+        law: Any = None,
+        tokens_per_param: float = 20.0,
+        overhead_threshold: float = 0.10,
+        overtrained_factor: float = 5.0,
+        inference_tokens: float | None = None,
+        params: int | None = None,
+        projection_warmup_steps: int = 10,
+    ) -> None:
+        from lightning_scaling._validation import non_negative_float, positive_float, positive_int
+
+        if tokens_fn is not None and not callable(tokens_fn):
+            raise ValueError(f"tokens_fn must be a callable taking a batch, got {tokens_fn!r}")
+        self.tokens_fn = tokens_fn
+        self.non_embedding = bool(non_embedding)
+        self.law = law
+        self.tokens_per_param = positive_float("tokens_per_param", tokens_per_param)
+        self.overhead_threshold = non_negative_float("overhead_threshold", overhead_threshold)
+        self.overtrained_factor = positive_float("overtrained_factor", overtrained_factor)
+        self.inference_tokens = None if inference_tokens is None else positive_float("inference_tokens", inference_tokens)
+        self.params_override = None if params is None else positive_int("params", params)
+        self.projection_warmup_steps = positive_int("projection_warmup_steps", projection_warmup_steps)
+        self.enabled = True
+        self._warn = WarnOnce("TokenBudget")
+        # checkpointed (global over ranks)
+        self.tokens = 0
+        self.optimizer_steps = 0
+        self.warned: list[str] = []
+        # this fit only
+        self.params: int | None = None
+        self._step_tokens = 0
+        self._last_global_step: int | None = None
+        self._fit_start_tokens = 0
+        self._fit_start_steps = 0
+        self._fit_start_time: float | None = None
+        self.projected_tokens: float | None = None
+        self.compute_overhead: float | None = None
+        self.projected_seconds: float | None = None
+
+    # ----------------------------------------------------------------------------------------------- hooks
+
+    @guarded
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        # Before the strategy wraps or shards the model, so FSDP counts full shapes.
+        if stage == "fit":
+            self.params = self._count_params(pl_module)
+
+    @guarded
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not self.params:  # layers built in configure_model: count now (DTensor numel is the full shape)
+            self.params = self._count_params(pl_module)
+        if self.law is None:
+            from lightning_scaling.laws import DEFAULT_LAW
+
+            self.law = DEFAULT_LAW
+        self._last_global_step = trainer.global_step
+        for key in self.warned:
+            self._warn.seen.add(key)
+
+    @guarded
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._fit_start_tokens = self.tokens
+        self._fit_start_steps = trainer.global_step
+        self._fit_start_time = time.perf_counter()
+        self._preflight(trainer)
+
+    @guarded
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        tokens = count_tokens(batch, self.tokens_fn)
+        if tokens is None:
+            self._warn.warn(
+                "uncountable",
+                f"cannot count the tokens of a batch of type {type(batch).__name__}; pass "
+                "TokenBudget(tokens_fn=...) that returns the number of training tokens in a batch.",
+            )
+            return
+        self._step_tokens += tokens
+
+    @guarded
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if trainer.global_step == self._last_global_step:
+            return  # still accumulating
+        self._last_global_step = trainer.global_step
+        (step_tokens,) = global_sum(trainer, [self._step_tokens])
+        self._step_tokens = 0
+        self.tokens += step_tokens
+        self.optimizer_steps += 1
+        if not self.params:
+            return
+        metrics = {
+            "scaling/tokens": float(self.tokens),
+            "scaling/params": float(self.params),
+            "scaling/tokens_per_param": self.tokens / self.params,
+        }
+        steps_this_fit = trainer.global_step - self._fit_start_steps
+        if steps_this_fit >= min(self.projection_warmup_steps, planned_optimizer_steps(trainer) or 1):
+            self._project(trainer, steps_this_fit)
+            if self.projected_tokens is not None:
+                metrics["scaling/projected_tokens_per_param"] = self.projected_tokens / self.params
+            if self.compute_overhead is not None:
+                metrics["scaling/compute_overhead"] = self.compute_overhead
+            self._advise()
+        for name, value in metrics.items():
+            pl_module.log(name, value, on_step=True, on_epoch=False, sync_dist=False)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"tokens": self.tokens, "optimizer_steps": self.optimizer_steps, "warned": list(self.warned)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.tokens = int(state_dict.get("tokens", 0))
+        self.optimizer_steps = int(state_dict.get("optimizer_steps", 0))
+        self.warned = list(state_dict.get("warned", []))
+
+    # ------------------------------------------------------------------------------------------- helpers
+
+    def summary(self) -> dict[str, Any]:
+        """The numbers for the end-of-fit report (tokens, parameters, projection, overhead)."""
+        return {
+            "tokens": self.tokens,
+            "params": self.params,
+            "tokens_per_param": self.tokens / self.params if self.params else None,
+            "projected_tokens": self.projected_tokens,
+            "projected_tokens_per_param": self.projected_tokens / self.params
+            if self.params and self.projected_tokens
+            else None,
+            "compute_overhead": self.compute_overhead,
+            "projected_wall_clock_hours": self.projected_seconds / 3600 if self.projected_seconds else None,
+            "non_embedding": self.non_embedding,
+        }
+
+    def _count_params(self, pl_module: LightningModule) -> int:
+        if self.params_override is not None:
+            return self.params_override
+        from lightning_scaling.flop_counting import count_parameters
+
+        return int(count_parameters(pl_module, non_embedding=self.non_embedding))
+
+    def _project(self, trainer: Trainer, steps_this_fit: int) -> None:
+        planned = planned_optimizer_steps(trainer)
+        if planned is None or steps_this_fit <= 0:
+            return
+        tokens_per_step = (self.tokens - self._fit_start_tokens) / steps_this_fit
+        remaining = max(planned - trainer.global_step, 0)
+        self.projected_tokens = self.tokens + tokens_per_step * remaining
+        if self._fit_start_time is not None:
+            seconds_per_step = (time.perf_counter() - self._fit_start_time) / steps_this_fit
+            self.projected_seconds = seconds_per_step * remaining
+            self._warn.info(
+                "wall-clock",
+                f"{steps_this_fit} steps in: {seconds_per_step:.3g} s/step, about "
+                f"{_hours(self.projected_seconds)} to go for the remaining {remaining} steps "
+                f"({_fmt(self.projected_tokens)} tokens in all).",
+            )
+        if self.projected_tokens > 0:
+            overhead = float(self.law.compute_overhead(self.params, self.projected_tokens))
+            self.compute_overhead = overhead if math.isfinite(overhead) else None
+
+    def _advise(self) -> None:
+        if self.projected_tokens is None or not self.params:
+            return
+        n, d = float(self.params), float(self.projected_tokens)
+        ratio = d / n
+        flops = 6 * n * d  # C = 6ND (Kaplan et al. 2020, Hoffmann et al. 2022 eq. 4's constraint)
+        overhead = self.compute_overhead or 0.0
+        if ratio < self.tokens_per_param and overhead > self.overhead_threshold:
+            optimum = self.law.compute_optimal(flops)
+            self._warn_persisted(
+                "undertrained",
+                f"this run is projected to end at {ratio:.1f} tokens per parameter ({_fmt(d)} tokens for "
+                f"{_fmt(n)} parameters), under the ~{self.tokens_per_param:g}x rule, spending {overhead:.0%} more "
+                f"compute than needed for the loss it will reach ({_law_name(self.law)}). For the same "
+                f"{_fmt(flops)} FLOPs the compute-optimal run is a {_fmt(optimum.params)}-parameter model on "
+                f"{_fmt(optimum.tokens)} tokens; or keep this model and train on "
+                f"{_fmt(self.tokens_per_param * n)} tokens.",
+            )
+        elif ratio > self.overtrained_factor * self.tokens_per_param:
+            message = (
+                f"this run is projected to end at {ratio:.0f} tokens per parameter, over "
+                f"{self.overtrained_factor:g}x the ~{self.tokens_per_param:g}x rule (compute overhead "
+                f"{overhead:.0%} for its loss). That is a fine choice when inference dominates the model's cost."
+            )
+            if self.inference_tokens is not None:
+                from lightning_scaling.laws import inference_optimal
+
+                target = float(self.law.loss(n, d))
+                alt = inference_optimal(self.law, target, self.inference_tokens)
+                ours = 6 * n * d + 2 * n * self.inference_tokens  # Sardana et al. 2023: training + inference FLOPs
+                theirs = 6 * alt.params * alt.tokens + 2 * alt.params * self.inference_tokens
+                message += (
+                    f" With {_fmt(self.inference_tokens)} inference tokens, the inference-aware optimum for the "
+                    f"same loss is {_fmt(alt.params)} parameters on {_fmt(alt.tokens)} tokens, "
+                    f"{(ours - theirs) / theirs:+.0%} total FLOPs compared with this run."
+                )
+            self._info_persisted("overtrained", message)
+
+    def _warn_persisted(self, key: str, message: str) -> None:
+        if self._warn.warn(key, message):
+            self.warned.append(key)
+
+    def _info_persisted(self, key: str, message: str) -> None:
+        if self._warn.info(key, message):
+            self.warned.append(key)
+
+    def _preflight(self, trainer: Trainer) -> None:
+        planned = planned_optimizer_steps(trainer)
+        lines = [f"parameters: {_fmt(self.params or 0)}" + (" (non-embedding)" if self.non_embedding else "")]
+        per_step = self._estimate_tokens_per_step(trainer)
+        if planned is not None:
+            lines.append(f"planned optimizer steps: {planned}")
+        if planned is not None and per_step is not None and self.params:
+            tokens = self.tokens + per_step * max(planned - trainer.global_step, 0)
+            flops = 6 * self.params * tokens  # C = 6ND
+            optimum = self.law.compute_optimal(flops)
+            lines += [
+                f"planned tokens: {_fmt(tokens)} ({_fmt(per_step)} per step)",
+                f"planned tokens per parameter: {tokens / self.params:.1f} (rule of thumb: ~{self.tokens_per_param:g})",
+                f"planned training FLOPs (6ND): {_fmt(flops)}; compute-optimal for that budget "
+                f"({_law_name(self.law)}): {_fmt(optimum.params)} parameters on {_fmt(optimum.tokens)} tokens",
+            ]
+        else:
+            lines.append("planned tokens: known after the first steps")
+        rank_zero_info("TokenBudget pre-flight:\n  " + "\n  ".join(lines))
+
+    def _estimate_tokens_per_step(self, trainer: Trainer) -> float | None:
+        """Tokens per optimizer step from the dataloader's batch size and its first sample (no batch drawn)."""
+        if self.tokens_fn is not None:
+            return None
+        try:
+            loader = trainer.train_dataloader
+            sample = loader.dataset[0]
+            per_sample = count_tokens(sample)
+            batch_size = loader.batch_size
+        except Exception:  # noqa: BLE001 - iterable datasets, custom samplers: known after the first steps
+            return None
+        if not per_sample or not batch_size:
+            return None
+        return float(per_sample * batch_size * trainer.accumulate_grad_batches * trainer.world_size)
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.3g}"
+
+
+def _hours(seconds: float) -> str:
+    return f"{seconds / 3600:.2f} h" if seconds >= 3600 else f"{seconds / 60:.1f} min"
+
+
+def _law_name(law: Any) -> str:
+    return getattr(law, "name", "") or type(law).__name__

@@ -1,0 +1,1 @@
+"""Subcommands of the ``lightning-scaling`` CLI, one module each."""

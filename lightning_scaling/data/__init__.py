@@ -1,0 +1,1 @@
+"""Example data shipped with the package (see README.md in this folder for sources and licences)."""

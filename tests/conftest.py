@@ -1,0 +1,26 @@
+"""Test setup. TRITON_INTERPRET must be set before triton is first imported, so the Triton kernels run on
+the CPU in the interpreter when there is no GPU."""
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+import torch  # noqa: E402  (torch does not import triton here)
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+# Reference data sits beside the checkout (../shared/data) locally and in CI.
+SHARED_DATA = REPO.parent / "shared" / "data"
+sys.path.insert(0, str(REPO / "examples"))
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"reference data not found at {SHARED_DATA} (../shared/data beside the checkout)")
+    return SHARED_DATA

@@ -1,0 +1,188 @@
+"""Analytic transformer FLOPs and parameter counts (lightning_scaling.flops)."""
+
+import subprocess
+import sys
+
+import pytest
+
+from lightning_scaling.flops import (
+    BREAKDOWN_COMPONENTS,
+    CAUSAL_ATTENTION_CONVENTIONS,
+    DEFAULT_CAUSAL_ATTENTION,
+    FLOP_CONVENTIONS,
+    attention_flops,
+    transformer_flops,
+    transformer_params,
+)
+
+TINY = dict(n_layer=2, d_model=8, n_head=2, seq_len=4, vocab_size=10, d_ff=32)
+ATTENTION_TERMS = {"scores", "softmax", "values"}
+
+
+def test_library_convention_is_named():
+    assert CAUSAL_ATTENTION_CONVENTIONS == ("half", "full")
+    assert DEFAULT_CAUSAL_ATTENTION == "half"
+
+
+@pytest.mark.parametrize("convention", FLOP_CONVENTIONS)
+@pytest.mark.parametrize("causal_attention", CAUSAL_ATTENTION_CONVENTIONS)
+@pytest.mark.parametrize("gated_mlp", [False, True])
+def test_breakdown_sums_to_forward_and_backward_is_twice_forward(convention, causal_attention, gated_mlp):
+    f = transformer_flops(6, 256, 8, 512, 1000, gated_mlp=gated_mlp, convention=convention,
+                          causal_attention=causal_attention)
+    assert set(f.breakdown) == set(BREAKDOWN_COMPONENTS)
+    assert sum(f.breakdown.values()) == pytest.approx(f.forward, rel=1e-12)
+    assert f.backward == 2 * f.forward
+    assert f.total == 3 * f.forward
+    assert f.per_token == pytest.approx(f.total / 512, rel=1e-12)
+
+
+def test_chinchilla_appendix_f_by_hand_full_attention():
+    # S=4, V=10, d=8, H=2 (k=4, kH=8), f=32, L=2; Hoffmann 2022 App. F term by term
+    f = transformer_flops(**TINY, causal=False)
+    assert f.breakdown == {
+        "embeddings": 2 * 4 * 10 * 8,  # 640
+        "qkv": 2 * (2 * 3 * 4 * 8 * 8),  # 2 layers x 1536
+        "scores": 2 * (2 * 4 * 4 * 8),  # 2 x 256
+        "softmax": 2 * (3 * 2 * 4 * 4),  # 2 x 96
+        "values": 2 * (2 * 4 * 4 * 8),  # 2 x 256
+        "out_proj": 2 * (2 * 4 * 8 * 8),  # 2 x 512
+        "mlp": 2 * (2 * 4 * (2 * 8 * 32)),  # 2 x 4096
+        "logits": 2 * 4 * 8 * 10,  # 640
+    }
+    assert f.forward == 14784
+    assert f.backward == 29568
+    assert f.total == 44352
+    assert f.per_token == 44352 / 4
+
+
+def test_chinchilla_by_hand_causal_half_and_gated():
+    half = transformer_flops(**TINY, causal=True, causal_attention="half")
+    # per layer scores 256 -> 128, softmax 96 -> 48, values 256 -> 128
+    assert half.forward == 14784 - 2 * (128 + 48 + 128)
+    gated = transformer_flops(**TINY, causal=False, gated_mlp=True)
+    assert gated.breakdown["mlp"] == 2 * (2 * 4 * (3 * 8 * 32))
+
+
+def test_half_and_full_differ_exactly_by_the_attention_terms():
+    full = transformer_flops(12, 768, 12, 1024, 50257, causal_attention="full")
+    half = transformer_flops(12, 768, 12, 1024, 50257, causal_attention="half")
+    for name in BREAKDOWN_COMPONENTS:
+        if name in ATTENTION_TERMS:
+            assert half.breakdown[name] == full.breakdown[name] / 2
+        else:
+            assert half.breakdown[name] == full.breakdown[name]
+    attention_full = sum(full.breakdown[n] for n in ATTENTION_TERMS)
+    assert full.forward - half.forward == pytest.approx(attention_full / 2, rel=1e-12)
+    # the matmul part of the difference is exactly what attention_flops says, for all layers
+    matmul_diff = sum(full.breakdown[n] - half.breakdown[n] for n in ("scores", "values"))
+    per_layer = attention_flops(1, 12, 1024, 1024, 64, True, "full") - attention_flops(1, 12, 1024, 1024, 64, True)
+    assert matmul_diff == pytest.approx(12 * per_layer, rel=1e-12)
+
+
+def test_non_causal_attention_is_full_under_both_conventions():
+    a = transformer_flops(**TINY, causal=False, causal_attention="half")
+    b = transformer_flops(**TINY, causal=False, causal_attention="full")
+    assert a.breakdown == b.breakdown
+
+
+def test_kaplan_is_six_n_per_token_when_d_model_dominates_context():
+    n_layer, d, s = 32, 4096, 128  # d_model >> n_ctx / 12
+    f = transformer_flops(n_layer, d, 32, s, 50000, convention="kaplan")
+    n = 2 * d * n_layer * (2 * d + 4 * d)  # Kaplan 2020 Table 1, non-embedding N
+    # exact: 3 x (2N + 2 n_layer n_ctx d_attn) (the printed context term is the causal-"half" count)
+    assert f.per_token == pytest.approx(3 * (2 * n + 2 * n_layer * s * d), rel=1e-12)
+    assert f.per_token == pytest.approx(6 * n, rel=0.01)
+    assert f.per_token / (6 * n) - 1 == pytest.approx(s / (12 * d), rel=1e-9)
+
+
+def test_kaplan_full_doubles_the_context_term():
+    n_layer, d, s = 4, 256, 1024
+    n = 2 * d * n_layer * (2 * d + 4 * d)
+    full = transformer_flops(n_layer, d, 4, s, 100, convention="kaplan", causal_attention="full")
+    assert full.per_token == pytest.approx(3 * (2 * n + 4 * n_layer * s * d), rel=1e-12)
+
+
+@pytest.mark.parametrize("gated_mlp", [False, True])
+def test_palm_formula(gated_mlp):
+    n_layer, d, h, s, v, f_ = 8, 512, 8, 2048, 32000, 1536
+    q = d // h
+    n = n_layer * (4 * d * d + (3 if gated_mlp else 2) * d * f_) + d * v  # matmul parameters incl. the head
+    full = transformer_flops(n_layer, d, h, s, v, d_ff=f_, gated_mlp=gated_mlp, convention="palm",
+                             causal_attention="full")
+    # PaLM App. B: 6N + 12 L H Q T per token
+    assert full.per_token == pytest.approx(6 * n + 12 * n_layer * h * q * s, rel=1e-12)
+    half = transformer_flops(n_layer, d, h, s, v, d_ff=f_, gated_mlp=gated_mlp, convention="palm")
+    assert half.per_token == pytest.approx(6 * n + 6 * n_layer * h * q * s, rel=1e-12)
+
+
+def test_d_ff_defaults_to_four_d_model():
+    assert transformer_flops(2, 64, 4, 32, 100).breakdown == transformer_flops(2, 64, 4, 32, 100, d_ff=256).breakdown
+
+
+def test_attention_flops():
+    assert attention_flops(2, 4, 16, 16, 8, causal=False) == 4 * 2 * 4 * 16 * 16 * 8
+    assert attention_flops(2, 4, 16, 16, 8, causal=True) == 2 * 2 * 4 * 16 * 16 * 8
+    assert attention_flops(2, 4, 16, 16, 8, causal=True, causal_attention="full") == 4 * 2 * 4 * 16 * 16 * 8
+    assert attention_flops(1, 1, 3, 5, 7, causal=False) == 4 * 3 * 5 * 7
+
+
+def test_gpt2_small_parameter_count():
+    # GPT-2 small: V=50257, d=768, 12 layers, 1024 learned positions, tied head
+    p = transformer_params(12, 768, 50257, seq_len=1024)
+    assert p.total == 124_356_864  # ~124M: matrices, LayerNorms, embeddings; no linear biases
+    assert p.embedding == (50257 + 1024) * 768
+    assert p.non_embedding == p.total - p.embedding
+    with_biases = transformer_params(12, 768, 50257, seq_len=1024, linear_biases=True)
+    assert with_biases.total == 124_439_808  # the published GPT-2 small count (HF "gpt2")
+    assert with_biases.non_embedding == 85_056_000
+
+
+def test_untied_head_counts_as_non_embedding():
+    tied = transformer_params(2, 64, 100)
+    untied = transformer_params(2, 64, 100, tied_embeddings=False)
+    assert untied.total - tied.total == 64 * 100
+    assert untied.embedding == tied.embedding == 64 * 100
+    assert untied.non_embedding - tied.non_embedding == 64 * 100
+
+
+def test_gated_params():
+    p = transformer_params(1, 4, 10, d_ff=6, gated_mlp=True)
+    # embedding 40; layer 4*16 + 3*4*6 + LayerNorms 4*4; final LayerNorm 2*4
+    assert p.total == 40 + 64 + 72 + 16 + 8
+
+
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        (dict(TINY, n_head=3), "d_model must be divisible by n_head"),
+        (dict(TINY, n_layer=0), "n_layer"),
+        (dict(TINY, d_model=-8), "d_model"),
+        (dict(TINY, seq_len=1.5), "seq_len"),
+        (dict(TINY, vocab_size=float("nan")), "vocab_size"),
+        (dict(TINY, d_ff=0), "d_ff"),
+        (dict(TINY, convention="gpt3"), "convention"),
+        (dict(TINY, causal_attention="quarter"), "causal_attention"),
+        (dict(TINY, gated_mlp="yes"), "gated_mlp"),
+        (dict(TINY, causal=1), "causal"),
+    ],
+)
+def test_transformer_flops_rejects_bad_input(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        transformer_flops(**kwargs)
+
+
+def test_other_functions_reject_bad_input():
+    with pytest.raises(ValueError, match="vocab_size"):
+        transformer_params(2, 8, 0)
+    with pytest.raises(ValueError, match="seq_len"):
+        transformer_params(2, 8, 10, seq_len=-1)
+    with pytest.raises(ValueError, match="head_dim"):
+        attention_flops(1, 1, 4, 4, 0, causal=True)
+    with pytest.raises(ValueError, match="causal_attention"):
+        attention_flops(1, 1, 4, 4, 8, causal=True, causal_attention="none")
+
+
+def test_flops_module_imports_no_torch():
+    code = "import sys, lightning_scaling.flops; assert 'torch' not in sys.modules and 'lightning' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)

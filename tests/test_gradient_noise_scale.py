@@ -1,0 +1,390 @@
+"""GradientNoiseScale on the closed-form problem of SPEC §5 under accumulation, split batches, DDP, a scaled loss,
+bf16 autocast, AMP loss scaling, clipping and a NaN step; plus logs, warnings, state and stepping aside."""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from types import SimpleNamespace
+from typing import Any
+
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_scaling.callbacks.gradient_noise_scale import GradientNoiseScale
+from lightning_scaling.noise import NoiseScaleEstimator
+
+D = 16
+TRUE_B_SIMPLE = D + 1 + D * 1.0**2 / 1.0**2  # SPEC §5: d + 1 + dσ²/|δ|² with σ = 1, |δ| = 1
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the closed-form problem: x ~ N(0, I_d), y = xᵀw* + ε, loss ½(xᵀw − y)², w = w* + δ frozen (lr = 0)
+class LinearRegression(L.LightningModule):
+    def __init__(self, loss_factor: float = 1.0, nan_batch: int | None = None) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(D, 1, bias=False)
+        w_star = torch.linspace(-1, 1, D)
+        delta = torch.zeros(D)
+        delta[0] = 1.0
+        with torch.no_grad():
+            self.lin.weight.copy_((w_star + delta)[None])
+        self.register_buffer("w_star", w_star)
+        self.loss_factor = loss_factor
+        self.nan_batch = nan_batch
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, eps = batch
+        y = x @ self.w_star + eps
+        loss = 0.5 * (self.lin(x).squeeze(-1).float() - y).pow(2).mean() * self.loss_factor
+        if batch_idx == self.nan_batch:
+            loss = loss * float("nan")
+        self.log("train/loss", loss)
+        return loss
+
+    def on_before_optimizer_step(self, optimizer: Any) -> None:
+        # runs after the callbacks' hook: keep the frozen weights finite after the deliberate NaN step
+        for p in self.parameters():
+            if p.grad is not None:
+                p.grad.nan_to_num_(0.0, 0.0, 0.0)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+def regression_loader(samples: int, batch: int, seed: int = 0, sigma: float = 1.0) -> DataLoader:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(samples, D, generator=gen)
+    eps = sigma * torch.randn(samples, generator=gen)
+    return DataLoader(TensorDataset(x, eps), batch_size=batch, shuffle=False, drop_last=True)
+
+
+class RecordingEstimator(NoiseScaleEstimator):
+    """Keeps every measurement so a test can run a deliberately biased estimator on the same data."""
+
+    def __init__(self, ema_decay: float) -> None:
+        super().__init__(ema_decay)
+        self.measurements: list[tuple[float, float, float, float]] = []
+
+    def update(self, sq_small: float, sq_big: float, b_small: float, b_big: float) -> None:
+        self.measurements.append((sq_small, sq_big, b_small, b_big))
+        super().update(sq_small, sq_big, b_small, b_big)
+
+
+def trainer(steps: int, accumulate: int = 1, **kwargs: Any) -> L.Trainer:
+    opts = dict(accelerator="cpu", devices=1, max_steps=steps, max_epochs=-1, accumulate_grad_batches=accumulate,
+                logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                num_sanity_val_steps=0)
+    opts.update(kwargs)
+    return L.Trainer(**opts)
+
+
+def run_linear(steps: int, accumulate: int, micro: int, module: LinearRegression | None = None,
+               cb_kwargs: dict | None = None, **trainer_kwargs: Any) -> tuple[GradientNoiseScale, L.Trainer]:
+    cb = GradientNoiseScale(**{"ema_decay": 0.98, "warmup_steps": 10**9, **(cb_kwargs or {})})
+    cb.estimator = RecordingEstimator(cb.estimator.ema_decay)
+    t = trainer(steps, accumulate, callbacks=[cb], **trainer_kwargs)
+    t.fit(module or LinearRegression(), regression_loader(steps * accumulate * micro, micro))
+    return cb, t
+
+
+def assert_on_truth(cb: GradientNoiseScale, measurements: int) -> None:
+    e = cb.estimate()
+    assert e.measurements == measurements
+    assert 0 < e.stderr < 0.25 * TRUE_B_SIMPLE, e  # a tolerance that means something
+    assert abs(e.b_simple - TRUE_B_SIMPLE) < 4 * e.stderr, e
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the estimate against the truth
+def test_accumulation_8_matches_truth_and_biased_estimator_misses() -> None:
+    cb, t = run_linear(steps=150, accumulate=8, micro=4)
+    assert_on_truth(cb, 150)
+    m = cb.estimator.measurements
+    assert all(b_small == 4 and b_big == 32 for _, _, b_small, b_big in m)
+    # deliberately biased: the mean of per-step ratios tr(Σ)_t/|G|²_t on the same measurements
+    from lightning_scaling.noise import unbiased_estimates
+
+    ratios = [tr / g for g, tr in (unbiased_estimates(*row) for row in m)]
+    biased = sum(ratios) / len(ratios)
+    assert abs(biased - TRUE_B_SIMPLE) > 4 * cb.estimate().stderr
+    # logs
+    metrics = t.callback_metrics
+    assert float(metrics["scaling/gns"]) == pytest.approx(cb.estimate().b_simple)
+    assert float(metrics["scaling/batch_size"]) == 32
+    assert float(metrics["scaling/grad_sq"]) == pytest.approx(cb.estimator.grad_sq)
+    assert float(metrics["scaling/grad_trace_cov"]) == pytest.approx(cb.estimator.trace_cov)
+    assert "scaling/gns_tokens" not in metrics  # float inputs are not tokens
+    assert cb.skipped_nonfinite == 0
+
+
+def test_accumulation_2_matches_truth() -> None:
+    cb, _ = run_linear(steps=100, accumulate=2, micro=32)
+    assert_on_truth(cb, 100)
+
+
+def test_split_batch_without_accumulation_matches_truth() -> None:
+    cb, t = run_linear(steps=100, accumulate=1, micro=64, cb_kwargs={"every_n_steps": 1})
+    assert cb.mode == "split"
+    assert_on_truth(cb, 100)
+    assert all(row[2:] == (32, 64) for row in cb.estimator.measurements)
+    # the extra forward's self.log was silenced: the logged loss is the full batch's, and not overwritten
+    assert "train/loss" in t.callback_metrics
+
+
+def test_split_batch_cadence_and_off() -> None:
+    cb, _ = run_linear(steps=20, accumulate=1, micro=8, cb_kwargs={"every_n_steps": 5})
+    assert cb.estimator.count == 4  # steps 0, 5, 10, 15
+    cb, t = run_linear(steps=5, accumulate=1, micro=8, cb_kwargs={"split_batch": False})
+    assert cb.mode == "off" and cb.estimator.count == 0
+    assert "scaling/gns" not in t.callback_metrics
+
+
+def test_loss_times_1000_matches_truth() -> None:
+    cb, _ = run_linear(steps=100, accumulate=4, micro=16, module=LinearRegression(loss_factor=1000.0))
+    assert_on_truth(cb, 100)
+    assert cb.estimator.grad_sq == pytest.approx(1e6, rel=0.5)  # |G|² = 1000²|δ|²
+
+
+def test_bf16_autocast_matches_truth() -> None:
+    # bf16 autocast is slow on CPU: few, large micro-batches
+    cb, _ = run_linear(steps=80, accumulate=2, micro=64, precision="bf16-mixed")
+    assert_on_truth(cb, 80)
+
+
+def test_amp_loss_scale_is_undone() -> None:
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12, growth_interval=10**6)
+    plugin = MixedPrecision("16-mixed", "cpu", scaler=scaler)
+    cb, _ = run_linear(steps=80, accumulate=2, micro=64, plugins=[plugin])
+    assert scaler.get_scale() == 2.0**12
+    assert_on_truth(cb, 80)
+    assert cb.estimator.grad_sq == pytest.approx(1.0, rel=0.5)  # |δ|² = 1, not scaled by 2^24
+
+
+def test_gradient_clipping_is_measured_before_clipping() -> None:
+    cb, _ = run_linear(steps=100, accumulate=4, micro=16, gradient_clip_val=1e-3)
+    assert_on_truth(cb, 100)
+    assert cb.estimator.grad_sq == pytest.approx(1.0, rel=0.5)  # clipped gradients would give ~1e-6
+
+
+def test_nan_step_is_skipped_and_counted() -> None:
+    cb, t = run_linear(steps=100, accumulate=2, micro=32, module=LinearRegression(nan_batch=7))
+    assert cb.skipped_nonfinite == 1
+    assert cb.enabled
+    assert_on_truth(cb, 99)
+    assert t.global_step == 100
+
+
+class DumpingGNS(GradientNoiseScale):
+    """Writes each rank's estimate and state to a file (the spawned processes' callbacks do not come back)."""
+
+    def __init__(self, out_dir: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.out_dir = out_dir
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_end(trainer, pl_module)
+        e = self.estimate()
+        record = {"b_simple": e.b_simple, "stderr": e.stderr, "count": e.measurements, "state": self.state_dict()}
+        with open(f"{self.out_dir}/rank{trainer.global_rank}.json", "w") as fh:
+            json.dump(record, fh)
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_with_accumulation(tmp_path) -> None:
+    # 2 ranks × 2 micro-batches × 16 samples: small = a micro-batch (16), big = the all-reduced step (64)
+    steps = 100
+    cb = DumpingGNS(str(tmp_path), ema_decay=0.98, warmup_steps=10**9)
+    t = trainer(steps, 2, devices=2, strategy="ddp_spawn", callbacks=[cb])
+    t.fit(LinearRegression(), regression_loader(steps * 2 * 2 * 16, 16))
+    assert float(t.callback_metrics["scaling/batch_size"]) == 64  # rank 0's metrics, sent back by ddp_spawn
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["state"] == ranks[1]["state"]  # identical EMA state on every rank
+    r0 = ranks[0]
+    assert r0["count"] == steps
+    assert 0 < r0["stderr"] < 0.25 * TRUE_B_SIMPLE
+    assert abs(r0["b_simple"] - TRUE_B_SIMPLE) < 4 * r0["stderr"], r0
+    assert float(t.callback_metrics["scaling/gns"]) == pytest.approx(r0["b_simple"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# language model: tokens, Kaplan, hooks on a real network
+def test_gpt_tokens_kaplan_and_identical_micro_batches() -> None:
+    import gpt
+
+    from lightning_scaling.laws import KaplanLaw
+
+    cfg = gpt.GPTConfig(seq_len=16, n_layer=1, n_head=2, d_model=32, d_ff=64)
+    module = gpt.GPTLightningModule(cfg, lr=0.0, warmup_steps=1, use_kernels=False)
+    batch = torch.randint(0, 256, (4, cfg.seq_len + 1), generator=torch.Generator().manual_seed(0))
+    cb = GradientNoiseScale(warmup_steps=10**9)
+    cb.estimator = RecordingEstimator(0.99)
+    t = trainer(3, 2, callbacks=[cb])
+    # identical micro-batches: each micro-batch's gradient equals the step's gradient
+    t.fit(module, DataLoader(batch.repeat(6, 1), batch_size=4, shuffle=False))
+    for sq_small, sq_big, b_small, b_big in cb.estimator.measurements:
+        assert (b_small, b_big) == (4, 8)
+        assert sq_small == pytest.approx(sq_big, rel=1e-4)  # hooks (tied embedding included) × k² = .grad
+    m = t.callback_metrics
+    assert float(m["scaling/batch_tokens"]) == 2 * batch.numel()
+    assert float(m["scaling/batch_size"]) == 8
+    loss = float(m["train/loss"])
+    assert float(m["scaling/kaplan_critical_batch_tokens"]) == pytest.approx(
+        float(KaplanLaw().critical_batch_size(loss)), rel=1e-3)
+
+
+def test_gpt_gns_tokens_is_gns_times_tokens_per_sample() -> None:
+    import gpt
+
+    cfg = gpt.GPTConfig(seq_len=16, n_layer=1, n_head=2, d_model=32, d_ff=64)
+    module = gpt.GPTLightningModule(cfg, lr=0.0, warmup_steps=1, use_kernels=False)
+    tokens = torch.randint(0, 256, (20 * 4 * 4, cfg.seq_len + 1), generator=torch.Generator().manual_seed(1))
+    cb = GradientNoiseScale(ema_decay=0.5, warmup_steps=10**9)
+    t = trainer(20, 4, callbacks=[cb])
+    t.fit(module, DataLoader(tokens, batch_size=4, shuffle=False))
+    m = t.callback_metrics
+    if "scaling/gns" in m:  # positive |G|² estimate (the usual case for an untrained model)
+        per_sample = float(m["scaling/batch_tokens"]) / float(m["scaling/batch_size"])
+        assert float(m["scaling/gns_tokens"]) == pytest.approx(float(m["scaling/gns"]) * per_sample)
+    assert cb.estimator.count == 20 and math.isfinite(cb.estimator.trace_cov) and cb.estimator.trace_cov > 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# warnings
+def _warnings_of(record: list) -> list[str]:
+    return [str(w.message) for w in record if "GradientNoiseScale" in str(w.message)]
+
+
+def test_warns_once_when_batch_far_above_noise_scale() -> None:
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        cb = GradientNoiseScale(ema_decay=0.9, warmup_steps=5, min_measurements=5)
+        t = trainer(40, 2, callbacks=[cb])
+        t.fit(LinearRegression(), regression_loader(40 * 2 * 128, 128))  # B = 256 ≈ 8 × 33
+    msgs = _warnings_of(record)
+    assert len(msgs) == 1, msgs
+    assert "critical batch size" in msgs[0] and "Adam" in msgs[0] and "E/E_min" in msgs[0]
+    assert cb.zone == "high" and cb.warned == {"high"}
+
+
+def test_warns_when_batch_far_below_noise_scale_and_not_during_warmup() -> None:
+    def run(warmup: int) -> list[str]:
+        with warnings.catch_warnings(record=True) as record:
+            warnings.simplefilter("always")
+            cb = GradientNoiseScale(ema_decay=0.9, warmup_steps=warmup, min_measurements=5)
+            trainer(40, 2, callbacks=[cb]).fit(LinearRegression(), regression_loader(40 * 2 * 8, 8, sigma=10.0))
+        return _warnings_of(record)  # B = 16, B_simple = 17 + 16·100 = 1617
+
+    msgs = run(5)
+    assert len(msgs) == 1 and "S/S_min" in msgs[0] and "critical batch size" in msgs[0] and "Adam" in msgs[0]
+    assert run(1000) == []
+
+
+def test_hysteresis_and_once_per_direction() -> None:
+    cb = GradientNoiseScale(min_measurements=1, warmup_steps=0, high_ratio=4, hysteresis=1.5)
+    cb.estimator.update_estimates(1.0, 10.0)  # B_simple = 10
+    fake = SimpleNamespace(global_step=100)
+    zones = []
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        for batch in (50, 30, 20, 50, 1):  # ratios 5, 3, 2, 5, 0.1
+            cb.batch_size = batch
+            cb._check_batch(fake)
+            zones.append(cb.zone)
+    assert zones == ["high", "high", "ok", "high", "low"]
+    msgs = _warnings_of(record)
+    assert len(msgs) == 2  # one per direction, never twice
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# state, robustness, validation
+def test_state_dict_resume_continues_exactly(tmp_path) -> None:
+    loader = regression_loader(20 * 2 * 8, 8)  # one epoch = 20 optimizer steps; resume at the epoch boundary
+    full = GradientNoiseScale(warmup_steps=10**9)
+    trainer(-1, 2, max_epochs=2, callbacks=[full]).fit(LinearRegression(), loader)
+
+    first = GradientNoiseScale(warmup_steps=10**9)
+    t1 = trainer(-1, 2, max_epochs=1, callbacks=[first])
+    t1.fit(LinearRegression(), loader)
+    ckpt = tmp_path / "half.ckpt"
+    t1.save_checkpoint(ckpt)
+    resumed = GradientNoiseScale(warmup_steps=10**9)
+    trainer(-1, 2, max_epochs=2, callbacks=[resumed]).fit(LinearRegression(), loader, ckpt_path=ckpt)
+
+    assert resumed.estimator.count == full.estimator.count == 40
+    assert resumed.state_dict()["estimator"]["moments"] == pytest.approx(full.state_dict()["estimator"]["moments"],
+                                                                          rel=1e-9)
+
+    copy = GradientNoiseScale()
+    copy.load_state_dict(full.state_dict())
+    assert copy.state_dict() == full.state_dict()
+    assert copy.estimate() == full.estimate()
+
+
+def test_internal_error_warns_once_and_training_continues() -> None:
+    def broken_tokens(batch: Any) -> int:
+        raise RuntimeError("boom")
+
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        cb = GradientNoiseScale(tokens_fn=broken_tokens)
+        t = trainer(5, 2, callbacks=[cb])
+        t.fit(LinearRegression(), regression_loader(5 * 2 * 8, 8))
+    assert t.global_step == 5
+    assert not cb.enabled and cb._handles == []
+    msgs = _warnings_of(record)
+    assert len(msgs) == 1 and "switched off" in msgs[0] and "boom" in msgs[0]
+
+
+def test_sharded_strategy_steps_aside() -> None:
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    cb = GradientNoiseScale()
+    fake = SimpleNamespace(strategy=FSDPStrategy())
+    with pytest.warns(UserWarning, match="FSDPStrategy"):
+        cb.setup(fake, LinearRegression(), "fit")
+    assert not cb.enabled and cb.mode == "off"
+    cb.on_train_start(fake, LinearRegression())  # guarded hooks are no-ops now
+    assert cb._handles == []
+
+
+def test_manual_optimization_steps_aside() -> None:
+    class Manual(LinearRegression):
+        def __init__(self) -> None:
+            super().__init__()
+            self.automatic_optimization = False
+
+    cb = GradientNoiseScale()
+    fake = SimpleNamespace(strategy=trainer(1).strategy)
+    with pytest.warns(UserWarning, match="manual optimization"):
+        cb.setup(fake, Manual(), "fit")
+    assert not cb.enabled
+
+
+@pytest.mark.parametrize(
+    "kwargs,name",
+    [
+        ({"ema_decay": 1.0}, "ema_decay"),
+        ({"ema_decay": 0}, "ema_decay"),
+        ({"warmup_steps": -1}, "warmup_steps"),
+        ({"warmup_steps": 1.5}, "warmup_steps"),
+        ({"every_n_steps": 0}, "every_n_steps"),
+        ({"split_batch": "yes"}, "split_batch"),
+        ({"high_ratio": 1.0}, "high_ratio"),
+        ({"high_ratio": math.inf}, "high_ratio"),
+        ({"low_ratio": 1.0}, "low_ratio"),
+        ({"low_ratio": 0}, "low_ratio"),
+        ({"hysteresis": 1.0}, "hysteresis"),
+        ({"min_measurements": 0}, "min_measurements"),
+        ({"tokens_fn": 3}, "tokens_fn"),
+        ({"loss_key": ""}, "loss_key"),
+    ],
+)
+def test_constructor_validation(kwargs: dict, name: str) -> None:
+    with pytest.raises(ValueError, match=name):
+        GradientNoiseScale(**kwargs)

@@ -1,0 +1,195 @@
+"""Fused SwiGLU gate: the Triton kernels (in Triton's CPU interpreter here), the op's CPU reference path, fake
+tensors, what it saves for backward, FLOP counting and the module, against float64 PyTorch references."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from lightning_scaling.kernels import interpreter_enabled, triton_on_cpu
+from lightning_scaling.kernels.ops.swiglu import swiglu
+
+HAS_CUDA = torch.cuda.is_available()
+needs_interpreter = pytest.mark.skipif(HAS_CUDA or not interpreter_enabled(),
+                                       reason="runs the kernels in Triton's CPU interpreter (TRITON_INTERPRET=1, "
+                                              "no CUDA GPU); on a GPU tests/test_kernels_gpu.py runs them")
+FLOOR = {torch.float32: 1e-6, torch.float16: 1e-4}
+
+
+def eager_swiglu(gate, up):
+    return F.silu(gate) * up
+
+
+def run_with_grads(fn, gate, up, grad_out):
+    gate, up = (t.detach().clone().requires_grad_() for t in (gate, up))
+    out = fn(gate, up)
+    out.backward(grad_out.to(out.dtype))
+    return [out.detach(), gate.grad, up.grad]
+
+
+def make_inputs(shape, dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    gate, up, grad_out = (4 * torch.randn(shape, generator=gen) for _ in range(3))
+    return gate.to(dtype), up.to(dtype), grad_out
+
+
+def check_against_references(fn, shape, dtype) -> None:
+    gate, up, grad_out = make_inputs(shape, dtype)
+    exact = run_with_grads(eager_swiglu, gate.double(), up.double(), grad_out)
+    same_precision = run_with_grads(eager_swiglu, gate, up, grad_out)
+    ours = run_with_grads(fn, gate, up, grad_out)
+    for name, mine, ref, theirs in zip(("out", "d_gate", "d_up"), ours, exact, same_precision):
+        assert mine.dtype == dtype and mine.shape == ref.shape, name
+        err_mine = (mine.double() - ref).abs().max().item()
+        err_torch = (theirs.double() - ref).abs().max().item()
+        assert err_mine <= 2 * err_torch + FLOOR[dtype], f"{name}: {err_mine:.2e} vs PyTorch {err_torch:.2e}"
+
+
+@needs_interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("shape", [(1,), (3, 7, 37), (2, 300)])  # tails that do not fill a block
+def test_triton_kernels_match_float64_reference(shape, dtype):
+    with triton_on_cpu():
+        check_against_references(swiglu, shape, dtype)
+
+
+@needs_interpreter
+def test_triton_kernels_take_non_contiguous_inputs():
+    gate, up, _ = make_inputs((40, 24), torch.float32)
+    with triton_on_cpu():
+        out = swiglu(gate.t(), up.t())
+    torch.testing.assert_close(out, eager_swiglu(gate.t(), up.t()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_cpu_path_matches_float64_reference(dtype):
+    check_against_references(swiglu, (5, 33), dtype)
+
+
+def test_cpu_path_gradcheck_float64():
+    gate, up, _ = make_inputs((4, 6), torch.float64)
+    assert torch.autograd.gradcheck(swiglu, (gate.requires_grad_(), up.requires_grad_()))
+
+
+def test_saves_only_its_inputs_for_backward():
+    # Recomputation: the graph keeps gate and up, not silu(gate) or the product.
+    gate, up, _ = make_inputs((8, 16), torch.float32)
+    gate.requires_grad_(), up.requires_grad_()
+    saved: list[torch.Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        swiglu(gate, up)
+    assert len(saved) == 2
+    assert {t.data_ptr() for t in saved} == {gate.data_ptr(), up.data_ptr()}
+
+
+def test_fake_tensors_give_output_shapes():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        gate = torch.empty(4, 128, 1024, dtype=torch.bfloat16)
+        out = torch.ops.lightning_scaling.swiglu_forward(gate, gate)
+        d_gate, d_up = torch.ops.lightning_scaling.swiglu_backward(out, gate, gate)
+    assert out.shape == gate.shape and out.dtype == torch.bfloat16
+    assert d_gate.shape == d_up.shape == gate.shape
+
+
+@pytest.mark.parametrize("gate,up,match", [
+    (torch.randn(3, 4), torch.randn(3, 5), "up must have the shape of gate"),
+    (torch.randn(3, 4), torch.randn(3, 4).double(), "up must have the dtype of gate"),
+    (torch.ones(3, 4, dtype=torch.long), torch.ones(3, 4, dtype=torch.long), "gate must be a floating-point"),
+    ([1.0], torch.randn(1), "gate must be a torch.Tensor"),
+])
+def test_bad_inputs_raise_value_error_naming_the_argument(gate, up, match):
+    with pytest.raises(ValueError, match=match):
+        swiglu(gate, up)
+
+
+def _eager_and_fused(d_model=32, d_ff=80):
+    from lightning_scaling.kernels.modules import FusedSwiGLU
+    from gpt import GPTConfig, SwiGLU
+
+    torch.manual_seed(0)
+    eager = SwiGLU(GPTConfig(d_model=d_model, d_ff=d_ff))
+    fused = FusedSwiGLU(d_model, d_ff)
+    fused.load_state_dict(eager.state_dict())  # same parameter names: checkpoints interchange
+    return eager, fused
+
+
+def test_module_matches_example_gpt_swiglu_with_the_same_weights():
+    eager, fused = _eager_and_fused()
+    x = torch.randn(2, 9, 32, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_()
+    out_f, out_e = fused(x), eager(x2)
+    torch.testing.assert_close(out_f, out_e)
+    out_f.square().sum().backward()
+    out_e.square().sum().backward()
+    torch.testing.assert_close(x.grad, x2.grad)
+    for (name, p_f), p_e in zip(fused.named_parameters(), eager.parameters()):
+        torch.testing.assert_close(p_f.grad, p_e.grad, msg=name)
+
+
+@needs_interpreter
+def test_module_on_triton_kernels_matches_example_gpt_swiglu():
+    eager, fused = _eager_and_fused()
+    x = torch.randn(3, 5, 32)
+    with triton_on_cpu():
+        out = fused(x)
+    torch.testing.assert_close(out, eager(x))
+
+
+def test_flop_count_is_the_three_linear_layers():
+    # The op is elementwise (no matmul): the counters see only the gate, up and down GEMMs, as for eager.
+    from lightning_scaling.flop_counting import training_flop_counter
+
+    eager, fused = _eager_and_fused(d_model=32, d_ff=80)
+    x = torch.randn(2, 9, 32, requires_grad=True)  # so every backward GEMM (input and weight grads) runs
+    tokens = 2 * 9
+    expected = 3 * (3 * 2 * tokens * 32 * 80)  # 3 GEMMs of 2·M·d·f; training = 3 × forward
+    for counter in (training_flop_counter(), FlopCounterMode(display=False)):
+        for module in (fused, eager):
+            with counter:
+                module(x).sum().backward()
+            assert counter.get_total_flops() == expected, type(module).__name__
+
+
+def test_module_rejects_bad_shapes():
+    from lightning_scaling.kernels.modules import FusedSwiGLU
+
+    with pytest.raises(ValueError, match="d_ff"):
+        FusedSwiGLU(32, 0)
+    with pytest.raises(ValueError, match="x must end in d_model"):
+        FusedSwiGLU(32, 64)(torch.randn(2, 16))
+
+
+def test_opcheck_on_the_cpu_path():
+    gate, up, _ = make_inputs((5, 12), torch.float32)
+    ops = torch.ops.lightning_scaling
+    torch.library.opcheck(ops.swiglu_forward, (gate.requires_grad_(), up.requires_grad_()))
+    torch.library.opcheck(ops.swiglu_backward, (torch.randn(5, 12), gate.detach(), up.detach()))
+
+
+def _saved_activation_bytes(module: torch.nn.Module, x: torch.Tensor) -> int:
+    """Bytes of the distinct tensors autograd keeps for backward, other than the parameters and the input."""
+    skip = {p.untyped_storage().data_ptr() for p in module.parameters()} | {x.untyped_storage().data_ptr()}
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in skip:
+            saved[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        module(x)
+    return sum(saved.values())
+
+
+def test_module_keeps_three_quarters_of_the_eager_activations():
+    # Eager keeps gate(x), silu(gate(x)), up(x) and the product; the fused gate drops silu(gate(x)).
+    eager, fused = _eager_and_fused(d_model=32, d_ff=80)
+    x = torch.randn(4, 32, requires_grad=True)
+    eager_bytes, fused_bytes = _saved_activation_bytes(eager, x), _saved_activation_bytes(fused, x)
+    assert eager_bytes == 4 * 4 * 80 * 4  # four [tokens, d_ff] fp32 tensors
+    assert fused_bytes == 3 * 4 * 80 * 4

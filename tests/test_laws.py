@@ -1,0 +1,384 @@
+"""lightning_scaling.laws against the reference values of SPEC §2 and §4 and brute-force minimisations."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lightning_scaling.laws import (
+    BESIROGLU_2024,
+    DEFAULT_LAW,
+    HOFFMANN_2022,
+    MUENNIGHOFF_2023,
+    Allocation,
+    ChinchillaLaw,
+    DataConstrainedLaw,
+    KaplanLaw,
+    get_law,
+    inference_optimal,
+    load_law,
+)
+
+PRESETS = [HOFFMANN_2022, BESIROGLU_2024, MUENNIGHOFF_2023]
+# Sardana et al. 2023 / de Vries 2023: the printed A, B, E with alpha = 0.336, beta = 0.283
+SARDANA = ChinchillaLaw(E=1.69, A=406.4, B=410.7, alpha=0.336, beta=0.283)
+
+
+def tokens_for_loss(law, params, loss):
+    """D with L(params, D) = loss, from eq. 2 solved for D."""
+    return (law.B / (loss - law.E - law.A * params**-law.alpha)) ** (1 / law.beta)
+
+
+# --- reference values -------------------------------------------------------------------------------------
+
+
+def test_muennighoff_reference_loss():
+    assert DataConstrainedLaw().loss(6.34e9, 242e9, 25e9) == pytest.approx(2.2256440889984477, rel=1e-12)
+
+
+@pytest.mark.parametrize("epochs, ratio", [(4, 3.726), (16, 10.58), (40, 15.17)])
+def test_effective_tokens_table(epochs, ratio):
+    law = DataConstrainedLaw()
+    unique = 1e9
+    assert law.effective_tokens(epochs * unique, unique) / unique == pytest.approx(ratio, abs=6e-4 * ratio)
+
+
+def test_effective_tokens_ceiling_and_first_epoch():
+    law = DataConstrainedLaw()
+    assert law.effective_tokens(1e9 * 1e6, 1e9) / 1e9 == pytest.approx(16.39, abs=5e-3)
+    assert law.effective_tokens(5e8, 1e9) == pytest.approx(5e8)  # less than one epoch: nothing lost
+    assert law.repetition_value(5e8, 1e9) == 1.0
+    # at R_D = R*_D repeated tokens are worth 1/e of fresh ones
+    assert law.repetition_value(1e9 * (1 + law.r_star_d), 1e9) == pytest.approx(math.exp(-1))
+
+
+def test_effective_params_cap():
+    law = DataConstrainedLaw()
+    # U_N = 0.051·U for the C4 fit (Muennighoff 2023, eq. 17)
+    u_n = law.base_law.optimal_for_tokens(1e9).params
+    assert u_n / 1e9 == pytest.approx(0.051, abs=5e-4)
+    assert law.effective_params(0.5 * u_n, 1e9) == pytest.approx(0.5 * u_n)
+    assert law.effective_params(1e6 * u_n, 1e9) / u_n == pytest.approx(1 + law.r_star_n, rel=1e-6)
+
+
+def test_sardana_reference_loss():
+    assert SARDANA.loss(70e9, 1e12) == pytest.approx(1.9473, abs=5e-5)
+
+
+def test_default_law_is_twenty_tokens_per_param():
+    assert DEFAULT_LAW is BESIROGLU_2024
+    assert get_law("epoch") is BESIROGLU_2024
+    # Hoffmann 2022, Table 3 (approach 1): params, FLOPs
+    table3 = [(400e6, 1.92e19), (1e9, 1.21e20), (10e9, 1.23e22), (67e9, 5.76e23), (175e9, 3.85e24),
+              (280e9, 9.90e24), (520e9, 3.43e25), (1e12, 1.27e26), (10e12, 1.30e28)]
+    params, flops = np.array(table3).T
+    opt = DEFAULT_LAW.compute_optimal(flops)
+    assert np.all(np.abs(opt.params / params - 1) < 0.25)
+    assert np.all((opt.tokens_per_param > 14) & (opt.tokens_per_param < 25))
+    assert np.mean(opt.tokens_per_param) == pytest.approx(20, abs=2)
+
+
+# --- Chinchilla form --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("law", PRESETS + [SARDANA], ids=lambda law: law.name or "sardana")
+@pytest.mark.parametrize("flops", [1e18, 1e21, 1e24])
+def test_closed_form_matches_brute_force(law, flops):
+    opt = law.compute_optimal(flops)
+    log_n = np.linspace(math.log(opt.params) - 6, math.log(opt.params) + 6, 400_001)
+    n = np.exp(log_n)
+    losses = law.loss(n, flops / (6 * n))
+    best = np.argmin(losses)
+    assert 0 < best < len(n) - 1
+    assert n[best] == pytest.approx(opt.params, rel=1e-4)
+    assert opt.loss <= losses[best] + 1e-12
+    assert opt.flops == pytest.approx(flops, rel=1e-12)
+    assert opt.params * opt.tokens * 6 == pytest.approx(flops, rel=1e-12)
+
+
+def test_closed_form_exponents():
+    law = BESIROGLU_2024
+    a = law.compute_optimal(np.array([1e20, 1e22]))
+    assert math.log(a.params[1] / a.params[0]) / math.log(100) == pytest.approx(0.3658 / (0.3478 + 0.3658))
+    assert math.log(a.tokens[1] / a.tokens[0]) / math.log(100) == pytest.approx(0.3478 / (0.3478 + 0.3658))
+
+
+@pytest.mark.parametrize("law", PRESETS, ids=lambda law: law.name)
+def test_frontier_points_agree(law):
+    opt = law.compute_optimal(3e22)
+    for other in (law.optimal_for_params(opt.params), law.optimal_for_tokens(opt.tokens), law.optimal_for_loss(opt.loss)):
+        assert other.params == pytest.approx(opt.params, rel=1e-9)
+        assert other.tokens == pytest.approx(opt.tokens, rel=1e-9)
+        assert other.flops == pytest.approx(3e22, rel=1e-9)
+        assert other.loss == pytest.approx(opt.loss, rel=1e-12)
+
+
+def test_target_loss_formulas():
+    law, target = HOFFMANN_2022, 2.1
+    opt = law.optimal_for_loss(target)
+    # SPEC §2: N_opt(l) = (A(1+α/β)/(l−E))^(1/α), D_opt(l) = (B(1+β/α)/(l−E))^(1/β)
+    assert opt.params == pytest.approx((406.4 * (1 + 0.34 / 0.28) / (target - 1.69)) ** (1 / 0.34), rel=1e-12)
+    assert opt.tokens == pytest.approx((410.7 * (1 + 0.28 / 0.34) / (target - 1.69)) ** (1 / 0.28), rel=1e-12)
+    assert law.loss(opt.params, opt.tokens) == pytest.approx(target, rel=1e-12)
+    # the cheapest run to that loss: any other model size needs more FLOPs
+    for k in (0.5, 0.9, 1.1, 2.0):
+        n = k * opt.params
+        assert 6 * n * tokens_for_loss(law, n, target) > opt.flops
+
+
+@pytest.mark.parametrize("flops", [1e20, 1e23, 1e25])
+def test_de_vries_overhead(flops):
+    law = SARDANA
+    opt = law.compute_optimal(flops)
+    n = 0.5 * opt.params
+    d = tokens_for_loss(law, n, opt.loss)
+    overhead = law.compute_overhead(n, d)
+    assert overhead == pytest.approx(0.208, abs=5e-4)
+    # de Vries 2023 closed form (SPEC §2)
+    k_n, g = 0.5, law.G
+    k_d = (1 - (k_n**-law.alpha - 1) * (law.A / law.B) * g ** -(law.alpha + law.beta)) ** (-1 / law.beta)
+    assert overhead == pytest.approx(k_n * k_d - 1, rel=1e-9)
+
+
+def test_overhead_zero_on_frontier_and_vectorised():
+    law = DEFAULT_LAW
+    opt = law.compute_optimal(np.logspace(18, 26, 9))
+    assert np.allclose(law.compute_overhead(opt.params, opt.tokens), 0, atol=1e-9)
+    over = law.compute_overhead(opt.params[4] * np.array([0.25, 0.5, 2, 4]), opt.tokens[4])
+    assert over.shape == (4,) and np.all(over > 0.01)
+
+
+def test_scalars_give_floats_arrays_give_arrays():
+    law = DEFAULT_LAW
+    assert isinstance(law.loss(1e9, 2e10), float)
+    opt = law.compute_optimal(1e21)
+    assert all(isinstance(v, float) for v in (opt.params, opt.tokens, opt.flops, opt.loss, opt.tokens_per_param))
+    assert law.loss(np.array([1e9, 2e9]), 2e10).shape == (2,)
+    assert json.loads(json.dumps(opt.to_dict()))["tokens_per_param"] == pytest.approx(opt.tokens_per_param)
+
+
+# --- inference-aware optimum (Sardana 2023) ---------------------------------------------------------------
+
+
+def test_inference_optimal_reduces_to_compute_optimal():
+    law, target = SARDANA, 2.0
+    base = law.optimal_for_loss(target)
+    for tokens in (0, 1e-3):
+        alt = inference_optimal(law, target, tokens)
+        assert alt.params == pytest.approx(base.params, rel=1e-7)
+        assert alt.tokens == pytest.approx(base.tokens, rel=1e-7)
+
+
+@pytest.mark.parametrize("inference_tokens", [1e11, 1e13, 1e15])
+def test_inference_optimal_minimises_total_flops(inference_tokens):
+    law, target = SARDANA, 2.0
+    alt = inference_optimal(law, target, inference_tokens)
+    base = law.optimal_for_loss(target)
+    assert law.loss(alt.params, alt.tokens) == pytest.approx(target, rel=1e-9)
+    assert alt.params < base.params and alt.tokens > base.tokens
+
+    def total(n, d):
+        return 6 * n * d + 2 * n * inference_tokens
+
+    assert total(alt.params, alt.tokens) < total(base.params, base.tokens)
+    n_min = (law.A / (target - law.E)) ** (1 / law.alpha)  # below this size the loss is out of reach
+    n = np.exp(np.linspace(math.log(n_min) + 1e-6, math.log(base.params) + 1, 200_001))
+    assert total(alt.params, alt.tokens) <= total(n, tokens_for_loss(law, n, target)).min() * (1 + 1e-9)
+
+
+def test_inference_optimal_vectorised():
+    alt = inference_optimal(DEFAULT_LAW, np.array([2.2, 2.5]), np.array([[1e12], [1e14]]))
+    assert alt.params.shape == (2, 2)
+    assert np.all(alt.params[1] < alt.params[0])  # more inference, smaller model
+
+
+# --- Kaplan 2020 ------------------------------------------------------------------------------------------
+
+
+def test_kaplan_values():
+    k = KaplanLaw()
+    assert k.loss_params(1e9) == pytest.approx((8.8e13 / 1e9) ** 0.076)
+    assert 2.2 < k.loss_params(1e9) < 2.5
+    assert k.loss_tokens(5.4e13) == pytest.approx(1.0)
+    assert k.loss_compute(8.64e19) == pytest.approx(3.1e8**0.05)  # 1 PF-day
+    assert k.optimal_params(8.64e19) == pytest.approx(1.3e9)
+    assert k.optimal_params(8.64e20) / k.optimal_params(8.64e19) == pytest.approx(10**0.73)
+    # L(N, D) tends to (N_c/N)^α_N with ample data and falls with both N and D
+    assert k.loss(1e9, 1e30) == pytest.approx((6.4e13 / 1e9) ** 0.076, rel=1e-6)
+    assert k.loss(1e9, 1e10) > k.loss(1e9, 1e11) > k.loss(1e10, 1e11)
+    # §5.1: B_crit ≈ 2e8 / L^(1/0.21) tokens, about a million tokens near L = 3
+    assert k.critical_batch_size(3.0) == pytest.approx(2e8 / 3.0 ** (1 / 0.21))
+    assert 5e5 < k.critical_batch_size(3.0) < 2e6
+    assert k.critical_batch_size(2.5) > k.critical_batch_size(3.0)
+    assert KaplanLaw.from_dict(k.to_dict()) == k
+
+
+# --- repeated data ----------------------------------------------------------------------------------------
+
+
+def test_data_constrained_optimum_without_repetition_is_chinchilla():
+    law = DataConstrainedLaw()
+    opt = law.compute_optimal(1e21, 1e16)
+    base = MUENNIGHOFF_2023.compute_optimal(1e21)
+    assert opt.params == pytest.approx(base.params, rel=1e-6)
+    assert opt.loss == pytest.approx(base.loss, rel=1e-12)
+    assert opt.epochs < 1 and opt.unique_tokens == 1e16
+
+
+@pytest.mark.parametrize("unique", [1e9, 1e10, 5e10])
+def test_data_constrained_optimum_matches_brute_force(unique):
+    law, flops = DataConstrainedLaw(), 1e22
+    opt = law.compute_optimal(flops, unique)
+    n = np.logspace(6, 13, 200_001)
+    brute = law.loss(n, flops / (6 * n), unique)
+    assert opt.loss <= brute.min() + 1e-12
+    assert opt.loss >= MUENNIGHOFF_2023.compute_optimal(flops).loss
+    assert opt.epochs == pytest.approx(opt.tokens / unique)
+    assert opt.epochs > 1
+    assert opt.params == pytest.approx(n[np.argmin(brute)], rel=1e-3)
+
+
+def test_data_constrained_optimum_vectorised():
+    law = DataConstrainedLaw()
+    opt = law.compute_optimal(np.logspace(19, 24, 6)[:, None], np.array([1e9, 1e11]))
+    assert opt.params.shape == (6, 2) and np.all(np.isfinite(opt.loss))
+    assert np.all(opt.loss[:, 0] >= opt.loss[:, 1])  # fewer unique tokens never help
+
+
+def test_data_constrained_from_chinchilla():
+    law = DataConstrainedLaw.from_chinchilla(BESIROGLU_2024)
+    assert law.base_law.loss(1e9, 2e10) == BESIROGLU_2024.loss(1e9, 2e10)
+    assert law.loss(1e9, 2e10, 1e11) == pytest.approx(BESIROGLU_2024.loss(1e9, 2e10))
+
+
+# --- serialisation ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("law", PRESETS + [KaplanLaw(), DataConstrainedLaw()], ids=lambda law: type(law).__name__ + law.name)
+def test_load_law_round_trip_with_extra_keys(law, tmp_path):
+    path = tmp_path / "law.json"
+    path.write_text(json.dumps({**law.to_dict(), "bootstrap": {"alpha": [0.3, 0.4]}, "n_runs": 240}))
+    loaded = load_law(path)
+    assert loaded == law and type(loaded) is type(law)
+    assert type(law).from_dict(law.to_dict()) == law
+
+
+@pytest.mark.parametrize(
+    "content, match",
+    [("not json", "holds no valid law"), ("[1, 2]", "holds no valid law"),
+     ('{"E": 1.7, "A": 400}', "B"), ('{"kind": "weird"}', "kind"),
+     ('{"E": 1.7, "A": -1, "B": 400, "alpha": 0.3, "beta": 0.3}', "A must be")],
+)
+def test_load_law_rejects_bad_files(content, match, tmp_path):
+    path = tmp_path / "bad.json"
+    path.write_text(content)
+    with pytest.raises(ValueError, match=match) as err:
+        load_law(path)
+    assert "bad.json" in str(err.value)
+
+
+def test_load_law_missing_file(tmp_path):
+    with pytest.raises(ValueError, match="missing.json"):
+        load_law(tmp_path / "missing.json")
+
+
+# --- bad input ---------------------------------------------------------------------------------------------
+
+
+def test_get_law_rejects_unknown_name():
+    with pytest.raises(ValueError, match="law must be one of"):
+        get_law("kaplan-2020")
+
+
+@pytest.mark.parametrize("law", PRESETS, ids=lambda law: law.name)
+def test_unreachable_target_loss(law):
+    with pytest.raises(ValueError, match="cannot reach"):
+        law.optimal_for_loss(law.E)
+    with pytest.raises(ValueError, match="cannot reach"):
+        inference_optimal(law, law.E - 0.1, 1e12)
+
+
+@pytest.mark.parametrize(
+    "call, name",
+    [
+        (lambda: DEFAULT_LAW.loss(-1, 1e9), "params"),
+        (lambda: DEFAULT_LAW.loss(1e9, float("nan")), "tokens"),
+        (lambda: DEFAULT_LAW.compute_optimal(float("inf")), "flops"),
+        (lambda: DEFAULT_LAW.compute_optimal([]), "flops"),
+        (lambda: DEFAULT_LAW.compute_overhead(1e9, "many"), "tokens"),
+        (lambda: DEFAULT_LAW.loss(np.ones(2), np.ones(3)), "params and tokens"),
+        (lambda: DataConstrainedLaw().compute_optimal(1e21, 0), "unique_tokens"),
+        (lambda: inference_optimal(DEFAULT_LAW, 2.5, -1), "inference_tokens"),
+        (lambda: inference_optimal(KaplanLaw(), 2.5, 1), "law"),
+        (lambda: KaplanLaw().critical_batch_size(0), "loss"),
+        (lambda: ChinchillaLaw(E=1.7, A=400, B=400, alpha=0, beta=0.3), "alpha"),
+        (lambda: DataConstrainedLaw(r_star_d=-1), "r_star_d"),
+    ],
+)
+def test_bad_input_names_the_argument(call, name):
+    with pytest.raises(ValueError, match=name):
+        call()
+
+
+def test_allocation_is_frozen():
+    alloc = Allocation(params=1.0, tokens=20.0, flops=120.0, loss=3.0)
+    assert alloc.tokens_per_param == 20.0
+    with pytest.raises(AttributeError):
+        alloc.params = 2.0
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda: DEFAULT_LAW.compute_optimal(5e-324),
+        lambda: DEFAULT_LAW.compute_optimal(1e308),
+        lambda: DataConstrainedLaw().compute_optimal(5e-324, 1.0),
+        lambda: DataConstrainedLaw().compute_optimal(1e308, 5e-324),
+        lambda: DataConstrainedLaw().compute_optimal(5e-324, 5e-324),
+        lambda: DEFAULT_LAW.optimal_for_params(5e-324),
+        lambda: inference_optimal(DEFAULT_LAW, 1.8172 + 1e-12, 1e30),
+    ],
+)
+def test_extreme_inputs_give_no_nan(call):
+    alloc = call()
+    for value in (alloc.params, alloc.tokens, alloc.loss, alloc.tokens_per_param):
+        assert not math.isnan(value) and value > 0
+
+
+def test_allocation_out_of_float_range_is_a_value_error():
+    with pytest.raises(ValueError, match="^loss and inference_tokens out of range"):
+        inference_optimal(DEFAULT_LAW, 1e300, 1e300)
+
+
+ANY_FLOAT = st.one_of(
+    st.floats(allow_nan=True, allow_infinity=True), st.floats(1e-30, 1e30), st.sampled_from([5e-324, 1e-300, 1e308])
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(params=ANY_FLOAT, tokens=ANY_FLOAT, unique=ANY_FLOAT)
+def test_property_laws_never_return_nan(params, tokens, unique):
+    calls = [
+        (("params", "tokens"), lambda: DEFAULT_LAW.loss(params, tokens)),
+        (("params", "tokens"), lambda: DEFAULT_LAW.compute_overhead(params, tokens)),
+        (("params",), lambda: DEFAULT_LAW.optimal_for_params(params)),
+        (("tokens",), lambda: DEFAULT_LAW.optimal_for_tokens(tokens)),
+        (("flops",), lambda: DEFAULT_LAW.compute_optimal(params)),
+        (("params", "tokens", "unique_tokens"), lambda: DataConstrainedLaw().loss(params, tokens, unique)),
+        (("flops", "unique_tokens"), lambda: DataConstrainedLaw().compute_optimal(params, unique)),
+        (("loss",), lambda: DEFAULT_LAW.optimal_for_loss(params)),
+        (("loss", "inference_tokens"), lambda: inference_optimal(DEFAULT_LAW, params, tokens)),
+    ]
+    for names, call in calls:
+        try:
+            value = call()
+        except ValueError as err:
+            assert str(err).startswith(names), str(err)
+            continue
+        if isinstance(value, Allocation):
+            assert not np.isnan([value.params, value.tokens, value.loss, value.tokens_per_param]).any()
+        else:
+            assert not np.isnan(value)

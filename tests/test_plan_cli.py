@@ -1,0 +1,295 @@
+"""`lightning-scaling plan` and lightning_scaling.planner: every mode, every bad input (exit 2, one line)."""
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lightning_scaling import cli
+from lightning_scaling.flops import transformer_flops, transformer_params
+from lightning_scaling.laws import BESIROGLU_2024, HOFFMANN_2022, DataConstrainedLaw, KaplanLaw, inference_optimal
+from lightning_scaling.planner import plan
+
+GPT2 = ["--n-layer", "12", "--d-model", "768", "--n-head", "12", "--vocab-size", "50257", "--seq-len", "1024"]
+
+
+@pytest.fixture
+def main(monkeypatch):
+    """cli.main with only the plan subcommand registered, so these tests do not depend on the others."""
+    monkeypatch.setattr(cli, "_COMMANDS", {"plan": cli._COMMANDS["plan"]})
+    return cli.main
+
+
+@pytest.fixture
+def plan_json(main, capsys):
+    def run(*argv):
+        assert main(["plan", *argv, "--json"]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    return run
+
+
+# --- modes ------------------------------------------------------------------------------------------------
+
+
+def test_flops_mode(plan_json):
+    out = plan_json("--flops", "1e21")
+    opt = BESIROGLU_2024.compute_optimal(1e21)
+    assert out["mode"] == "flops" and out["law"]["name"] == "epoch"
+    assert out["params"] == pytest.approx(opt.params) and out["tokens"] == pytest.approx(opt.tokens)
+    assert 6 * out["params"] * out["tokens"] == pytest.approx(1e21)
+    assert 18 < out["tokens_per_param"] < 25
+    assert out["loss"] == pytest.approx(opt.loss)
+    assert out["compute_overhead"] == pytest.approx(0, abs=1e-9)
+    assert out["flops_convention"] == "6N" and out["flops_per_token"] == pytest.approx(6 * out["params"])
+    assert out["data"] is out["inference"] is out["hardware"] is out["batch"] is out["model"] is None
+
+
+def test_params_only_and_tokens_only(plan_json):
+    by_params = plan_json("--params", "7e9")
+    assert by_params["mode"] == "params" and by_params["params"] == 7e9
+    assert by_params["tokens"] == pytest.approx(BESIROGLU_2024.optimal_for_params(7e9).tokens)
+    assert by_params["compute_overhead"] == pytest.approx(0, abs=1e-9)
+    by_tokens = plan_json("--tokens", str(by_params["tokens"]))
+    assert by_tokens["mode"] == "tokens" and by_tokens["params"] == pytest.approx(7e9, rel=1e-9)
+
+
+def test_params_and_tokens(plan_json):
+    out = plan_json("--params", "7e9", "--tokens", "2e12")
+    assert out["mode"] == "params+tokens"
+    assert out["flops"] == pytest.approx(6 * 7e9 * 2e12)
+    assert out["tokens_per_param"] == pytest.approx(2e12 / 7e9)
+    assert out["loss"] == pytest.approx(BESIROGLU_2024.loss(7e9, 2e12))
+    assert out["compute_overhead"] == pytest.approx(BESIROGLU_2024.compute_overhead(7e9, 2e12)) and out["compute_overhead"] > 0.5
+    same = out["same_loss_optimum"]
+    assert same["loss"] == pytest.approx(out["loss"]) and same["flops"] * (1 + out["compute_overhead"]) == pytest.approx(out["flops"])
+    assert out["compute_optimum"]["loss"] < out["loss"]
+
+
+def test_flops_with_params_or_tokens(plan_json):
+    out = plan_json("--flops", "1e22", "--params", "1e9")
+    assert out["mode"] == "flops+params" and out["tokens"] == pytest.approx(1e22 / 6e9)
+    out = plan_json("--flops", "1e22", "--tokens", "1e11")
+    assert out["mode"] == "flops+tokens" and out["params"] == pytest.approx(1e22 / 6e11)
+
+
+def test_target_loss_and_law_choice(plan_json):
+    out = plan_json("--target-loss", "2.2", "--law", "hoffmann")
+    opt = HOFFMANN_2022.optimal_for_loss(2.2)
+    assert out["mode"] == "target_loss" and out["law"]["name"] == "hoffmann"
+    assert out["params"] == pytest.approx(opt.params) and out["loss"] == pytest.approx(2.2)
+    assert plan_json("--flops", "1e21", "--law", "muennighoff")["law"]["name"] == "muennighoff"
+
+
+def test_model_shape_uses_analytic_flops(plan_json):
+    out = plan_json(*GPT2, "--flops", "1e19")
+    per_token = transformer_flops(12, 768, 12, 1024, 50257).per_token
+    assert out["mode"] == "flops+params"
+    assert out["params"] == transformer_params(12, 768, 50257).total
+    assert out["flops_per_token"] == pytest.approx(per_token) and out["flops_convention"] == "chinchilla"
+    assert out["tokens"] == pytest.approx(1e19 / per_token)
+    assert out["model"]["non_embedding_params"] == transformer_params(12, 768, 50257).non_embedding
+    gated = plan_json(*GPT2, "--gated-mlp", "--d-ff", "2048", "--untied-embeddings", "--non-embedding",
+                      "--flops-convention", "palm")
+    count = transformer_params(12, 768, 50257, d_ff=2048, gated_mlp=True, tied_embeddings=False)
+    assert gated["mode"] == "params" and gated["params"] == count.non_embedding
+    assert gated["flops_per_token"] == pytest.approx(
+        transformer_flops(12, 768, 12, 1024, 50257, d_ff=2048, gated_mlp=True, convention="palm").per_token)
+    assert gated["flops"] == pytest.approx(gated["flops_per_token"] * gated["tokens"])
+
+
+def test_unique_tokens(plan_json):
+    out = plan_json("--flops", "1e22", "--unique-tokens", "5e10")
+    data, law = out["data"], DataConstrainedLaw.from_chinchilla(BESIROGLU_2024)
+    assert data["epochs"] == pytest.approx(out["tokens"] / 5e10)
+    assert data["effective_tokens"] == pytest.approx(law.effective_tokens(out["tokens"], 5e10))
+    assert data["loss"] == pytest.approx(law.loss(out["params"], out["tokens"], 5e10)) and data["loss"] > out["loss"]
+    assert 0 < data["repetition_value"] < 1
+    assert data["optimum"]["loss"] <= data["loss"] + 1e-12 and data["optimum"]["epochs"] > 1
+
+
+def test_inference_tokens(plan_json):
+    out = plan_json("--flops", "1e22", "--inference-tokens", "1e13")
+    inf = out["inference"]
+    alt = inference_optimal(BESIROGLU_2024, out["loss"], 1e13)
+    assert inf["optimum"]["params"] == pytest.approx(alt.params) and alt.params < out["params"]
+    assert inf["planned"]["inference_flops"] == pytest.approx(2 * out["params"] * 1e13)
+    assert inf["saved_flops"] > 0
+    assert inf["saved_flops"] == pytest.approx(inf["planned"]["total_flops"] - inf["optimum"]["total_flops"])
+    assert 0 < inf["saved_fraction"] < 1
+
+
+def test_law_file(plan_json, tmp_path):
+    path = tmp_path / "fit.json"
+    law = {**HOFFMANN_2022.to_dict(), "name": "my-fit", "n_runs": 12, "bootstrap": {"alpha": [0.3, 0.35]}}
+    path.write_text(json.dumps(law))
+    out = plan_json("--flops", "1e21", "--law-file", str(path))
+    assert out["law"]["name"] == "my-fit" and out["law"]["source"] == str(path)
+    assert out["params"] == pytest.approx(HOFFMANN_2022.compute_optimal(1e21).params)
+
+
+def test_hardware_and_batch(plan_json):
+    out = plan_json("--flops", "1e21", "--gpu", "H100", "--num-gpus", "8", "--mfu", "0.5",
+                    "--batch-size", "512", "--seq-len", "2048")
+    hw, batch = out["hardware"], out["batch"]
+    assert hw["peak_flops_per_gpu"] == 989.4e12 and hw["dtype"] == "bf16"
+    assert hw["wall_clock_hours"] == pytest.approx(1e21 / (989.4e12 * 8 * 0.5) / 3600)
+    assert hw["gpu_hours"] == pytest.approx(8 * hw["wall_clock_hours"])
+    assert batch["tokens_per_step"] == 512 * 2048
+    assert batch["steps"] == math.ceil(out["tokens"] / (512 * 2048))
+    assert batch["seconds_per_step"] * batch["steps"] == pytest.approx(hw["wall_clock_hours"] * 3600)
+    custom = plan_json("--flops", "1e21", "--peak-flops", "1e15")
+    assert custom["hardware"]["wall_clock_hours"] == pytest.approx(1e21 / (1e15 * 0.4) / 3600)
+    assert plan_json("--flops", "1e21", "--gpu", "a100", "--dtype", "fp32")["hardware"]["peak_flops_per_gpu"] == 19.5e12
+
+
+def test_table_output(main, capsys):
+    assert main(["plan", "--flops", "1e21", "--unique-tokens", "1e10", "--inference-tokens", "1e12",
+                 "--gpu", "h100", "--batch-size", "256", "--seq-len", "4096"]) == 0
+    text = capsys.readouterr().out
+    for label in ("parameters", "training tokens", "tokens per parameter", "predicted loss", "epochs",
+                  "inference-aware optimum", "wall-clock hours", "GPU-hours", "steps"):
+        assert label in text
+    assert "nan" not in text.lower()
+
+
+# --- bad input ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "argv, flag",
+    [
+        (["--flops", "-1"], "--flops"),
+        (["--flops", "0"], "--flops"),
+        (["--flops", "nan"], "--flops"),
+        (["--params", "inf"], "--params"),
+        (["--flops", "abc"], "--flops"),
+        (["--tokens", "-5e9"], "--tokens"),
+        (["--flops", "1e21", "--params", "1e9", "--tokens", "1e10"], "--tokens"),
+        (["--flops", "1e21", "--target-loss", "2.5"], "--target-loss"),
+        (["--target-loss", "1.5"], "--target-loss"),
+        (["--flops", "1e21", "--law", "kaplan"], "--law"),
+        (["--flops", "1e21", "--law", "epoch", "--law-file", "x.json"], "--law-file"),
+        (["--flops", "1e21", "--law-file", "/nonexistent/law.json"], "--law-file"),
+        (["--flops", "1e21", "--gpu", "tpu-v5"], "--gpu"),
+        (["--flops", "1e21", "--gpu", "h100", "--peak-flops", "1e15"], "--peak-flops"),
+        (["--flops", "1e21", "--mfu", "0.4"], "--mfu"),
+        (["--flops", "1e21", "--num-gpus", "8"], "--num-gpus"),
+        (["--flops", "1e21", "--gpu", "h100", "--mfu", "1.5"], "--mfu"),
+        (["--flops", "1e21", "--gpu", "h100", "--num-gpus", "0"], "--num-gpus"),
+        (["--flops", "1e21", "--gpu", "v100", "--dtype", "bf16"], "--dtype"),
+        (["--flops", "1e21", "--peak-flops", "-3"], "--peak-flops"),
+        (["--flops", "1e21", "--batch-size", "8"], "--seq-len"),
+        (["--flops", "1e21", "--seq-len", "1024"], "--seq-len"),
+        (["--flops", "1e21", "--batch-size", "0", "--seq-len", "8"], "--batch-size"),
+        (["--flops", "1e21", "--unique-tokens", "-1"], "--unique-tokens"),
+        (["--flops", "1e21", "--inference-tokens", "nan"], "--inference-tokens"),
+        (["--flops", "1e21", "--gated-mlp"], "--gated-mlp"),
+        (["--n-layer", "12", "--flops", "1e21"], "--d-model"),
+        ([*GPT2, "--params", "1e9"], "--params"),
+        ([*GPT2, "--flops", "1e21", "--tokens", "1e9"], "--tokens"),
+        (["--n-layer", "2", "--d-model", "100", "--n-head", "3", "--vocab-size", "10", "--seq-len", "8"], "--n-head"),
+        (["--n-layer", "0", "--d-model", "64", "--n-head", "2", "--vocab-size", "10", "--seq-len", "8"], "--n-layer"),
+        (["--params", "1e300", "--tokens", "1e300"], "--tokens"),
+        ([], "--flops"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line(main, capsys, argv, flag):
+    assert _exit_code(main, ["plan", *argv]) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and flag in lines[0], captured.err
+    assert captured.out == ""
+
+
+def _exit_code(main, argv):
+    try:
+        return main(argv)
+    except SystemExit as exc:  # argparse's own errors (unparsable numbers, unknown choices)
+        return exc.code
+
+
+@pytest.mark.parametrize("content", ["{not json", json.dumps(KaplanLaw().to_dict()), '{"E": 1.7}'])
+def test_bad_law_file_exits_2(main, capsys, tmp_path, content):
+    path = tmp_path / "law.json"
+    path.write_text(content)
+    assert main(["plan", "--flops", "1e21", "--law-file", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--law-file" in err and "law.json" in err
+
+
+def test_python_api_names_python_arguments():
+    with pytest.raises(ValueError, match=r"^unique_tokens must be"):
+        plan(flops=1e21, unique_tokens=-1)
+    with pytest.raises(ValueError, match=r"^mfu needs gpu or peak_flops"):
+        plan(flops=1e21, mfu=0.3)
+    assert json.dumps(plan(flops=1e21, unique_tokens=1e10, inference_tokens=1e12, gpu="b200"), allow_nan=False)
+
+
+POSITIVE_OR_BAD = st.one_of(
+    st.none(), st.floats(allow_nan=True, allow_infinity=True), st.floats(1e-20, 1e40), st.sampled_from([5e-324, 1e308])
+)
+PLAN_ARGS = ("flops", "params", "tokens", "unique_tokens", "inference_tokens", "mfu", "peak_flops", "target_loss")
+
+
+@settings(max_examples=120, deadline=None)
+@given(values=st.fixed_dictionaries({k: POSITIVE_OR_BAD for k in PLAN_ARGS}))
+def test_property_plan_rejects_by_name_or_answers_finite(values):
+    try:
+        result = plan(**values)
+    except ValueError as err:
+        named = [k for k in (*PLAN_ARGS, "gpu") if k in str(err)]
+        assert named, str(err)
+        return
+    json.dumps(result, allow_nan=False)  # raises on NaN or inf anywhere
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    flops=st.floats(1e-5, 1e35),
+    unique_tokens=st.one_of(st.none(), st.floats(1e-5, 1e35)),
+    inference_tokens=st.one_of(st.none(), st.floats(1e-5, 1e35)),
+    law=st.sampled_from(["hoffmann", "epoch", "muennighoff"]),
+)
+def test_property_valid_budgets_give_finite_plans(flops, unique_tokens, inference_tokens, law):
+    result = plan(flops=flops, unique_tokens=unique_tokens, inference_tokens=inference_tokens, law=law,
+                  gpu="h100", batch_size=8, seq_len=512)
+    json.dumps(result, allow_nan=False)
+    assert result["flops"] == flops and result["compute_overhead"] == pytest.approx(0, abs=1e-9)
+    if unique_tokens is not None:
+        assert result["data"]["optimum"]["loss"] <= result["data"]["loss"] * (1 + 1e-12)
+    if inference_tokens is not None:
+        assert result["inference"]["saved_flops"] >= 0
+
+
+# --- the real command ------------------------------------------------------------------------------------------
+
+
+def _console_script():
+    found = shutil.which("lightning-scaling") or str(Path(sys.executable).with_name("lightning-scaling"))
+    assert os.path.exists(found), "the lightning-scaling console script is not installed"
+    return found
+
+
+@pytest.mark.slow
+def test_console_script_subprocess():
+    script = _console_script()
+    ok = subprocess.run([script, "plan", "--flops", "1e21", "--json"], capture_output=True, text=True, timeout=60)
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads(ok.stdout)["tokens_per_param"] == pytest.approx(BESIROGLU_2024.compute_optimal(1e21).tokens_per_param)
+    bad = subprocess.run([script, "plan", "--flops", "-1"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "--flops" in bad.stderr
+
+
+@pytest.mark.slow
+def test_plan_imports_no_torch():
+    code = "import lightning_scaling.commands.plan, lightning_scaling.planner, sys; assert 'torch' not in sys.modules"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr

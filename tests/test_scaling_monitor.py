@@ -1,0 +1,129 @@
+"""ScalingMonitor end to end: the report, DDP totals equal to one process, and exact resume."""
+
+from __future__ import annotations
+
+import json
+
+import lightning as L
+import pytest
+import torch
+from gpt import GPTConfig, GPTLightningModule
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch.utils.data import DataLoader
+
+from lightning_scaling.callbacks import ScalingMonitor
+
+TINY = GPTConfig(n_layer=1, d_model=32, n_head=2, seq_len=16, d_ff=64)
+
+
+def target_tokens(batch):
+    return batch[:, 1:].numel()
+
+
+def _data(n=64, seq=17):
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(0, 256, (n, seq), generator=g)
+
+
+def _trainer(tmp_path, callbacks, steps, **kwargs):
+    opts = dict(
+        max_steps=steps, default_root_dir=tmp_path, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, accelerator="cpu", devices=1,
+    )
+    opts.update(kwargs)
+    return L.Trainer(callbacks=callbacks, **opts)
+
+
+def test_report_written_with_every_part(tmp_path):
+    monitor = ScalingMonitor(tokens_fn=target_tokens, noise_scale={"warmup_steps": 0})
+    trainer = _trainer(tmp_path, [monitor], steps=6, accumulate_grad_batches=2)
+    trainer.fit(GPTLightningModule(TINY), DataLoader(_data(), batch_size=4))
+    report = json.loads((tmp_path / "scaling_report.json").read_text())
+    assert set(report) == {"flops", "tokens", "noise_scale", "repetition"}
+    assert report["tokens"]["tokens"] == 6 * 2 * 4 * 16
+    assert report["flops"]["flops"] > 0 and report["flops"]["optimizer_steps"] == 6
+    assert report["repetition"]["epochs"] == pytest.approx(6 * 2 * 4 / 64)
+    m = trainer.callback_metrics
+    for name in ("scaling/flops", "scaling/tokens", "scaling/tokens_per_param", "scaling/epochs", "scaling/gns"):
+        assert name in m, name
+    assert set(monitor.state_dict()) == {"flops", "tokens", "noise_scale", "repetition"}
+
+
+def test_parts_can_be_configured_or_left_out(tmp_path):
+    monitor = ScalingMonitor(repetition=False, noise_scale=False, flops={"peak_flops": 1e12})
+    assert set(monitor.parts) == {"flops", "tokens"}
+    assert monitor.flops.peak_flops_override == 1e12
+    with pytest.raises(ValueError, match="tokens"):
+        ScalingMonitor(tokens="yes")
+
+
+def _final_counts(monitor: ScalingMonitor) -> dict:
+    state = monitor.state_dict()
+    return {
+        "flops": state["flops"]["total_flops"],
+        "tokens": state["tokens"]["tokens"],
+        "steps": state["tokens"]["optimizer_steps"],
+        "repetition": monitor.repetition.summary()["tokens"],
+    }
+
+
+def test_resume_mid_epoch_continues_counts_exactly(tmp_path):
+    data = DataLoader(_data(), batch_size=4, shuffle=False)
+    full = ScalingMonitor(tokens_fn=target_tokens)
+    L.seed_everything(0, verbose=False)
+    _trainer(tmp_path / "full", [full], steps=8).fit(GPTLightningModule(TINY), data)
+
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=3, save_top_k=-1)
+    first = ScalingMonitor(tokens_fn=target_tokens)
+    L.seed_everything(0, verbose=False)
+    _trainer(tmp_path / "a", [first, ckpt], steps=3, enable_checkpointing=True).fit(GPTLightningModule(TINY), data)
+    path = next((tmp_path / "ckpt").glob("*step=3*.ckpt"))
+
+    resumed = ScalingMonitor(tokens_fn=target_tokens)
+    _trainer(tmp_path / "b", [resumed], steps=8).fit(GPTLightningModule(TINY), data, ckpt_path=str(path))
+    assert _final_counts(resumed) == _final_counts(full)
+    _assert_same_state(resumed.noise_scale.state_dict(), full.noise_scale.state_dict())
+
+
+def _assert_same_state(a, b):
+    if isinstance(a, dict):
+        assert set(a) == set(b)
+        for key in a:
+            _assert_same_state(a[key], b[key])
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            _assert_same_state(x, y)
+    elif isinstance(a, torch.Tensor):
+        torch.testing.assert_close(a, b)
+    elif isinstance(a, float):
+        assert a == pytest.approx(b, rel=1e-6, abs=1e-12)
+    else:
+        assert a == b
+
+
+def test_checkpoint_without_our_state_resumes_cleanly(tmp_path):
+    data = DataLoader(_data(), batch_size=4)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2)
+    _trainer(tmp_path, [ckpt], steps=2, enable_checkpointing=True).fit(GPTLightningModule(TINY), data)
+    path = next((tmp_path / "ckpt").glob("*.ckpt"))
+    monitor = ScalingMonitor(tokens_fn=target_tokens)
+    _trainer(tmp_path, [monitor], steps=4).fit(GPTLightningModule(TINY), data, ckpt_path=str(path))
+    # Counting starts where the monitor joined: two steps of 4 x 16 tokens.
+    assert monitor.tokens.tokens == 2 * 4 * 16
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_equal_one_process_with_same_global_batch(tmp_path):
+    data = _data(64)
+    single = ScalingMonitor(tokens_fn=target_tokens)
+    one = _trainer(tmp_path / "one", [single], steps=4)
+    one.fit(GPTLightningModule(TINY), DataLoader(data, batch_size=8, shuffle=False))
+
+    two = _trainer(tmp_path / "two", [ScalingMonitor(tokens_fn=target_tokens)], steps=4, devices=2,
+                   strategy="ddp_spawn")
+    two.fit(GPTLightningModule(TINY), DataLoader(data, batch_size=4, shuffle=False))
+    m1, m2 = one.callback_metrics, two.callback_metrics
+    assert float(m2["scaling/tokens"]) == float(m1["scaling/tokens"]) == 4 * 8 * 16
+    assert float(m2["scaling/flops"]) == pytest.approx(float(m1["scaling/flops"]), rel=1e-6)
+    assert float(m2["scaling/epochs"]) == pytest.approx(float(m1["scaling/epochs"]))

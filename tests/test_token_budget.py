@@ -1,0 +1,144 @@
+"""TokenBudget: tokens and parameters counted right, the projection to the end of the run, and the warnings."""
+
+from __future__ import annotations
+
+import warnings
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+from gpt import GPTConfig, GPTLightningModule
+from torch.utils.data import DataLoader
+
+from lightning_scaling.callbacks.token_budget import TokenBudget
+from lightning_scaling.flop_counting import count_parameters
+
+TINY = GPTConfig(n_layer=1, d_model=32, n_head=2, seq_len=16, d_ff=64)
+
+
+def _fit(callback, loader, module=None, steps=4, **kwargs):
+    trainer = L.Trainer(
+        max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, limit_val_batches=0, accelerator="cpu", devices=1, callbacks=[callback], **kwargs,
+    )
+    trainer.fit(module or GPTLightningModule(TINY), loader)
+    return trainer
+
+
+def _data(n=32, seq=17):
+    torch.manual_seed(0)
+    return torch.randint(0, 256, (n, seq))
+
+
+class _DictModule(GPTLightningModule):
+    def training_step(self, batch, batch_idx):
+        ids = batch["input_ids"] if isinstance(batch, dict) else batch[0]
+        logits = self(ids[:, :-1])
+        return F.cross_entropy(logits.reshape(-1, logits.size(-1)), ids[:, 1:].reshape(-1))
+
+
+def test_tensor_batch_tokens_and_params():
+    budget = TokenBudget()
+    trainer = _fit(budget, DataLoader(_data(), batch_size=4), steps=3)
+    assert budget.tokens == 3 * 4 * 17
+    assert budget.params == count_parameters(trainer.lightning_module)
+    m = trainer.callback_metrics
+    assert float(m["scaling/tokens"]) == budget.tokens
+    assert float(m["scaling/tokens_per_param"]) == pytest.approx(budget.tokens / budget.params, rel=1e-5)
+
+
+def test_tuple_and_dict_batches_and_attention_mask():
+    data = _data(16)
+    mask = torch.ones_like(data)
+    mask[:, 12:] = 0  # 12 real tokens of 17 per row
+    as_tuple = DataLoader(torch.utils.data.TensorDataset(data), batch_size=4)
+    as_dict = DataLoader([{"input_ids": r} for r in data], batch_size=4)
+    masked = DataLoader([{"input_ids": r, "attention_mask": m} for r, m in zip(data, mask)], batch_size=4)
+    counts = []
+    for loader in (as_tuple, as_dict, masked):
+        budget = TokenBudget()
+        _fit(budget, loader, _DictModule(TINY), steps=2)
+        counts.append(budget.tokens)
+    assert counts == [2 * 4 * 17, 2 * 4 * 17, 2 * 4 * 12]
+
+
+def test_tokens_fn_and_accumulation():
+    budget = TokenBudget(tokens_fn=lambda b: b[:, 1:].numel())
+    _fit(budget, DataLoader(_data(), batch_size=2), steps=3, accumulate_grad_batches=2)
+    assert budget.optimizer_steps == 3
+    assert budget.tokens == 3 * 2 * 2 * 16
+
+
+def test_non_embedding_params():
+    budget = TokenBudget(non_embedding=True)
+    trainer = _fit(budget, DataLoader(_data(), batch_size=4), steps=1)
+    assert budget.params == count_parameters(trainer.lightning_module, non_embedding=True)
+    assert budget.params < count_parameters(trainer.lightning_module)
+
+
+def test_projection_and_undertrained_warning_fires_once_mid_run():
+    budget = TokenBudget(projection_warmup_steps=2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer = _fit(budget, DataLoader(_data(64), batch_size=4), steps=8)
+    undertrained = [w for w in caught if "under the ~20x rule" in str(w.message)]
+    assert len(undertrained) == 1
+    assert "compute-optimal run is a" in str(undertrained[0].message)
+    # 8 steps x 4 x 17 tokens: the projection equals the final count.
+    assert budget.projected_tokens == pytest.approx(8 * 4 * 17)
+    assert float(trainer.callback_metrics["scaling/projected_tokens_per_param"]) == pytest.approx(
+        8 * 4 * 17 / budget.params, rel=1e-5
+    )
+    assert budget.compute_overhead > 1.0
+    assert "undertrained" in budget.warned
+
+
+def test_overtrained_is_reported_as_information(caplog):
+    # Pretend the model is tiny: 10 parameters against 544 tokens = 54 tokens per parameter.
+    budget = TokenBudget(params=10, overtrained_factor=2.0, projection_warmup_steps=1, inference_tokens=1e4)
+    with caplog.at_level("INFO"), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _fit(budget, DataLoader(_data(64), batch_size=4), steps=8)
+    assert not [w for w in caught if "under the ~20x rule" in str(w.message)]
+    assert "overtrained" in budget.warned
+    assert "inference-aware optimum" in caplog.text
+
+
+def test_state_dict_round_trip_keeps_warnings_once():
+    budget = TokenBudget(projection_warmup_steps=1)
+    _fit(budget, DataLoader(_data(), batch_size=4), steps=2)
+    restored = TokenBudget()
+    restored.load_state_dict(budget.state_dict())
+    assert restored.tokens == budget.tokens and restored.optimizer_steps == 2
+    assert restored.warned == budget.warned
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [({"tokens_per_param": 0}, "tokens_per_param"), ({"overhead_threshold": float("nan")}, "overhead_threshold"),
+     ({"tokens_fn": 3}, "tokens_fn"), ({"params": -5}, "params"), ({"inference_tokens": -1}, "inference_tokens")],
+)
+def test_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        TokenBudget(**kwargs)
+
+
+def test_uncountable_batch_warns_once_and_training_continues():
+    class FloatModule(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.layer = torch.nn.Linear(4, 1)
+
+        def training_step(self, batch, batch_idx):
+            return self.layer(batch).pow(2).mean()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    budget = TokenBudget()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer = _fit(budget, DataLoader(torch.randn(16, 4), batch_size=4), FloatModule(), steps=3)
+    assert trainer.global_step == 3
+    assert len([w for w in caught if "cannot count the tokens" in str(w.message)]) == 1
