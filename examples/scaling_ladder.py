@@ -1,8 +1,8 @@
 """A scaling ladder end to end, on the CPU in minutes: train tiny GPTs at a few compute budgets, fit a
 scaling law to their final validation losses (approaches 2 and 3), and plan the next, bigger run with it.
 
-    python examples/scaling_ladder.py            # 3 budgets x 5 sizes, a few minutes
-    python examples/scaling_ladder.py --quick    # 2 budgets x 4 sizes, well under a minute
+    python examples/scaling_ladder.py            # 3 budgets x 4 sizes, a few minutes
+    python examples/scaling_ladder.py --quick    # 2 budgets x 3 sizes, about a minute
 
 Each run logs with Lightning's CSVLogger; the TokenBudget callback writes ``scaling/tokens`` and
 ``scaling/params``, which is all ``lightning-scaling fit`` needs:
@@ -25,7 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 SEQ_LEN = 64
-BATCH = 16
+BATCH = 32
 
 
 def train_one(out: Path, budget: float, d_model: int, n_layer: int, max_bytes: int) -> None:
@@ -46,8 +46,9 @@ def train_one(out: Path, budget: float, d_model: int, n_layer: int, max_bytes: i
     steps = max(20, int(budget / (6 * n_params) / tokens_per_step))
     model = GPTLightningModule(cfg, lr=3e-3, warmup_steps=max(5, steps // 10), use_kernels=False)
     train, val = make_dataloaders(SEQ_LEN, BATCH, max_bytes=max_bytes)
-    name = f"C{budget:.0e}_d{d_model}_l{n_layer}"
-    trainer = L.Trainer(max_steps=steps, logger=CSVLogger(out / "logs", name=name), callbacks=[TokenBudget()],
+    name = f"C{budget:.1e}_d{d_model}_l{n_layer}"
+    trainer = L.Trainer(max_steps=steps, logger=CSVLogger(out / "logs", name=name),
+                        callbacks=[TokenBudget()],
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         limit_val_batches=20, num_sanity_val_steps=0, log_every_n_steps=10, accelerator="cpu",
                         devices=1, val_check_interval=None, check_val_every_n_epoch=None)
@@ -59,7 +60,7 @@ def train_one(out: Path, budget: float, d_model: int, n_layer: int, max_bytes: i
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="2 budgets x 4 tiny sizes (under a minute)")
+    parser.add_argument("--quick", action="store_true", help="2 budgets x 3 tiny sizes (about a minute)")
     parser.add_argument("--out", default="scaling_ladder_out", help="folder for logs and the fitted law")
     args = parser.parse_args(argv)
 
@@ -68,9 +69,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
     if args.quick:
-        budgets, sizes, n_layer, max_bytes = (1.5e10, 6e10), (16, 24, 32, 48), 1, 400_000
+        budgets, sizes, n_layer, max_bytes = (8e9, 2.4e10), (8, 16, 32), 1, 1_000_000
     else:
-        budgets, sizes, n_layer, max_bytes = (6e10, 2e11, 6e11), (16, 24, 32, 48, 64), 2, 2_000_000
+        budgets, sizes, n_layer, max_bytes = (2e10, 6e10, 1.8e11), (24, 32, 48, 64), 2, 4_000_000
     out = Path(args.out)
     print(f"training {len(budgets) * len(sizes)} runs: budgets {', '.join(f'{c:.1e}' for c in budgets)} FLOPs")
     for c in budgets:

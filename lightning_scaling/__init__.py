@@ -21,9 +21,17 @@ _LAZY = {
     "BESIROGLU_2024": "lightning_scaling.laws",
     "MUENNIGHOFF_2023": "lightning_scaling.laws",
     "inference_optimal": "lightning_scaling.laws",
+    "DEFAULT_LAW": "lightning_scaling.laws",
+    "get_law": "lightning_scaling.laws",
+    "load_law": "lightning_scaling.laws",
+    "plan": "lightning_scaling.planner",
     # analytic FLOPs
     "transformer_flops": "lightning_scaling.flops",
     "transformer_params": "lightning_scaling.flops",
+    "attention_flops": "lightning_scaling.flops",
+    "count_parameters": "lightning_scaling.flop_counting",
+    "measure_training_flops": "lightning_scaling.flop_counting",
+    "register_flop_formula": "lightning_scaling.flop_counting",
     # callbacks
     "FlopCounter": "lightning_scaling.callbacks",
     "TokenBudget": "lightning_scaling.callbacks",

@@ -307,9 +307,10 @@ def approach3_grid() -> np.ndarray:
     return np.stack([g.ravel() for g in grid], axis=1)
 
 
-def approach3_objective(theta: Any, params: Any, tokens: Any, loss: Any, delta: float = HUBER_DELTA
+def approach3_objective(theta: Any, params: Any, tokens: Any = None, loss: Any = None, delta: float = HUBER_DELTA
                         ) -> tuple[float, np.ndarray]:
-    """The approach-3 objective and its gradient at one θ = (a, b, e, α, β) (for scipy and benchmarks)."""
+    """The approach-3 objective and its gradient at one θ = (a, b, e, α, β) (for scipy and benchmarks).
+    ``params`` may be a :class:`ScalingPoints` (then leave ``tokens`` and ``loss`` out)."""
     pts = _points(params, tokens, loss)
     fun = _approach3_objective(np.log(pts.params), np.log(pts.tokens), np.log(pts.loss), delta)
     f, g = fun(np.asarray(theta, dtype=float).reshape(1, 5), None)

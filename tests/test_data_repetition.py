@@ -186,10 +186,11 @@ def test_stream_without_length_detected_as_repeated_by_the_sketch(recwarn):
     assert rep.distinct_fraction == pytest.approx(1 / 20, rel=0.02)
     assert rep.epochs == pytest.approx(20.0, rel=0.02)
     assert rep.projected_epochs == pytest.approx(20.0, rel=0.02)
-    # Repetition is seen once the stream cycles (after 1,000 samples = 20 steps): by step 30 at the latest
-    # (estimates every 5 steps: the first after the cycle measures some, the next one no new samples).
-    assert rep.warned["stop"] <= 30 and rep.warned["stop"] > 20
+    # The stream cycles after 1,000 samples (step 20); the first estimate after that (step 25, estimates
+    # every 5 steps) finds no new distinct samples, so the projection jumps from 1 to 20 epochs there.
+    assert rep.warned == {"warn": 25, "stop": 25}
     assert len(_messages(recwarn, "past 16 epochs")) == 1
+    assert _messages(recwarn, "past 4 epochs") == []
 
 
 def test_fresh_stream_is_one_epoch_and_never_warns(recwarn):
@@ -311,3 +312,21 @@ def test_bookkeeping_failure_warns_and_training_continues(recwarn):
     assert trainer.global_step == 8
     assert not rep.enabled and rep.epochs is None
     assert len(_messages(recwarn, "cannot count the tokens")) == 1
+
+
+class BrokenLaw:
+    """Looks like a DataConstrainedLaw but fails: our bookkeeping error must not stop the user's run."""
+
+    def effective_tokens(self, tokens, unique_tokens):
+        raise RuntimeError("boom")
+
+    repetition_value = compute_optimal = effective_tokens
+
+
+def test_internal_error_warns_once_and_training_continues(recwarn):
+    rep = DataRepetition(law=BrokenLaw())
+    trainer = _fit(rep, Samples(40), max_epochs=3)
+    assert trainer.global_step == 12
+    assert not rep.enabled
+    switched_off = _messages(recwarn, "switched off after an error")
+    assert len(switched_off) == 1 and "boom" in switched_off[0]

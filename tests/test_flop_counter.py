@@ -248,3 +248,14 @@ def test_no_mismatch_warning_for_the_example_shape():
         warnings.simplefilter("always")
         _fit(counter, steps=2)
     assert not [w for w in caught if "analytic count" in str(w.message)]
+
+
+def test_shapes_beyond_the_limit_are_estimated_per_token(monkeypatch):
+    import lightning_scaling.callbacks.flop_counter as fc
+
+    monkeypatch.setattr(fc, "_MAX_SIGNATURES", 1)
+    counter = FlopCounter()
+    _fit(counter, DataLoader(_VariableLength(), batch_size=4), steps=4)
+    short, long = sorted(f for f, _ in counter._cache.values())
+    assert long == int(short * (4 * 17) / (4 * 9))  # estimated from the measured shape, per token
+    assert counter.total_flops == 2 * short + 2 * long

@@ -122,6 +122,7 @@ class DataRepetition(Callback):
         self.distinct: float | None = None  # distinct samples seen (sketch estimate)
         self.fresh_rate: float | None = None  # new distinct samples per sample, between the last two estimates
         self._snapshot: tuple[int, float] | None = None  # (samples, distinct) at the last estimate
+        self._estimate_step = 0  # global step of the last sketch estimate
         self._loaded_registers: torch.Tensor | None = None
         # per-step scratch (this rank): tokens, samples, batches whose tokens/samples could not be counted,
         # batches the sketch failed on
@@ -213,8 +214,9 @@ class DataRepetition(Callback):
             return
         if self._sketch is not None:
             every = self.sketch_every_n_steps or max(int(getattr(trainer, "log_every_n_steps", 50) or 50), 1)
-            if self.distinct is None or trainer.global_step % every == 0:
+            if self.distinct is None or trainer.global_step // every > self._estimate_step // every:
                 self._estimate_distinct()
+                self._estimate_step = trainer.global_step
         self._update()
         self._check_warnings(trainer)
         self._log(pl_module)
@@ -242,6 +244,7 @@ class DataRepetition(Callback):
             "distinct": self.distinct,
             "fresh_rate": self.fresh_rate,
             "snapshot": None if self._snapshot is None else list(self._snapshot),
+            "estimate_step": self._estimate_step,
             "registers": registers,
         }
 
@@ -254,6 +257,7 @@ class DataRepetition(Callback):
         self.fresh_rate = state_dict.get("fresh_rate")
         snapshot = state_dict.get("snapshot")
         self._snapshot = None if snapshot is None else (int(snapshot[0]), float(snapshot[1]))
+        self._estimate_step = int(state_dict.get("estimate_step", 0))
         registers = state_dict.get("registers")
         self._loaded_registers = None if registers is None else registers.detach().cpu().to(torch.uint8).clone()
         # the warnings already given stay given
@@ -287,6 +291,7 @@ class DataRepetition(Callback):
 
     def _reset_sketch_state(self) -> None:
         self.distinct = self.fresh_rate = self._snapshot = None
+        self._estimate_step = 0
 
     def _flush(self, trainer: Trainer, advanced: int) -> bool:
         """Add this step's deltas, summed over ranks with one all-reduce; max-reduce the sketch registers.
@@ -317,16 +322,16 @@ class DataRepetition(Callback):
     def _estimate_distinct(self) -> None:
         if self._sketch is None or self.samples <= 0:
             return
-        distinct = min(self._sketch.estimate(), float(self.samples))
+        estimate = self._sketch.estimate()  # unclamped, so that successive estimates compare like with like
         if self._snapshot is None:
-            rate = distinct / self.samples
+            rate = estimate / self.samples
         elif self.samples > self._snapshot[0]:
-            rate = (distinct - self._snapshot[1]) / (self.samples - self._snapshot[0])
+            rate = (estimate - self._snapshot[1]) / (self.samples - self._snapshot[0])
         else:
             rate = self.fresh_rate if self.fresh_rate is not None else 1.0
         self.fresh_rate = min(max(rate, 0.0), 1.0)
-        self._snapshot = (self.samples, distinct)
-        self.distinct = distinct
+        self._snapshot = (self.samples, estimate)
+        self.distinct = min(estimate, float(self.samples))
 
     def _update(self) -> None:
         if self.tokens <= 0 or (self.samples <= 0 and self.unique_tokens_arg is None):
@@ -398,7 +403,7 @@ class DataRepetition(Callback):
                 )
             except Exception:  # noqa: BLE001 - the advice is optional, the warning is not
                 pass
-        return text + " Add unique data, or train a larger model for fewer epochs / stop earlier."
+        return text + " To do better: add unique data, or move the model size toward that optimum."
 
     def _log(self, pl_module: LightningModule) -> None:
         metrics = {

@@ -21,6 +21,7 @@ from lightning_scaling.callbacks._common import (
 from lightning_scaling.callbacks._model_shape import ModelShape, find_model_shape
 
 _MAX_SIGNATURES = 64
+_SHARDED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy", "XLAFSDPStrategy")
 
 
 class FlopCounter(Callback):
@@ -72,7 +73,10 @@ class FlopCounter(Callback):
         self._warn = WarnOnce("FlopCounter")
         # cache: batch signature -> (model FLOPs, hardware FLOPs) of one micro-batch on this rank
         self._cache: dict[tuple, tuple[int, int]] = {}
+        self._cache_tokens: dict[int, tuple[int, int]] = {}  # token count of a measured shape -> its FLOPs
         self._counting_failed = False
+        self._sharded = False
+        self._estimating = False
         self._shape: ModelShape | None = None
         self._peak_total: float | None = None
         # checkpointed counters (global over ranks)
@@ -97,6 +101,9 @@ class FlopCounter(Callback):
     @guarded
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._shape = find_model_shape(pl_module, self.model_shape_arg)
+        # Under sharded strategies the counting pass runs collectives (parameter all-gathers), so every rank
+        # must run it together: only for the first batch, which all ranks see at once.
+        self._sharded = type(trainer.strategy).__name__ in _SHARDED_STRATEGIES
         peak = self.peak_flops_override
         if peak is None:
             from lightning_scaling.hardware import device_peak_flops
@@ -124,14 +131,10 @@ class FlopCounter(Callback):
             self._add_analytic(batch)
             return
         if signature not in self._cache:
-            if len(self._cache) < _MAX_SIGNATURES:
-                self._cache[signature] = cached
-            else:
-                self._warn.info(
-                    "many-shapes",
-                    f"more than {_MAX_SIGNATURES} batch shapes seen; new shapes are counted but not cached. "
-                    "Bucket sequence lengths to avoid the counting passes.",
-                )
+            self._cache[signature] = cached
+            tokens = _first_tensor(batch)
+            if tokens is not None and not self._estimating:
+                self._cache_tokens.setdefault(max(int(tokens.numel()), 1), cached)
         model_flops, hardware_flops = cached
         self._step_flops += model_flops
         self._step_hardware += hardware_flops
@@ -222,6 +225,24 @@ class FlopCounter(Callback):
             "optimizer_steps": self.optimizer_steps,
         }
 
+    def _scaled_from_cache(self, batch: Any) -> tuple[int, int] | None:
+        """Estimate a new shape's FLOPs from the measured one with the closest token count, per token."""
+        tokens = _first_tensor(batch)
+        if tokens is None:
+            return None
+        self._estimating = True
+        self._warn.info(
+            "estimate",
+            "new batch shapes are now estimated per token from the measured ones: under a sharded strategy a "
+            f"counting pass on one rank alone would deadlock the others; otherwise {_MAX_SIGNATURES} shapes "
+            "have been measured already (bucket sequence lengths to measure them all).",
+        )
+        numel = max(int(tokens.numel()), 1)
+        (model, hardware), measured = min(
+            ((flops, n) for n, flops in self._cache_tokens.items()), key=lambda item: abs(item[1] - numel)
+        )
+        return int(model * numel / measured), int(hardware * numel / measured)
+
     def _add_analytic(self, batch: Any) -> None:
         if self._shape is None:
             return
@@ -259,6 +280,8 @@ class FlopCounter(Callback):
                 "Pass model_shape= to log the analytic count instead.",
             )
             return None
+        if self._cache and (self._sharded or len(self._cache) >= _MAX_SIGNATURES):
+            return self._scaled_from_cache(batch)
         started = time.perf_counter()
         try:
             forward, backward = _counting_pass(trainer, pl_module, batch, batch_idx, self.causal_attention)

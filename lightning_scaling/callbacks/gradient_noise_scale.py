@@ -38,7 +38,7 @@ class GradientNoiseScale(Callback):
       the big one the optimizer step's gradient (k·b samples). Costs one norm per parameter per micro-batch.
     * DDP (``world_size = R > 1``): each rank's local gradient (hooks, before the all-reduce) against the
       all-reduced ``.grad`` (R·b samples); with accumulation too, R·k micro-batches against R·k·b samples. One
-      all-reduce of 5 numbers per optimizer step.
+      all-reduce of 6 numbers per optimizer step.
     * neither: every ``every_n_steps`` optimizer steps the batch is split in two and the loss of the first half
       is recomputed for one extra gradient (``training_step`` on half the batch, its ``self.log`` calls
       silenced). That costs about a half forward+backward, i.e. ~``1/(2·every_n_steps)`` of training compute
