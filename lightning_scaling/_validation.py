@@ -7,12 +7,14 @@ from typing import Any
 
 import numpy as np
 
+MAX_INT = 2**53  # the largest whole number every float holds exactly
+
 
 def positive_array(name: str, value: Any) -> np.ndarray:
     """Return ``value`` as a float array after checking every element is finite and > 0."""
     try:
         arr = np.asarray(value, dtype=float)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise ValueError(f"{name} must be a positive number or an array of them, got {value!r}") from None
     if arr.size == 0:
         raise ValueError(f"{name} must not be empty")
@@ -29,8 +31,8 @@ def positive_float(name: str, value: Any) -> float:
         raise ValueError(f"{name} must be a positive number, got {value!r}")
     try:
         out = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a positive number, got {value!r}") from None
+    except (TypeError, ValueError, OverflowError):
+        raise ValueError(f"{name} must be a finite positive number, got {value!r}") from None
     if not math.isfinite(out) or out <= 0:
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
     return out
@@ -42,8 +44,8 @@ def non_negative_float(name: str, value: Any) -> float:
         raise ValueError(f"{name} must be a non-negative number, got {value!r}")
     try:
         out = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a non-negative number, got {value!r}") from None
+    except (TypeError, ValueError, OverflowError):
+        raise ValueError(f"{name} must be a finite non-negative number, got {value!r}") from None
     if not math.isfinite(out) or out < 0:
         raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
     return out
@@ -56,8 +58,8 @@ def positive_int(name: str, value: Any) -> int:
             value = int(value)
         else:
             raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")
-    if value < 1:
-        raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")
+    if value < 1 or value > MAX_INT:
+        raise ValueError(f"{name} must be a whole number from 1 to 2**53, got {value!r}")
     return int(value)
 
 

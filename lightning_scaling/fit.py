@@ -431,6 +431,9 @@ def fit_approach3(params: Any, tokens: Any = None, loss: Any = None, *, flops: A
     if alpha <= 0 or beta <= 0:
         raise ValueError(f"approach 3 found no decreasing law (alpha={alpha:.3g}, beta={beta:.3g}); the runs "
                          "do not show loss falling with both params and tokens")
+    if max(a_, b_, e_) > 700 or min(a_, b_, e_) < -700:
+        raise ValueError(f"approach 3 diverged (log A={a_:.3g}, log B={b_:.3g}, log E={e_:.3g}): the runs do not "
+                         "constrain the law; add runs that vary params and tokens more widely")
     law = ChinchillaLaw(E=math.exp(e_), A=math.exp(a_), B=math.exp(b_), alpha=alpha, beta=beta, name=name)
     r = _chinchilla_log_residuals(theta.reshape(1, 5), log_n, log_d, log_l)[0]
     parameters = {"E": law.E, "A": law.A, "B": law.B, "alpha": alpha, "beta": beta}

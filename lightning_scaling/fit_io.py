@@ -50,7 +50,7 @@ def _pick(header: Sequence[str], wanted: str | None, candidates: Sequence[str], 
 def _number(text: str, column: str, line: int, path: Path) -> float:
     try:
         value = float(text)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise ValueError(f"{path}, line {line}: column {column!r} holds {text!r}, not a number") from None
     if not math.isfinite(value) or value <= 0:
         raise ValueError(f"{path}, line {line}: column {column!r} must be a finite number > 0, got {text!r}")

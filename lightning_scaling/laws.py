@@ -118,8 +118,15 @@ class ChinchillaLaw:
     # --- frontier constants --------------------------------------------------------------------------
     @property
     def G(self) -> float:
-        """G = (alpha·A/(beta·B))^(1/(alpha+beta)) (Hoffmann 2022, eq. 4)."""
-        return (self.alpha * self.A / (self.beta * self.B)) ** (1.0 / (self.alpha + self.beta))
+        """G = (alpha·A/(beta·B))^(1/(alpha+beta)) (Hoffmann 2022, eq. 4); may overflow: prefer ``log_G``."""
+        return math.exp(self.log_G)
+
+    @property
+    def log_G(self) -> float:
+        """log G, computed in logs so that any valid constants give a finite value (Hoffmann 2022, eq. 4)."""
+        return (math.log(self.alpha) + math.log(self.A) - math.log(self.beta) - math.log(self.B)) / (
+            self.alpha + self.beta
+        )
 
     @property
     def params_exponent(self) -> float:
@@ -153,17 +160,17 @@ class ChinchillaLaw:
         c = positive_array("flops", flops)
         # Hoffmann 2022, eq. 4: N_opt = G·(C/6)^a, D_opt = G⁻¹·(C/6)^b
         log_c6 = np.log(c) - math.log(6.0)
-        n = np.exp(math.log(self.G) + self.params_exponent * log_c6)
-        d = np.exp(self.tokens_exponent * log_c6 - math.log(self.G))
+        n = np.exp(self.log_G + self.params_exponent * log_c6)
+        d = np.exp(self.tokens_exponent * log_c6 - self.log_G)
         return _allocation(n, d, self._loss(n, d), "flops")
 
     def _tokens_on_frontier(self, n: np.ndarray) -> np.ndarray:
         # eq. 4 optimum ⇔ α·A/N^α = β·B/D^β (stationarity of L on C = 6ND; Hoffmann 2022, App. D.2)
-        return np.exp((math.log(self.beta * self.B / (self.alpha * self.A)) + self.alpha * np.log(n)) / self.beta)
+        return np.exp((-(self.alpha + self.beta) * self.log_G + self.alpha * np.log(n)) / self.beta)
 
     def _params_on_frontier(self, d: np.ndarray) -> np.ndarray:
         # same stationarity condition as above, solved for N
-        return np.exp((math.log(self.alpha * self.A / (self.beta * self.B)) + self.beta * np.log(d)) / self.alpha)
+        return np.exp(((self.alpha + self.beta) * self.log_G + self.beta * np.log(d)) / self.alpha)
 
     @_no_overflow_warnings
     def optimal_for_params(self, params: ArrayLike) -> Allocation:
@@ -427,7 +434,7 @@ class DataConstrainedLaw:
         A vectorised 1-D search along each iso-FLOP line (log-spaced grid, then repeated zooming)."""
         c, u = _broadcast(flops=positive_array("flops", flops), unique_tokens=positive_array("unique_tokens", unique_tokens))
         base = self.base_law
-        log_n0 = math.log(base.G) + base.params_exponent * (np.log(c) - math.log(6.0))  # eq. 4 optimum (Hoffmann 2022)
+        log_n0 = base.log_G + base.params_exponent * (np.log(c) - math.log(6.0))  # eq. 4 optimum (Hoffmann 2022)
         log_c6 = np.log(c) - math.log(6.0)
         # repetition only ever moves the optimum to smaller N; stay clear of float underflow
         lo, hi = np.maximum(log_n0 - 30.0, -700.0), np.maximum(log_n0 + 8.0, -690.0)
@@ -471,7 +478,7 @@ def inference_optimal(law: ChinchillaLaw, loss: ArrayLike, inference_tokens: Arr
     target = law._check_target(loss)
     try:
         t = np.asarray(inference_tokens, dtype=float)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise ValueError(f"inference_tokens must be a number >= 0 or an array of them, got {inference_tokens!r}") from None
     if t.size == 0 or not np.all(np.isfinite(t)) or not np.all(t >= 0):
         raise ValueError(f"inference_tokens must be finite and >= 0, got {inference_tokens!r}")

@@ -131,6 +131,10 @@ def test_split_batch_without_accumulation_matches_truth() -> None:
     assert cb.mode == "split"
     assert_on_truth(cb, 100)
     assert all(row[2:] == (32, 64) for row in cb.estimator.measurements)
+    # the same samples as accumulation of two micro-batches of 32: the halves' algebra gives the same numbers
+    acc, _ = run_linear(steps=100, accumulate=2, micro=32)
+    for split_row, acc_row in zip(cb.estimator.measurements, acc.estimator.measurements):
+        assert split_row == pytest.approx(acc_row, rel=1e-4)
     # the extra forward's self.log was silenced: the logged loss is the full batch's, and not overwritten
     assert "train/loss" in t.callback_metrics
 

@@ -100,6 +100,8 @@ def call(fn, *names):
 
 @FUZZ
 @given(params=weird_numbers, tokens=weird_numbers)
+# a Python int beyond 1e308: np.asarray(value, dtype=float) raises OverflowError in _validation.positive_array
+@example(params=1e9, tokens=10**400)
 def test_chinchilla_loss_and_overhead_reject_or_stay_finite(params, tokens):
     for law in (HOFFMANN_2022, BESIROGLU_2024):
         loss = call(lambda: law.loss(params, tokens), "params", "tokens")
@@ -190,6 +192,17 @@ def test_inference_optimal_rejects_or_gives_no_nan(loss, inference):
         assert result.params > 0 and result.tokens > 0
 
 
+@pytest.mark.parametrize("call_it", [
+    lambda: BESIROGLU_2024.loss(10**400, 1e9),
+    lambda: BESIROGLU_2024.compute_optimal(10**400),
+    lambda: DataConstrainedLaw().effective_tokens(1e9, 10**400),
+    lambda: ChinchillaLaw(E=10**400, A=1, B=1, alpha=0.3, beta=0.3),
+])
+def test_huge_python_ints_are_rejected_by_name_not_overflow_error(call_it):
+    with pytest.raises(ValueError, match="params|flops|unique_tokens|E"):
+        call_it()
+
+
 def test_inference_optimal_rejects_a_law_that_is_not_one():
     with pytest.raises(ValueError, match="law"):
         inference_optimal("hoffmann", 2.5, 1e12)
@@ -241,6 +254,8 @@ constructor_cases = st.sampled_from([(cls, arg) for cls, args in CONSTRUCTORS.it
 
 @FUZZ
 @given(case=constructor_cases, value=weird_numbers)
+@example(case=(FlopCounter, "peak_flops"), value=10**400)  # float(10**400): OverflowError in positive_float
+@example(case=(FlopCounter, "window"), value=2**63)  # deque(maxlen=2**63): OverflowError
 def test_callback_constructors_reject_bad_values_by_name(case, value):
     cls, arg = case
     try:
@@ -269,11 +284,17 @@ def test_flop_counter_rejects_an_impossible_model_shape_at_construction(bad):
         FlopCounter(model_shape=bad)
 
 
-@pytest.mark.parametrize("law", ["hoffmann", 3.0, object()])
+@pytest.mark.parametrize("law", ["hoffman", 3.0, object()])
 def test_token_budget_rejects_a_law_that_is_not_one(law):
-    # Accepted now, it fails at the first projection (law.compute_overhead) and switches TokenBudget off.
+    # Accepted, it would fail at the first projection (law.compute_overhead) and switch TokenBudget off.
     with pytest.raises(ValueError, match="law"):
         TokenBudget(law=law)
+
+
+def test_token_budget_takes_a_preset_name():
+    from lightning_scaling.laws import HOFFMANN_2022
+
+    assert TokenBudget(law="hoffmann").law is HOFFMANN_2022
 
 
 @pytest.mark.parametrize("part", ["flops", "tokens", "noise_scale", "repetition"])

@@ -44,8 +44,11 @@ def test_report_written_with_every_part(tmp_path):
     assert report["flops"]["flops"] > 0 and report["flops"]["optimizer_steps"] == 6
     assert report["repetition"]["epochs"] == pytest.approx(6 * 2 * 4 / 64)
     m = trainer.callback_metrics
-    for name in ("scaling/flops", "scaling/tokens", "scaling/tokens_per_param", "scaling/epochs", "scaling/gns"):
+    for name in ("scaling/flops", "scaling/tokens", "scaling/tokens_per_param", "scaling/epochs",
+                 "scaling/batch_size", "scaling/grad_sq"):
         assert name in m, name
+    assert float(m["scaling/batch_size"]) == 2 * 4
+    assert report["noise_scale"]["measurements"] == 6
     assert set(monitor.state_dict()) == {"flops", "tokens", "noise_scale", "repetition"}
 
 

@@ -29,6 +29,18 @@ class ModelShape:
     d_ff: int | None = None
     gated_mlp: bool = False
 
+    def __post_init__(self) -> None:
+        from lightning_scaling._validation import positive_int
+
+        for name in ("n_layer", "d_model", "n_head", "vocab_size", "seq_len"):
+            positive_int(f"model_shape.{name}", getattr(self, name))
+        if self.d_ff is not None:
+            positive_int("model_shape.d_ff", self.d_ff)
+        if self.d_model % self.n_head:
+            raise ValueError(
+                f"model_shape.d_model must be divisible by model_shape.n_head, got {self.d_model} and {self.n_head}"
+            )
+
     def training_flops_per_sequence(
         self, causal_attention: str = "half", seq_len: int | None = None, convention: str = "chinchilla"
     ) -> float:
@@ -98,7 +110,10 @@ def find_model_shape(pl_module: Any, explicit: Any = None) -> ModelShape | None:
         getattr(pl_module, "hparams", None),
     ]
     for candidate in candidates:
-        shape = shape_from(candidate)
+        try:
+            shape = shape_from(candidate)
+        except ValueError:  # a config that is not a transformer's: no analytic count
+            continue
         if shape is not None:
             return shape
     return None

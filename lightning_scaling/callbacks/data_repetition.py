@@ -424,11 +424,20 @@ def _dataset_length(loader: Any) -> int | None:
     dataset = getattr(loader, "dataset", None) if isinstance(loader, DataLoader) else None
     if dataset is None or isinstance(dataset, IterableDataset):
         return None
+    rows_per_item = 1
+    if loader.batch_size is None and loader.batch_sampler is None:
+        # batch_size=None: each item is already a batch, so len(dataset) counts batches, not samples
+        try:
+            rows_per_item = count_samples(dataset[0]) or 0
+        except Exception:  # noqa: BLE001 - cannot look inside: let the sketch estimate instead
+            return None
+        if rows_per_item <= 0:
+            return None
     try:
         length = len(dataset)
     except (TypeError, NotImplementedError):
         return None
-    return int(length) if length > 0 else None
+    return int(length) * rows_per_item if length > 0 else None
 
 
 def _fmt(value: float | None) -> str:

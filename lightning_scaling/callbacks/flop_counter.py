@@ -117,6 +117,10 @@ class FlopCounter(Callback):
                     "Pass FlopCounter(peak_flops=...) to set it.",
                 )
         self._peak_total = None if peak is None else peak * trainer.world_size
+
+    @guarded
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # Not in on_fit_start: Lightning restores global_step from a checkpoint between the two.
         self._last_global_step = trainer.global_step
 
     @guarded

@@ -94,7 +94,7 @@ class GradientNoiseScale(Callback):
         loss_key: str = "train/loss",
     ) -> None:
         self.estimator = NoiseScaleEstimator(fraction("ema_decay", ema_decay, inclusive_high=False))
-        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
+        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or not 0 <= warmup_steps <= 2**53:
             raise ValueError(f"warmup_steps must be a whole number >= 0, got {warmup_steps!r}")
         self.warmup_steps = warmup_steps
         self.every_n_steps = positive_int("every_n_steps", every_n_steps)
@@ -145,6 +145,23 @@ class GradientNoiseScale(Callback):
     def tokens_per_sample(self) -> float:
         return self.batch_tokens / self.batch_size if self.batch_size > 0 else math.nan
 
+    def summary(self) -> dict[str, Any]:
+        """The numbers for the end-of-fit report (B_simple in samples and tokens, the batch in use)."""
+        est = self.estimate()
+        return {
+            "gns": est.b_simple,
+            "gns_stderr": est.stderr,
+            "gns_tokens": est.b_simple * self.tokens_per_sample,
+            "batch_size": self.batch_size,
+            "batch_tokens": self.batch_tokens,
+            "batch_over_gns": self.batch_size / est.b_simple if est.b_simple > 0 else math.nan,
+            "grad_sq": est.grad_sq,
+            "grad_trace_cov": est.trace_cov,
+            "measurements": est.measurements,
+            "skipped_nonfinite": self.skipped_nonfinite,
+            "mode": self.mode,
+        }
+
     # ----------------------------------------------------------------------------------------------------------
     # hooks, in the order Lightning runs them
     @guarded
@@ -186,7 +203,11 @@ class GradientNoiseScale(Callback):
         if self.mode == "off":
             return
         samples = count_samples(batch)
-        if not samples:
+        if samples == 0:  # an empty batch: nothing to measure in this micro-batch
+            self._pending = None
+            self._collecting = False
+            return
+        if samples is None:
             self._step_aside("cannot count the samples in a batch (no tensor with a leading batch dimension); "
                              "stepping aside.")
             return

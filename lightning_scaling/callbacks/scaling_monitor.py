@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
@@ -81,21 +82,16 @@ class ScalingMonitor(Callback):
         from lightning_scaling.callbacks.gradient_noise_scale import GradientNoiseScale
         from lightning_scaling.callbacks.token_budget import TokenBudget
 
+        shared = {
+            "flops": (FlopCounter, flops, {"peak_flops": peak_flops, "causal_attention": causal_attention}),
+            "tokens": (TokenBudget, tokens, {"tokens_fn": tokens_fn, "law": law, "inference_tokens": inference_tokens}),
+            "noise_scale": (GradientNoiseScale, noise_scale, {"tokens_fn": tokens_fn}),
+            "repetition": (DataRepetition, repetition, {"tokens_fn": tokens_fn, "unique_tokens": unique_tokens}),
+        }
         self.parts: dict[str, Callback] = {}
-        if flops is not False:
-            self.parts["flops"] = FlopCounter(
-                **{"peak_flops": peak_flops, "causal_attention": causal_attention, **_options("flops", flops)}
-            )
-        if tokens is not False:
-            self.parts["tokens"] = TokenBudget(
-                **{"tokens_fn": tokens_fn, "law": law, "inference_tokens": inference_tokens, **_options("tokens", tokens)}
-            )
-        if noise_scale is not False:
-            self.parts["noise_scale"] = GradientNoiseScale(**{"tokens_fn": tokens_fn, **_options("noise_scale", noise_scale)})
-        if repetition is not False:
-            self.parts["repetition"] = DataRepetition(
-                **{"tokens_fn": tokens_fn, "unique_tokens": unique_tokens, **_options("repetition", repetition)}
-            )
+        for name, (cls, options, defaults) in shared.items():
+            if options is not False:
+                self.parts[name] = cls(**{**defaults, **_options(name, options, cls)})
         self.report_enabled = bool(report)
         self.report: dict[str, Any] | None = None
         self.report_path: str | None = None
@@ -153,12 +149,17 @@ class ScalingMonitor(Callback):
             rank_zero_info(f"ScalingMonitor: could not write {REPORT_FILE} to {directory}: {err}")
 
 
-def _options(name: str, value: dict[str, Any] | bool) -> dict[str, Any]:
+def _options(name: str, value: dict[str, Any] | bool, cls: type) -> dict[str, Any]:
+    """The keyword arguments for one part, checked against its constructor."""
     if value is True:
         return {}
-    if isinstance(value, dict):
-        return value
-    raise ValueError(f"{name} must be True, False or a dict of keyword arguments, got {value!r}")
+    if not isinstance(value, dict):
+        raise ValueError(f"{name} must be True, False or a dict of keyword arguments, got {value!r}")
+    allowed = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+    unknown = sorted(set(value) - set(allowed))
+    if unknown:
+        raise ValueError(f"{name} has no option {', '.join(map(repr, unknown))}; {cls.__name__} takes {', '.join(allowed)}")
+    return value
 
 
 def _forward(hook: str) -> Any:

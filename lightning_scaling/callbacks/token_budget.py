@@ -73,7 +73,7 @@ class TokenBudget(Callback):
             raise ValueError(f"tokens_fn must be a callable taking a batch, got {tokens_fn!r}")
         self.tokens_fn = tokens_fn
         self.non_embedding = bool(non_embedding)
-        self.law = law
+        self.law = _resolve_law(law)
         self.tokens_per_param = positive_float("tokens_per_param", tokens_per_param)
         self.overhead_threshold = non_negative_float("overhead_threshold", overhead_threshold)
         self.overtrained_factor = positive_float("overtrained_factor", overtrained_factor)
@@ -113,12 +113,13 @@ class TokenBudget(Callback):
             from lightning_scaling.laws import DEFAULT_LAW
 
             self.law = DEFAULT_LAW
-        self._last_global_step = trainer.global_step
         for key in self.warned:
             self._warn.seen.add(key)
 
     @guarded
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # Not in on_fit_start: Lightning restores global_step from a checkpoint between the two.
+        self._last_global_step = trainer.global_step
         self._fit_start_tokens = self.tokens
         self._fit_start_steps = trainer.global_step
         self._fit_start_time = time.perf_counter()
@@ -126,7 +127,14 @@ class TokenBudget(Callback):
 
     @guarded
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
-        tokens = count_tokens(batch, self.tokens_fn)
+        try:
+            tokens = count_tokens(batch, self.tokens_fn)
+        except Exception as err:  # noqa: BLE001 - the user's tokens_fn failed: say so, count nothing
+            self._warn.warn(
+                "tokens-fn-failed",
+                f"tokens_fn raised {type(err).__name__}: {err}; tokens of such batches are not counted.",
+            )
+            return
         if tokens is None:
             self._warn.warn(
                 "uncountable",
@@ -297,6 +305,22 @@ class TokenBudget(Callback):
         if not per_sample or not batch_size:
             return None
         return float(per_sample * batch_size * trainer.accumulate_grad_batches * trainer.world_size)
+
+
+def _resolve_law(law: Any) -> Any:
+    """A law object, a preset name ("hoffmann", "epoch", "muennighoff") or None (the default law)."""
+    if law is None:
+        return None
+    if isinstance(law, str):
+        from lightning_scaling.laws import get_law
+
+        return get_law(law)
+    if not all(callable(getattr(law, name, None)) for name in ("loss", "compute_optimal", "compute_overhead")):
+        raise ValueError(
+            f"law must be a ChinchillaLaw (a preset such as lightning_scaling.laws.DEFAULT_LAW, a name such as "
+            f"'epoch', or a fitted law from load_law), got {law!r}"
+        )
+    return law
 
 
 def _fmt(x: float) -> str:

@@ -1,0 +1,355 @@
+"""Reliability, distributed and resume (issue 8).
+
+2-process DDP on CPU (gloo): totals equal a 1-process run with the same global batch, with and without
+gradient accumulation, identical on every rank, and each of our warnings printed once, not once per rank.
+FSDP: Lightning's FSDPStrategy (FSDP1) refuses the CPU, so fully-sharded training runs as FSDP2
+(``fully_shard``) under Lightning's ModelParallelStrategy on CPU/gloo: parameters counted from full shapes,
+FLOPs and tokens right, and GradientNoiseScale steps aside with exactly one warning.
+Resume: a run stopped mid-epoch and resumed from its checkpoint ends with the counters, effective data and
+noise-scale state of an uninterrupted run; a checkpoint written without our callbacks resumes with them.
+
+The distributed runs share one subprocess (``python script.py``: Lightning's subprocess launcher starts the
+second rank), so the cost of starting processes is paid once and each run's stderr can be read whole.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+import warnings
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from gpt import GPTConfig, GPTLightningModule
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch.utils.data import DataLoader
+
+from lightning_scaling.callbacks import ScalingMonitor
+from lightning_scaling.flop_counting import count_parameters
+
+TINY = GPTConfig(n_layer=1, d_model=32, n_head=2, seq_len=16, d_ff=64)
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+UNDERTRAINED = "TokenBudget: this run is projected to end at"
+GNS_ASIDE = "GradientNoiseScale: ModelParallelStrategy does not expose"
+
+
+def target_tokens(batch):
+    return batch[:, 1:].numel()
+
+
+def _data(n=64, seq=17):
+    return torch.randint(0, 256, (n, seq), generator=torch.Generator().manual_seed(0))
+
+
+def _trainer(tmp_path, callbacks, steps, **kwargs):
+    opts = dict(
+        max_steps=steps, default_root_dir=tmp_path, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, accelerator="cpu", devices=1,
+    )
+    opts.update(kwargs)
+    return L.Trainer(callbacks=callbacks, **opts)
+
+
+# --------------------------------------------------------------------------------------- the 2-rank script
+
+SCRIPT = textwrap.dedent('''
+    import json, os, sys
+    import lightning as L, torch
+    from torch.utils.data import DataLoader
+    from gpt import GPT, GPTConfig, GPTLightningModule
+    from lightning.pytorch.strategies import ModelParallelStrategy
+    from lightning_scaling.callbacks import ScalingMonitor
+
+    TINY = GPTConfig(n_layer=1, d_model=32, n_head=2, seq_len=16, d_ff=64)
+    OUT = sys.argv[1]
+    RANK0 = os.environ.get("LOCAL_RANK", "0") == "0"
+    data = torch.randint(0, 256, (64, 17), generator=torch.Generator().manual_seed(0))
+
+    def target_tokens(batch):
+        return batch[:, 1:].numel()
+
+    def shard(module, mesh):
+        from torch.distributed.fsdp import fully_shard
+        for block in module.blocks:
+            fully_shard(block, mesh=mesh)
+        fully_shard(module, mesh=mesh)
+
+    class ShardedGPT(GPTLightningModule):
+        """Built whole in __init__, sharded with FSDP2 in configure_model."""
+        def configure_model(self):
+            shard(self.model, self.device_mesh["data_parallel"])
+
+    class LazyShardedGPT(GPTLightningModule):
+        """Layers built in configure_model (the FSDP way for big models): nothing to count at setup."""
+        def __init__(self, config):
+            super().__init__(config)
+            del self.model
+        def configure_model(self):
+            if not hasattr(self, "model"):
+                self.model = GPT(self.config, use_kernels=False)
+                shard(self.model, self.device_mesh["data_parallel"])
+
+    def run(name, module, strategy, batch_size, steps, accumulate=1):
+        if RANK0:
+            print(f"=== begin {name} ===", file=sys.stderr, flush=True)
+        monitor = ScalingMonitor(tokens_fn=target_tokens, noise_scale={"warmup_steps": 0})
+        trainer = L.Trainer(callbacks=[monitor], max_steps=steps, accumulate_grad_batches=accumulate,
+                            strategy=strategy, accelerator="cpu", devices=2, logger=False,
+                            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                            limit_val_batches=0, default_root_dir=os.path.join(os.path.dirname(OUT), name))
+        trainer.fit(module, DataLoader(data, batch_size=batch_size, shuffle=False))
+        local = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in module.parameters())
+        result = {
+            "metrics": {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("scaling/")},
+            "state": monitor.state_dict(),
+            "params": monitor.tokens.params,
+            "repetition": monitor.repetition.summary(),
+            "gns_enabled": monitor.noise_scale.enabled,
+            "gns_mode": monitor.noise_scale.mode,
+            "gns_count": monitor.noise_scale.estimator.count,
+            "local_params": local,
+            "world_size": trainer.world_size,
+        }
+        torch.distributed.barrier()
+        if RANK0:
+            print(f"=== end {name} ===", file=sys.stderr, flush=True)
+        return result
+
+    results = {
+        "ddp": run("ddp", GPTLightningModule(TINY), "ddp", 4, 4),
+        "ddp_accumulate": run("ddp_accumulate", GPTLightningModule(TINY), "ddp", 2, 4, accumulate=2),
+    }
+    fsdp = lambda: ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1, process_group_backend="gloo")
+    results["fsdp2"] = run("fsdp2", ShardedGPT(TINY), fsdp(), 4, 4)
+    results["fsdp2_lazy"] = run("fsdp2_lazy", LazyShardedGPT(TINY), fsdp(), 4, 4)
+    rank = torch.distributed.get_rank()
+    with open(f"{OUT}.rank{rank}.json", "w") as fh:
+        json.dump(results, fh, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o))
+''')
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    """Run the four 2-rank trainings once; returns (results per rank, stderr split per run)."""
+    tmp = tmp_path_factory.mktemp("two_ranks")
+    script = tmp / "two_ranks.py"
+    script.write_text(SCRIPT)
+    out = tmp / "results"
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(EXAMPLES), env.get("PYTHONPATH", "")])
+    env["PYTHONWARNINGS"] = "always"  # Python would hide a repeated identical warning: show every one
+    for key in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_PORT", "MASTER_ADDR"):
+        env.pop(key, None)
+    proc = subprocess.run([sys.executable, str(script), str(out)], cwd=tmp, env=env, capture_output=True,
+                          text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    ranks = [json.loads(Path(f"{out}.rank{r}.json").read_text()) for r in (0, 1)]
+    sections = {}
+    for name in ranks[0]:
+        begin, end = f"=== begin {name} ===", f"=== end {name} ==="
+        assert begin in proc.stderr and end in proc.stderr, proc.stderr[-4000:]
+        sections[name] = proc.stderr.split(begin, 1)[1].split(end, 1)[0]
+    return ranks, sections, proc.stderr
+
+
+def _one_process(tmp_path, batch_size, accumulate=1):
+    monitor = ScalingMonitor(tokens_fn=target_tokens, noise_scale={"warmup_steps": 0})
+    trainer = _trainer(tmp_path, [monitor], steps=4, accumulate_grad_batches=accumulate)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(GPTLightningModule(TINY), DataLoader(_data(), batch_size=batch_size, shuffle=False))
+    return trainer, monitor
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("run, batch, accumulate", [("ddp", 8, 1), ("ddp_accumulate", 4, 2)])
+def test_ddp_totals_equal_one_process_with_the_same_global_batch(two_ranks, tmp_path, run, batch, accumulate):
+    ranks, _, _ = two_ranks
+    trainer, monitor = _one_process(tmp_path, batch, accumulate)
+    one = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("scaling/")}
+    for rank, results in enumerate(ranks):
+        two = results[run]
+        assert two["world_size"] == 2
+        assert two["metrics"]["scaling/tokens"] == one["scaling/tokens"] == 4 * 8 * 16, rank
+        assert two["metrics"]["scaling/flops"] == pytest.approx(one["scaling/flops"], rel=1e-6), rank
+        assert two["metrics"]["scaling/epochs"] == pytest.approx(one["scaling/epochs"]) == 0.5, rank
+        assert two["metrics"]["scaling/params"] == one["scaling/params"], rank
+        assert two["state"]["tokens"]["optimizer_steps"] == 4
+        assert two["state"]["flops"]["total_flops"] == monitor.flops.total_flops
+        assert two["repetition"]["samples"] == 32 and two["repetition"]["tokens"] == 4 * 8 * 16
+        assert two["repetition"]["effective_tokens"] == pytest.approx(monitor.repetition.effective_tokens)
+        # the noise scale compares each rank's micro-batch with the all-reduced gradient: global batch 8
+        assert two["gns_enabled"] and two["gns_mode"] == "hooks" and two["gns_count"] == 4
+        assert two["metrics"]["scaling/batch_size"] == 8.0
+        assert math.isfinite(two["metrics"]["scaling/grad_sq"]) and math.isfinite(two["metrics"]["scaling/grad_trace_cov"])
+    # every rank holds the same global totals (the checkpoint of any rank is right)
+    assert ranks[0][run]["state"]["tokens"] == ranks[1][run]["state"]["tokens"]
+    assert ranks[0][run]["state"]["flops"]["total_flops"] == ranks[1][run]["state"]["flops"]["total_flops"]
+    assert ranks[0][run]["state"]["noise_scale"] == ranks[1][run]["state"]["noise_scale"]
+
+
+@pytest.mark.slow
+def test_warnings_are_printed_once_not_once_per_rank(two_ranks):
+    _, sections, stderr = two_ranks
+    assert stderr.count(UNDERTRAINED) == len(sections)  # one per run, four runs
+    for name, text in sections.items():
+        assert text.count(UNDERTRAINED) == 1, name
+        assert text.count("TokenBudget pre-flight") == 1, name
+        assert text.count("FlopCounter: no dense peak FLOP/s known") == 1, name
+        assert text.count("lightning-scaling report") == 1, name
+        ours = [line for line in text.splitlines()
+                if any(p in line for p in ("FlopCounter:", "TokenBudget:", "GradientNoiseScale:", "DataRepetition:"))]
+        assert len(ours) == len(set(ours)), f"{name}: repeated lines {ours}"
+        assert "switched off after an error" not in text, name
+    assert "Traceback" not in stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("run", ["fsdp2", "fsdp2_lazy"])
+def test_fsdp2_counts_full_shapes_and_gns_steps_aside_once(two_ranks, tmp_path, run):
+    ranks, sections, _ = two_ranks
+    full = count_parameters(GPTLightningModule(TINY))
+    ddp = ranks[0]["ddp"]
+    for results in ranks:
+        sharded = results[run]
+        assert sharded["local_params"] < full  # the module really is sharded ...
+        assert sharded["params"] == full  # ... and the count is from full shapes
+        assert sharded["metrics"]["scaling/params"] == full
+        assert sharded["repetition"]["params"] == full
+        assert sharded["metrics"]["scaling/tokens"] == 4 * 8 * 16
+        assert sharded["metrics"]["scaling/flops"] == pytest.approx(ddp["metrics"]["scaling/flops"], rel=1e-6)
+        assert sharded["metrics"]["scaling/epochs"] == pytest.approx(0.5)
+        assert not sharded["gns_enabled"] and sharded["gns_mode"] == "off"
+        assert not any(k.startswith("scaling/gns") for k in sharded["metrics"])
+    assert sections[run].count(GNS_ASIDE) == 1
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason=(
+    "needs 2 CUDA GPUs: Lightning's FSDPStrategy (FSDP1) refuses the CPU (Trainer(strategy='fsdp', "
+    "accelerator='cpu') raises 'The strategy `fsdp` requires a GPU accelerator') and torch FSDP1 itself raises "
+    "'FSDP needs a non-CPU accelerator device'; fully-sharded training on CPU is covered by the FSDP2 tests"))
+def test_fsdp1_on_two_gpus(tmp_path):
+    monitor = ScalingMonitor(tokens_fn=target_tokens, noise_scale={"warmup_steps": 0})
+    trainer = _trainer(tmp_path, [monitor], steps=4, accelerator="cuda", devices=2, strategy="fsdp")
+    trainer.fit(GPTLightningModule(TINY, use_kernels=False), DataLoader(_data(), batch_size=4, shuffle=False))
+    if trainer.global_rank == 0:
+        assert monitor.tokens.params == count_parameters(GPTLightningModule(TINY, use_kernels=False))
+        assert monitor.tokens.tokens == 4 * 8 * 16
+        assert not monitor.noise_scale.enabled
+
+
+# ------------------------------------------------------------------------------------------------- resume
+
+
+def _counters(monitor: ScalingMonitor) -> dict:
+    state = monitor.state_dict()
+    rep = monitor.repetition.summary()
+    return {
+        "flops": state["flops"]["total_flops"],
+        "analytic": state["flops"]["total_analytic_flops"],
+        "flop_steps": state["flops"]["optimizer_steps"],
+        "tokens": state["tokens"]["tokens"],
+        "token_steps": state["tokens"]["optimizer_steps"],
+        "repetition": {k: rep[k] for k in ("tokens", "samples", "epochs", "effective_tokens", "repetition_value",
+                                           "projected_epochs", "warned")},
+    }
+
+
+def _assert_close(a, b, path="state"):
+    if isinstance(a, dict):
+        assert set(a) == set(b), path
+        for key in a:
+            _assert_close(a[key], b[key], f"{path}.{key}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_close(x, y, f"{path}[{i}]")
+    elif isinstance(a, float) and math.isnan(a):
+        assert isinstance(b, float) and math.isnan(b), path
+    elif isinstance(a, float):
+        assert a == pytest.approx(b, rel=1e-5, abs=1e-12), path
+    else:
+        assert a == b, path
+
+
+def _monitor():
+    # warmup 0 and 1 measurement so the batch-vs-noise-scale zone logic runs too
+    return ScalingMonitor(tokens_fn=target_tokens, unique_tokens=32 * 16.0,
+                          noise_scale={"warmup_steps": 0, "min_measurements": 1},
+                          repetition={"warn_epochs": 1.0, "stop_epochs": 2.0})
+
+
+class StopAt(L.Callback):
+    """Interrupt a run planned for more steps (as a crash or a preemption would), mid-epoch."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step >= self.step:
+            trainer.should_stop = True
+
+
+def test_resume_mid_epoch_with_accumulation_equals_an_uninterrupted_run(tmp_path):
+    # Lightning restarts a plain (non-stateful) DataLoader from its first batch when it resumes mid-epoch, so the
+    # data cycles through two micro-batches (A, B, A, B, ...): the resumed run then sees exactly the batches the
+    # uninterrupted one does, and the noise-scale measurements can be compared number for number.
+    block = _data(4)
+    data = DataLoader(block.repeat(16, 1), batch_size=2, shuffle=False)  # 32 micro-batches = 16 steps per epoch
+    steps, stop = 10, 5
+
+    L.seed_everything(0, verbose=False)
+    full = _monitor()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _trainer(tmp_path / "full", [full], steps=steps, accumulate_grad_batches=2).fit(GPTLightningModule(TINY), data)
+
+        L.seed_everything(0, verbose=False)
+        first = _monitor()
+        ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=stop, save_top_k=-1)
+        interrupted = _trainer(tmp_path / "a", [first, StopAt(stop), ckpt], steps=steps, accumulate_grad_batches=2,
+                               enable_checkpointing=True)
+        interrupted.fit(GPTLightningModule(TINY), data)
+        assert interrupted.global_step == stop
+        path = next((tmp_path / "ckpt").glob(f"*step={stop}*.ckpt"))
+
+        resumed = _monitor()
+        trainer = _trainer(tmp_path / "b", [resumed], steps=steps, accumulate_grad_batches=2)
+        trainer.fit(GPTLightningModule(TINY), data, ckpt_path=str(path))
+    assert trainer.global_step == steps
+    assert _counters(resumed) == _counters(full)
+    assert resumed.tokens.tokens == steps * 2 * 2 * 16
+    # 10 steps x 4 rows x 16 tokens over 512 unique tokens: 1.25 epochs, past warn_epochs=1, recorded once
+    assert full.repetition.warned and resumed.repetition.warned == full.repetition.warned
+    _assert_close(resumed.noise_scale.state_dict(), full.noise_scale.state_dict())
+    assert resumed.noise_scale.estimator.count == steps
+
+
+def test_checkpoint_from_a_run_without_our_callbacks_resumes_with_them(tmp_path):
+    data = DataLoader(_data(64), batch_size=2, shuffle=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=3)
+        _trainer(tmp_path, [ckpt], steps=3, accumulate_grad_batches=2,
+                 enable_checkpointing=True).fit(GPTLightningModule(TINY), data)
+    path = next((tmp_path / "ckpt").glob("*.ckpt"))
+    assert "ScalingMonitor" not in str(torch.load(path, weights_only=False).get("callbacks", {}))
+    monitor = _monitor()
+    with warnings.catch_warnings(record=True) as records:
+        warnings.simplefilter("always")
+        trainer = _trainer(tmp_path, [monitor], steps=7, accumulate_grad_batches=2)
+        trainer.fit(GPTLightningModule(TINY), data, ckpt_path=str(path))
+    messages = [str(r.message) for r in records]
+    assert not [m for m in messages if "switched off after an error" in m], messages
+    assert trainer.global_step == 7
+    # counting starts where the monitor joined: 4 steps of 2 micro-batches of 2 x 16 tokens
+    assert monitor.tokens.tokens == 4 * 2 * 2 * 16 and monitor.tokens.optimizer_steps == 4
+    assert monitor.flops.optimizer_steps == 4 and monitor.flops.total_flops > 0
+    assert monitor.repetition.summary()["tokens"] == 4 * 2 * 2 * 16
+    assert monitor.noise_scale.estimator.count == 4
