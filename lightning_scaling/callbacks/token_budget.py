@@ -7,6 +7,7 @@ import time
 from typing import Any
 
 from lightning.pytorch import Callback, LightningModule, Trainer
+from torch.utils.data import default_collate
 from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_scaling.callbacks._common import (
@@ -236,7 +237,7 @@ class TokenBudget(Callback):
             optimum = self.law.compute_optimal(flops)
             self._warn_persisted(
                 "undertrained",
-                f"this run is projected to end at {ratio:.1f} tokens per parameter ({_fmt(d)} tokens for "
+                f"this run is projected to end at {ratio:.3g} tokens per parameter ({_fmt(d)} tokens for "
                 f"{_fmt(n)} parameters), under the ~{self.tokens_per_param:g}x rule, spending {overhead:.0%} more "
                 f"compute than needed for the loss it will reach ({_law_name(self.law)}). For the same "
                 f"{_fmt(flops)} FLOPs the compute-optimal run is a {_fmt(optimum.params)}-parameter model on "
@@ -283,7 +284,7 @@ class TokenBudget(Callback):
             optimum = self.law.compute_optimal(flops)
             lines += [
                 f"planned tokens: {_fmt(tokens)} ({_fmt(per_step)} per step)",
-                f"planned tokens per parameter: {tokens / self.params:.1f} (rule of thumb: ~{self.tokens_per_param:g})",
+                f"planned tokens per parameter: {tokens / self.params:.3g} (rule of thumb: ~{self.tokens_per_param:g})",
                 f"planned training FLOPs (6ND): {_fmt(flops)}; compute-optimal for that budget "
                 f"({_law_name(self.law)}): {_fmt(optimum.params)} parameters on {_fmt(optimum.tokens)} tokens",
             ]
@@ -293,12 +294,10 @@ class TokenBudget(Callback):
 
     def _estimate_tokens_per_step(self, trainer: Trainer) -> float | None:
         """Tokens per optimizer step from the dataloader's batch size and its first sample (no batch drawn)."""
-        if self.tokens_fn is not None:
-            return None
         try:
             loader = trainer.train_dataloader
-            sample = loader.dataset[0]
-            per_sample = count_tokens(sample)
+            one = default_collate([loader.dataset[0]])  # a batch of one sample, as the loader would collate it
+            per_sample = count_tokens(one, self.tokens_fn)
             batch_size = loader.batch_size
         except Exception:  # noqa: BLE001 - iterable datasets, custom samplers: known after the first steps
             return None
