@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import warnings
 from pathlib import Path
 
 import pytest
@@ -119,14 +118,6 @@ def _fit(callback, data, batch_size=10, stop=None, ckpt_path=None, **trainer_kwa
 def _messages(record, text: str) -> list[str]:
     return [str(w.message) for w in record if "DataRepetition" in str(w.message) and text in str(w.message)]
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny models on a shared 2-core machine: intra-op threads only contend (10x slower with 2 threads).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # ------------------------------------------------------------------------------------------------- checks

@@ -13,14 +13,6 @@ from lightning_scaling.sketch import HyperLogLog, hash_rows, mix64
 M64 = (1 << 64) - 1
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # A shared 2-core machine: intra-op threads on these small tensors only contend.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _mix64_reference(x: int) -> int:
     # splitmix64's finaliser on Python ints (unsigned 64-bit), the oracle for the int64 torch version

@@ -3,8 +3,9 @@ and never letting our own bookkeeping crash a user's training run."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Callable, TypeVar
 
 import torch
@@ -152,3 +153,18 @@ def planned_optimizer_steps(trainer: Any) -> int | None:
     if steps is None or steps == float("inf") or steps <= 0:
         return None
     return int(steps)
+
+
+@contextlib.contextmanager
+def silenced_logging(pl_module: Any) -> Iterator[None]:
+    """Make ``self.log``/``self.log_dict`` no-ops while we re-run ``training_step`` for our own measurements
+    (the FLOP counting pass, the noise scale's half batch): the real step already logged."""
+
+    def noop(*args: Any, **kwargs: Any) -> None:
+        return None
+
+    pl_module.log, pl_module.log_dict = noop, noop
+    try:
+        yield
+    finally:
+        del pl_module.log, pl_module.log_dict

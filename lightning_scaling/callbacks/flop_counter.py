@@ -16,6 +16,7 @@ from lightning_scaling.callbacks._common import (
     global_sum,
     guarded,
     shape_signature,
+    silenced_logging,
     unwrap_loss,
 )
 from lightning_scaling.callbacks._model_shape import ModelShape, find_model_shape
@@ -189,6 +190,9 @@ class FlopCounter(Callback):
         for name, value in metrics.items():
             pl_module.log(name, value, on_step=True, on_epoch=False, sync_dist=False)
 
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._step_started = None  # validation time is not training time: the next step re-anchors the clock
+
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         self._step_started = None
 
@@ -324,7 +328,7 @@ def _counting_pass(
     try:
         with contextlib.ExitStack() as stack:
             stack.enter_context(torch.random.fork_rng(devices=devices))
-            stack.enter_context(_silenced_logging(pl_module))
+            stack.enter_context(silenced_logging(pl_module))
             stack.enter_context(_eager_compiled_code())
             stack.enter_context(trainer.precision_plugin.train_step_context())
             counter = stack.enter_context(training_flop_counter(causal_attention=causal_attention))
@@ -342,18 +346,6 @@ def _counting_pass(
                 if name in saved_buffers:
                     buf.copy_(saved_buffers[name])
     return forward, total - forward
-
-
-@contextlib.contextmanager
-def _silenced_logging(pl_module: LightningModule) -> Iterator[None]:
-    """Make ``self.log``/``self.log_dict`` no-ops during the counting pass (they would log twice)."""
-    pl_module.log = lambda *args, **kwargs: None  # type: ignore[method-assign]
-    pl_module.log_dict = lambda *args, **kwargs: None  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        del pl_module.log
-        del pl_module.log_dict
 
 
 @contextlib.contextmanager

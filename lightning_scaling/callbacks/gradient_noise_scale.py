@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -14,7 +14,15 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 
 from lightning_scaling._validation import fraction, positive_float, positive_int
-from lightning_scaling.callbacks._common import TokensFn, WarnOnce, count_samples, count_tokens, guarded, unwrap_loss
+from lightning_scaling.callbacks._common import (
+    TokensFn,
+    WarnOnce,
+    count_samples,
+    count_tokens,
+    guarded,
+    silenced_logging,
+    unwrap_loss,
+)
 from lightning_scaling.noise import NoiseScaleEstimate, NoiseScaleEstimator
 
 _PREFIX = "GradientNoiseScale"
@@ -395,7 +403,7 @@ class GradientNoiseScale(Callback):
         if batch is None or half < 1:
             return
         sub = _slice_batch(batch, half, total)
-        with torch.enable_grad(), trainer.precision_plugin.train_step_context(), _silenced_logging(pl_module):
+        with torch.enable_grad(), trainer.precision_plugin.train_step_context(), silenced_logging(pl_module):
             loss = unwrap_loss(pl_module.training_step(sub, self._batch_idx))
         if loss is None:
             return
@@ -480,19 +488,6 @@ class GradientNoiseScale(Callback):
             return None
         # Kaplan 2020 §5.1: B_crit(L) ≈ B*/L^(1/α_B) tokens (WebText2 nats/token)
         return float(KaplanLaw().critical_batch_size(value))
-
-
-@contextlib.contextmanager
-def _silenced_logging(pl_module: LightningModule) -> Iterator[None]:
-    """Make ``self.log``/``self.log_dict`` no-ops while we recompute the loss on half a batch."""
-    def noop(*args: Any, **kwargs: Any) -> None:
-        return None
-
-    pl_module.log, pl_module.log_dict = noop, noop  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        del pl_module.log, pl_module.log_dict
 
 
 def _slice_batch(batch: Any, stop: int, total: int) -> Any:
