@@ -7,7 +7,11 @@
 * :func:`fit_approach2`: isoFLOP parabolas, N_opt ∝ C^a and D_opt ∝ C^b.
 * :func:`fit_approach1`: the envelope of lowest loss per FLOP across training curves.
 * :func:`fit_kaplan`: Kaplan et al. 2020's L(N, D) = [(N_c/N)^(α_N/α_D) + D_c/D]^α_D.
-* :func:`bootstrap`: resample runs, refit, percentile intervals.
+* :func:`bootstrap`: resample runs, refit, percentile intervals (in :mod:`lightning_scaling.fit_bootstrap`,
+  re-exported here).
+
+The generic batched optimiser (batched L-BFGS, multistart, scipy polish) lives in
+:mod:`lightning_scaling._batched_lbfgs`; this module holds the scaling-law objectives, fitters and result types.
 
 Units: N in parameters, D in training tokens, C in training FLOPs (C = 6ND unless given), loss in nats per
 token. Pure numpy/scipy: imports neither lightning nor triton.
@@ -21,7 +25,14 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from lightning_scaling._validation import fraction, one_of, positive_array, positive_float, positive_int
+from lightning_scaling._batched_lbfgs import ObjectiveFn, batched_lbfgs, distinct_best, multistart, scipy_polish
+from lightning_scaling._validation import positive_array, positive_float, positive_int
+from lightning_scaling.fit_bootstrap import (  # noqa: F401  (re-exported: the bootstrap's home since the split)
+    BootstrapResult,
+    _optimum_of,
+    _resample_counts,
+    bootstrap,
+)
 
 HUBER_DELTA = 1e-3  # Hoffmann et al. 2022, App. D.2: Huber δ = 1e-3 on log loss
 
@@ -110,116 +121,6 @@ def _points(params: Any, tokens: Any, loss: Any, flops: Any = None, runs: Any = 
     if isinstance(params, ScalingPoints):
         return params
     return ScalingPoints.from_arrays(params, tokens, loss, flops=flops, runs=runs)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# batched L-BFGS: many independent starts of one smooth objective, all at once
-# ----------------------------------------------------------------------------------------------------------
-
-ObjectiveFn = Callable[[np.ndarray, np.ndarray | None], tuple[np.ndarray, np.ndarray]]
-
-
-def batched_lbfgs(fun: ObjectiveFn, x0: np.ndarray, *, weights: np.ndarray | None = None, memory: int = 10,
-                  max_iter: int = 500, ftol: float = 1e-12, gtol: float = 1e-10, max_backtracks: int = 40
-                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Minimise ``fun`` from each row of ``x0`` (S starts × P parameters) independently but in lock-step.
-
-    ``fun(X, W)`` returns objective values (S,) and gradients (S, P) for the rows of X; W (S, n) are per-row
-    point weights (or None). L-BFGS two-loop recursion with an Armijo backtracking line search per row;
-    converged rows leave the batch. Returns (x, f, iterations) per start.
-    """
-    x = np.array(x0, dtype=float)
-    s_count, p = x.shape
-    w_all = None if weights is None else np.asarray(weights, dtype=float)
-    f, g = fun(x, w_all)
-    f = np.where(np.isfinite(f), f, np.inf)
-    iters = np.zeros(s_count, dtype=int)
-    active = np.flatnonzero(np.isfinite(f) & np.all(np.isfinite(g), axis=1))
-    s_hist = np.zeros((memory, s_count, p))
-    y_hist = np.zeros((memory, s_count, p))
-    rho = np.zeros((memory, s_count))
-    n_hist = np.zeros(s_count, dtype=int)  # valid pairs per start
-    head = np.zeros(s_count, dtype=int)  # next slot to write
-    for _ in range(max_iter):
-        if active.size == 0:
-            break
-        xa, fa, ga = x[active], f[active], g[active]
-        # two-loop recursion, vectorised over the active starts
-        q = ga.copy()
-        alphas = np.zeros((memory, active.size))
-        nh, hd = n_hist[active], head[active]
-        for j in range(memory):
-            slot = (hd - 1 - j) % memory
-            valid = j < nh
-            sj = s_hist[slot, active]
-            yj = y_hist[slot, active]
-            rj = np.where(valid, rho[slot, active], 0.0)
-            a_j = rj * np.einsum("ij,ij->i", sj, q)
-            alphas[j] = a_j
-            q -= a_j[:, None] * yj
-        last = (hd - 1) % memory
-        s_last, y_last = s_hist[last, active], y_hist[last, active]
-        yy = np.einsum("ij,ij->i", y_last, y_last)
-        gamma = np.where((nh > 0) & (yy > 0), np.einsum("ij,ij->i", s_last, y_last) / np.where(yy > 0, yy, 1.0),
-                         1.0 / np.maximum(1.0, np.linalg.norm(ga, axis=1)))
-        r = gamma[:, None] * q
-        for j in range(memory - 1, -1, -1):
-            slot = (hd - 1 - j) % memory
-            valid = j < nh
-            sj = s_hist[slot, active]
-            yj = y_hist[slot, active]
-            rj = np.where(valid, rho[slot, active], 0.0)
-            b_j = rj * np.einsum("ij,ij->i", yj, r)
-            r += (alphas[j] - b_j)[:, None] * sj
-        d = -r
-        slope = np.einsum("ij,ij->i", ga, d)
-        bad = ~(slope < 0) | ~np.all(np.isfinite(d), axis=1)
-        if np.any(bad):  # not a descent direction: restart from steepest descent
-            d[bad] = -ga[bad] / np.maximum(1.0, np.linalg.norm(ga[bad], axis=1))[:, None]
-            slope[bad] = np.einsum("ij,ij->i", ga[bad], d[bad])
-            n_hist[active[bad]] = 0
-        # Armijo backtracking, only re-evaluating the starts that still fail
-        step = np.ones(active.size)
-        f_new = np.full(active.size, np.inf)
-        g_new = np.zeros_like(ga)
-        pending = np.arange(active.size)
-        for _bt in range(max_backtracks):
-            trial = xa[pending] + step[pending, None] * d[pending]
-            ft, gt = fun(trial, None if w_all is None else w_all[active[pending]])
-            ok = np.isfinite(ft) & (ft <= fa[pending] + 1e-4 * step[pending] * slope[pending]) \
-                & np.all(np.isfinite(gt), axis=1)
-            f_new[pending[ok]] = ft[ok]
-            g_new[pending[ok]] = gt[ok]
-            pending = pending[~ok]
-            if pending.size == 0:
-                break
-            step[pending] *= 0.5
-        moved = np.isfinite(f_new)
-        idx = active[moved]
-        s_vec = step[moved, None] * d[moved]
-        y_vec = g_new[moved] - ga[moved]
-        sy = np.einsum("ij,ij->i", s_vec, y_vec)
-        x[idx] = xa[moved] + s_vec
-        f_prev = fa[moved]
-        f[idx] = f_new[moved]
-        g[idx] = g_new[moved]
-        iters[active] += 1
-        keep_pair = sy > 1e-300
-        slot = head[idx]
-        upd = idx[keep_pair]
-        s_hist[slot[keep_pair], upd] = s_vec[keep_pair]
-        y_hist[slot[keep_pair], upd] = y_vec[keep_pair]
-        rho[slot[keep_pair], upd] = 1.0 / sy[keep_pair]
-        head[upd] = (head[upd] + 1) % memory
-        n_hist[upd] = np.minimum(n_hist[upd] + 1, memory)
-        # convergence: relative decrease (scipy's ftol rule), small gradient, or a failed line search
-        scale = np.maximum(np.maximum(np.abs(f_prev), np.abs(f_new[moved])), 1.0)
-        done_f = (f_prev - f_new[moved]) <= ftol * scale
-        done_g = np.max(np.abs(g_new[moved]), axis=1) <= gtol
-        still = np.zeros(active.size, dtype=bool)
-        still[np.flatnonzero(moved)] = ~(done_f | done_g)
-        active = active[still]
-    return x, f, iters
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -317,53 +218,6 @@ def approach3_objective(theta: Any, params: Any, tokens: Any = None, loss: Any =
     return float(f[0]), g[0]
 
 
-def _polish(fun: ObjectiveFn, x0: np.ndarray) -> tuple[np.ndarray, float]:
-    from scipy.optimize import minimize
-
-    def scalar(theta: np.ndarray) -> tuple[float, np.ndarray]:
-        f, g = fun(theta.reshape(1, -1), None)
-        if not np.isfinite(f[0]):
-            return 1e300, np.zeros_like(theta)
-        return float(f[0]), g[0]
-
-    res = minimize(scalar, x0, jac=True, method="L-BFGS-B",
-                   options={"maxiter": 500, "ftol": 1e-14, "gtol": 1e-10, "maxcor": 20})
-    f0, _ = scalar(x0)
-    return (res.x, float(res.fun)) if res.fun <= f0 else (x0, f0)
-
-
-def _multistart(fun64: ObjectiveFn, fun32: ObjectiveFn, x0: np.ndarray, refine: int,
-                weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Coarse-to-fine batched L-BFGS: every start in float32 until the relative decrease falls below 1e-7
-    (float32's resolution), then the ``refine`` best distinct end points in float64 to 1e-13. Returns the
-    refined points and their float64 objectives."""
-    x, f, _ = batched_lbfgs(fun32, x0, weights=weights, ftol=1e-7, gtol=0.0, max_iter=300)
-    keep = _distinct_best(x, f, max(1, int(refine)), decimals=4)
-    if keep.size == 0:
-        return x, np.full(x.shape[0], np.inf)
-    x, f, _ = batched_lbfgs(fun64, x[keep], weights=None if weights is None else weights[keep], ftol=1e-13,
-                            max_iter=2000)
-    return x, f
-
-
-def _distinct_best(x: np.ndarray, f: np.ndarray, count: int, decimals: int = 3) -> np.ndarray:
-    """Indices of the ``count`` lowest objectives among distinct end points."""
-    order = np.argsort(np.where(np.isfinite(f), f, np.inf), kind="stable")
-    chosen: list[int] = []
-    seen: set[tuple[float, ...]] = set()
-    for i in order:
-        if not np.isfinite(f[i]):
-            break
-        key = tuple(np.round(x[i], decimals))
-        if key in seen:
-            continue
-        seen.add(key)
-        chosen.append(int(i))
-        if len(chosen) == count:
-            break
-    return np.asarray(chosen, dtype=int)
-
-
 def _require_points(pts: ScalingPoints, n_params: int, what: str) -> None:
     if len(pts) <= n_params:
         raise ValueError(f"{what} fits {n_params} parameters and needs more than {n_params} points; "
@@ -404,9 +258,9 @@ def fit_approach3(params: Any, tokens: Any = None, loss: Any = None, *, flops: A
 
     Minimises Σ_i Huber_δ(LSE(a − α log N_i, b − β log D_i, e) − log L_i) with L-BFGS from every row of
     ``starts`` (default: the paper's 4,500-point grid, :func:`approach3_grid`), all at once, in three stages
-    (see :func:`_multistart`): a float32 batched L-BFGS from every start, a float64 batched L-BFGS to tight
-    tolerance from the ``refine`` best distinct end points, and a scipy L-BFGS-B polish of the ``polish``
-    best; the lowest objective wins. A, B, E = exp(a, b, e).
+    (see :func:`lightning_scaling._batched_lbfgs.multistart`): a float32 batched L-BFGS from every start, a
+    float64 batched L-BFGS to tight tolerance from the ``refine`` best distinct end points, and a scipy
+    L-BFGS-B polish of the ``polish`` best; the lowest objective wins. A, B, E = exp(a, b, e).
 
     ``params`` may be a :class:`ScalingPoints`; otherwise N (parameters), D (tokens, or ``flops`` with
     D = C/(6N)) and loss (nats). Returns a :class:`LawFit` whose ``.law`` is a ``ChinchillaLaw``.
@@ -421,11 +275,11 @@ def fit_approach3(params: Any, tokens: Any = None, loss: Any = None, *, flops: A
         raise ValueError("starts must be a finite (S, 5) array of rows (a, b, e, alpha, beta)")
     log_n, log_d, log_l = np.log(pts.params), np.log(pts.tokens), np.log(pts.loss)
     fun = _approach3_objective(log_n, log_d, log_l, delta)
-    x, f = _multistart(fun, _approach3_objective(log_n, log_d, log_l, delta, np.float32), x0, refine)
-    best = _distinct_best(x, f, max(1, int(polish)))
+    x, f = multistart(fun, _approach3_objective(log_n, log_d, log_l, delta, np.float32), x0, refine)
+    best = distinct_best(x, f, max(1, int(polish)))
     if best.size == 0:
         raise ValueError("approach 3 found no finite fit; check that loss decreases with params and tokens")
-    polished = [_polish(fun, x[i]) for i in best]
+    polished = [scipy_polish(fun, x[i]) for i in best]
     theta, obj = min(polished, key=lambda t: t[1])
     a_, b_, e_, alpha, beta = (float(v) for v in theta)
     if alpha <= 0 or beta <= 0:
@@ -495,10 +349,10 @@ def fit_kaplan(params: Any, tokens: Any = None, loss: Any = None, *, flops: Any 
     fun = _kaplan_objective(log_n, log_d, log_l, delta)
     x0 = kaplan_grid()
     x, f, _ = batched_lbfgs(fun, x0)
-    best = _distinct_best(x, np.where((x[:, 0] > 0) & (x[:, 1] > 0), f, np.inf), max(1, int(polish)))
+    best = distinct_best(x, np.where((x[:, 0] > 0) & (x[:, 1] > 0), f, np.inf), max(1, int(polish)))
     if best.size == 0:
         raise ValueError("the Kaplan fit found no law with positive exponents; check the runs")
-    theta, obj = min((_polish(fun, x[i]) for i in best), key=lambda t: t[1])
+    theta, obj = min((scipy_polish(fun, x[i]) for i in best), key=lambda t: t[1])
     an, ad, lnc, ldc = (float(v) for v in theta)
     if an <= 0 or ad <= 0:
         raise ValueError(f"the Kaplan fit found no decreasing law (alpha_n={an:.3g}, alpha_d={ad:.3g})")
@@ -672,142 +526,3 @@ def fit_approach1(params: Any, tokens: Any = None, loss: Any = None, *, flops: A
         raise ValueError("approach 1: one run is lowest at every FLOP value, so the envelope gives no "
                          "exponent; train a wider range of model sizes")
     return _frontier("1", optima_arr, len(pts))
-
-
-# ----------------------------------------------------------------------------------------------------------
-# bootstrap over runs
-# ----------------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class BootstrapResult:
-    """Percentile intervals from refitting on runs resampled with replacement.
-
-    ``intervals[name] = (low, high)`` at ``confidence``; names: every fitted parameter, ``a``, ``b``, and at
-    ``budget`` FLOPs ``n_opt`` (parameters), ``d_opt`` (tokens) and, for laws, ``loss_opt`` (nats).
-    ``samples[name]`` holds the refits that succeeded (``failed`` counts the rest)."""
-
-    intervals: dict[str, tuple[float, float]]
-    samples: dict[str, np.ndarray]
-    confidence: float
-    budget: float
-    n_resamples: int
-    failed: int
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"confidence": self.confidence, "budget": self.budget, "n_resamples": self.n_resamples,
-                "failed": self.failed, "intervals": {k: list(v) for k, v in self.intervals.items()}}
-
-
-def _optimum_of(fit: LawFit | FrontierFit, budget: float) -> dict[str, float]:
-    if isinstance(fit, FrontierFit):
-        n, d = fit.optimal(budget)
-        return {"n_opt": n, "d_opt": d}
-    if fit.approach == "3":
-        alloc = fit.law.compute_optimal(budget)
-        return {"n_opt": float(alloc.params), "d_opt": float(alloc.tokens), "loss_opt": float(alloc.loss)}
-    n = optimal_params_numeric(fit.law.loss, budget)
-    d = budget / (6.0 * n)  # C = 6ND
-    return {"n_opt": n, "d_opt": d, "loss_opt": float(fit.law.loss(n, d))}
-
-
-def _summary(fit: LawFit | FrontierFit, budget: float) -> dict[str, float]:
-    out = dict(fit.parameters)
-    out.update(a=fit.a, b=fit.b)
-    out.update(_optimum_of(fit, budget))
-    return out
-
-
-def _resample_counts(pts: ScalingPoints, n_resamples: int, rng: np.random.Generator) -> np.ndarray:
-    """(n_resamples, n_points) multiplicities from drawing runs with replacement."""
-    groups = pts.run_groups()
-    counts = np.zeros((n_resamples, len(pts)))
-    draws = rng.integers(0, len(groups), size=(n_resamples, len(groups)))
-    for s in range(n_resamples):
-        run_counts = np.bincount(draws[s], minlength=len(groups))
-        for k, g in enumerate(groups):
-            counts[s, g] = run_counts[k]
-    return counts
-
-
-def bootstrap(points: ScalingPoints, approach: str = "3", n_resamples: int = 200, *, budget: float | None = None,
-              confidence: float = 0.95, seed: int = 0, fit: LawFit | FrontierFit | None = None,
-              **fit_kwargs: Any) -> BootstrapResult:
-    """Resample runs with replacement ``n_resamples`` times, refit, and report percentile intervals.
-
-    For approach 3 and Kaplan all resamples are refitted together in one batched L-BFGS (each resample a
-    weighted objective), started from the distinct local minima the full-data fit found (``fit``, computed
-    when not given) and polished with scipy. ``budget`` (FLOPs) is where the optimum is reported; default:
-    the largest budget in the data.
-    """
-    approach = one_of("approach", str(approach), APPROACHES)
-    n_resamples = positive_int("n_resamples", n_resamples)
-    confidence = fraction("confidence", confidence, inclusive_high=False)
-    budget = float(np.max(points.flops)) if budget is None else positive_float("budget", budget)
-    rng = np.random.default_rng(seed)
-    counts = _resample_counts(points, n_resamples, rng)
-    fitter = {"1": fit_approach1, "2": fit_approach2, "3": fit_approach3, "kaplan": fit_kaplan}[approach]
-    if fit is None:
-        fit = fitter(points, **fit_kwargs)
-    summaries: list[dict[str, float]] = []
-    failed = 0
-    if approach in ("3", "kaplan"):
-        summaries, failed = _bootstrap_law(points, fit, counts, budget, fit_kwargs.get("delta", HUBER_DELTA))
-    else:
-        for s in range(n_resamples):
-            idx = np.repeat(np.arange(len(points)), counts[s].astype(int))
-            sample = points.subset(idx)
-            try:
-                summaries.append(_summary(fitter(sample, **fit_kwargs), budget))
-            except ValueError:
-                failed += 1
-    if not summaries:
-        raise ValueError(f"every bootstrap resample failed to fit ({failed} of {n_resamples})")
-    names = list(summaries[0])
-    samples = {k: np.asarray([s[k] for s in summaries]) for k in names}
-    tail = 100 * (1 - confidence) / 2
-    intervals = {k: (float(np.percentile(v, tail)), float(np.percentile(v, 100 - tail))) for k, v in samples.items()}
-    return BootstrapResult(intervals, samples, confidence, budget, n_resamples, failed)
-
-
-def _bootstrap_law(points: ScalingPoints, fit: LawFit, counts: np.ndarray, budget: float, delta: float
-                   ) -> tuple[list[dict[str, float]], int]:
-    from lightning_scaling.laws import ChinchillaLaw, KaplanLaw
-
-    log_n, log_d, log_l = np.log(points.params), np.log(points.tokens), np.log(points.loss)
-    if fit.approach == "3":
-        fun = _approach3_objective(log_n, log_d, log_l, delta)
-    else:
-        fun = _kaplan_objective(log_n, log_d, log_l, delta)
-    starts = fit.local_minima if fit.local_minima is not None else fit.theta[None, :]
-    starts = np.vstack([fit.theta[None, :], starts])[:4]
-    k = starts.shape[0]
-    x0 = np.repeat(starts[None, :, :], counts.shape[0], axis=0).reshape(-1, starts.shape[1])
-    weights = np.repeat(counts, k, axis=0)
-    x, f, _ = batched_lbfgs(fun, x0, weights=weights)
-    x, f = x.reshape(counts.shape[0], k, -1), f.reshape(counts.shape[0], k)
-    out, failed = [], 0
-    for s in range(counts.shape[0]):
-        theta = x[s, int(np.argmin(f[s]))]
-        if not np.all(np.isfinite(theta)):
-            failed += 1
-            continue
-        if fit.approach == "3":
-            a_, b_, e_, alpha, beta = (float(v) for v in theta)
-            if alpha <= 0 or beta <= 0:
-                failed += 1
-                continue
-            law = ChinchillaLaw(E=math.exp(e_), A=math.exp(a_), B=math.exp(b_), alpha=alpha, beta=beta)
-            params = {"E": law.E, "A": law.A, "B": law.B, "alpha": alpha, "beta": beta}
-            a, b = beta / (alpha + beta), alpha / (alpha + beta)  # Hoffmann 2022 eq. 4
-        else:
-            an, ad, lnc, ldc = (float(v) for v in theta)
-            if an <= 0 or ad <= 0:
-                failed += 1
-                continue
-            law = KaplanLaw(alpha_n=an, n_c=math.exp(lnc), alpha_d=ad, d_c=math.exp(ldc))
-            params = {"alpha_n": an, "alpha_d": ad, "n_c": law.n_c, "d_c": law.d_c}
-            a, b = frontier_exponents(law.loss, float(points.flops.min()), float(points.flops.max()))
-        refit = LawFit(fit.approach, law, float(f[s].min()), np.zeros(0), theta, len(points), k, a, b, params)
-        out.append(_summary(refit, budget))
-    return out, failed
