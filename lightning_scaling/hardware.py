@@ -20,6 +20,7 @@ DENSE_PEAK_FLOPS: dict[str, dict[str, float]] = {
     "h200-nvl": {"bf16": 835.5e12, "fp16": 835.5e12, "tf32": 417.5e12, "fp32": 60e12, "fp8": 1670.5e12},
     "a100": {"bf16": 312e12, "fp16": 312e12, "tf32": 156e12, "fp32": 19.5e12},
     "l40s": {"bf16": 362.05e12, "fp16": 362.05e12, "tf32": 183e12, "fp32": 91.6e12, "fp8": 733e12},
+    "l40": {"bf16": 181.05e12, "fp16": 181.05e12, "tf32": 90.5e12, "fp32": 90.5e12, "fp8": 362e12},
     "l4": {"bf16": 121e12, "fp16": 121e12, "tf32": 60e12, "fp32": 30.3e12, "fp8": 242e12},
     "b200": {"bf16": 2250e12, "fp16": 2250e12, "tf32": 1100e12, "fp32": 80e12, "fp8": 4500e12},
     "mi300x": {"bf16": 1307.4e12, "fp16": 1307.4e12, "tf32": 653.7e12, "fp32": 163.4e12, "fp8": 2614.9e12},
@@ -37,6 +38,7 @@ GPU_ALIASES: dict[str, str] = {
     "h200-nvl": "h200-nvl",
     "a100": "a100",
     "l40s": "l40s",
+    "l40": "l40",
     "l4": "l4",
     "b200": "b200",
     "mi300x": "mi300x",
@@ -81,9 +83,11 @@ def parse_device_name(device_name: str) -> str | None:
         return "mi300x"
     if "a100" in n:
         return "a100"
-    if "l40s" in n:  # before "l4": Lightning 2.6 reads "NVIDIA L40S" as an L4
+    if "l40s" in n:  # before "l4": Lightning 2.6 reads "NVIDIA L40S" (and "NVIDIA L40") as an L4
         return "l40s"
-    if "l4" in n and "l40" not in n:
+    if "l40" in n:
+        return "l40"
+    if "l4" in n:
         return "l4"
     if "v100" in n:
         return "v100"

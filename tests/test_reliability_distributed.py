@@ -111,6 +111,8 @@ SCRIPT = textwrap.dedent('''
             "params": monitor.tokens.params,
             "repetition": monitor.repetition.summary(),
             "gns_enabled": monitor.noise_scale.enabled,
+            "flops_enabled": monitor.flops.enabled,
+            "tokens_enabled": monitor.tokens.enabled,
             "gns_mode": monitor.noise_scale.mode,
             "gns_count": monitor.noise_scale.estimator.count,
             "local_params": local,
@@ -125,6 +127,27 @@ SCRIPT = textwrap.dedent('''
         "ddp": run("ddp", GPTLightningModule(TINY), "ddp", 4, 4),
         "ddp_accumulate": run("ddp_accumulate", GPTLightningModule(TINY), "ddp", 2, 4, accumulate=2),
     }
+
+    # Our own bookkeeping fails on rank 1 only (FlopCounter at its 2nd batch, GradientNoiseScale at its 3rd):
+    # switching off there alone would leave rank 0 waiting in the next all-reduce forever.
+    import lightning_scaling.callbacks.flop_counter as flop_counter_module
+    import lightning_scaling.callbacks.gradient_noise_scale as noise_scale_module
+
+    def failing_on_rank_one(real, at_call):
+        calls = [0]
+        def wrapped(*args, **kwargs):
+            calls[0] += 1
+            if not RANK0 and calls[0] == at_call:
+                raise RuntimeError("injected failure on rank 1")
+            return real(*args, **kwargs)
+        return wrapped
+
+    real_signature, real_samples = flop_counter_module.shape_signature, noise_scale_module.count_samples
+    flop_counter_module.shape_signature = failing_on_rank_one(real_signature, 2)
+    noise_scale_module.count_samples = failing_on_rank_one(real_samples, 3)
+    results["one_rank_fails"] = run("one_rank_fails", GPTLightningModule(TINY), "ddp", 2, 4, accumulate=2)
+    flop_counter_module.shape_signature, noise_scale_module.count_samples = real_signature, real_samples
+
     fsdp = lambda: ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1, process_group_backend="gloo")
     results["fsdp2"] = run("fsdp2", ShardedGPT(TINY), fsdp(), 4, 4)
     results["fsdp2_lazy"] = run("fsdp2_lazy", LazyShardedGPT(TINY), fsdp(), 4, 4)
@@ -192,6 +215,20 @@ def test_ddp_totals_equal_one_process_with_the_same_global_batch(two_ranks, tmp_
     assert ranks[0][run]["state"]["tokens"] == ranks[1][run]["state"]["tokens"]
     assert ranks[0][run]["state"]["flops"]["total_flops"] == ranks[1][run]["state"]["flops"]["total_flops"]
     assert ranks[0][run]["state"]["noise_scale"] == ranks[1][run]["state"]["noise_scale"]
+
+
+@pytest.mark.slow
+def test_an_error_on_one_rank_switches_the_part_off_on_every_rank_without_a_hang(two_ranks):
+    ranks, sections, _ = two_ranks
+    for results in ranks:
+        run = results["one_rank_fails"]
+        assert run["state"]["tokens"]["optimizer_steps"] == 4  # the run finished: no rank waited forever
+        assert not run["flops_enabled"] and not run["gns_enabled"]
+        assert run["tokens_enabled"] and run["metrics"]["scaling/tokens"] == 4 * 8 * 16
+    log = sections["one_rank_fails"]
+    assert log.count("FlopCounter: switched off on every rank after an error on 1 rank(s)") == 1
+    assert log.count("GradientNoiseScale: switched off on every rank after an error on 1 rank(s)") == 1
+    assert "FlopCounter (rank 1): error in on_train_batch_start: RuntimeError: injected failure" in log
 
 
 @pytest.mark.slow

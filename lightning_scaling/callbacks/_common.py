@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Callable, TypeVar
 
@@ -99,8 +100,10 @@ class WarnOnce:
 def guarded(hook: _F) -> _F:
     """Wrap a callback hook so an error in our bookkeeping warns once and switches the callback off.
 
-    The instance needs ``self.enabled`` (bool) and ``self._warn`` (a ``WarnOnce``). Errors raised by the
-    user's own code (not ours) still propagate: we only guard our hooks.
+    The instance needs ``self.enabled`` (bool) and ``self._warn`` (a ``WarnOnce``). With several processes the
+    callback must not switch off on one rank alone: the others would wait for it in our next collective. The
+    failing rank then records ``self._local_failure``, warns on its own, and keeps taking part; the next
+    :func:`global_sum` carries the failure to every rank and switches the callback off everywhere at once.
     """
 
     @functools.wraps(hook)
@@ -110,12 +113,15 @@ def guarded(hook: _F) -> _F:
         try:
             return hook(self, *args, **kwargs)
         except Exception as err:  # noqa: BLE001 - never crash the user's run over our bookkeeping
+            message = f"error in {hook.__name__}: {type(err).__name__}: {err}. Training continues; please report this."
+            trainer = args[0] if args else None
+            if getattr(trainer, "world_size", 1) > 1:
+                if getattr(self, "_local_failure", None) is None:
+                    self._local_failure = message
+                    warnings.warn(f"{self._warn.prefix} (rank {trainer.global_rank}): {message}", stacklevel=2)
+                return None
             self.enabled = False
-            self._warn.warn(
-                "internal-error",
-                f"switched off after an error in {hook.__name__}: {type(err).__name__}: {err}. "
-                "Training continues; please report this.",
-            )
+            self._warn.warn("internal-error", f"switched off after an {message}")
             return None
 
     return wrapper  # type: ignore[return-value]
@@ -130,18 +136,26 @@ def unwrap_loss(output: Any) -> torch.Tensor | None:
     return None
 
 
-def global_sum(trainer: Any, values: Sequence[int]) -> list[int]:
+def global_sum(trainer: Any, values: Sequence[int], owner: Any = None) -> list[int]:
     """Sum integer counters over data-parallel ranks with one all-reduce (SUM; gloo has no AVG).
 
     Every rank must call this at the same point (for example once per optimizer step). With one process
-    it returns the values unchanged and costs nothing.
+    it returns the values unchanged and costs nothing. With ``owner`` (a guarded callback), a failure recorded
+    on any rank rides along, and the callback is switched off on every rank together.
     """
     if getattr(trainer, "world_size", 1) <= 1:
         return [int(v) for v in values]
+    failed = int(getattr(owner, "_local_failure", None) is not None)
     device = trainer.strategy.root_device
-    tensor = torch.tensor([int(v) for v in values], dtype=torch.int64, device=device)
-    reduced = trainer.strategy.reduce(tensor, reduce_op="sum")
-    return [int(v) for v in reduced.tolist()]
+    tensor = torch.tensor([*(int(v) for v in values), failed], dtype=torch.int64, device=device)
+    reduced = [int(v) for v in trainer.strategy.reduce(tensor, reduce_op="sum").tolist()]
+    if owner is not None and reduced[-1] > 0:
+        owner.enabled = False
+        owner._warn.warn(
+            "internal-error",
+            f"switched off on every rank after an error on {reduced[-1]} rank(s); training continues.",
+        )
+    return reduced[:-1]
 
 
 def planned_optimizer_steps(trainer: Any) -> int | None:
@@ -155,16 +169,28 @@ def planned_optimizer_steps(trainer: Any) -> int | None:
     return int(steps)
 
 
+_REPLAYING = False
+
+
+def replaying_training_step() -> bool:
+    """True while one of our callbacks re-runs ``training_step`` for its own measurement (see below)."""
+    return _REPLAYING
+
+
 @contextlib.contextmanager
-def silenced_logging(pl_module: Any) -> Iterator[None]:
-    """Make ``self.log``/``self.log_dict`` no-ops while we re-run ``training_step`` for our own measurements
-    (the FLOP counting pass, the noise scale's half batch): the real step already logged."""
+def training_step_replay(pl_module: Any) -> Iterator[None]:
+    """Mark a re-run of ``training_step`` made for our own measurements (the FLOP counting pass, the noise
+    scale's half batch): ``self.log``/``self.log_dict`` become no-ops (the real step already logged), and other
+    callbacks' gradient hooks can tell these gradients from the real step's (``replaying_training_step()``)."""
+    global _REPLAYING
 
     def noop(*args: Any, **kwargs: Any) -> None:
         return None
 
+    previous, _REPLAYING = _REPLAYING, True
     pl_module.log, pl_module.log_dict = noop, noop
     try:
         yield
     finally:
         del pl_module.log, pl_module.log_dict
+        _REPLAYING = previous

@@ -142,9 +142,15 @@ class DataRepetition(Callback):
     # ----------------------------------------------------------------------------------------------- hooks
 
     @guarded
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        # Before the strategy wraps or shards the model, so FSDP counts full shapes (as TokenBudget does).
+        if stage == "fit" and self.params_arg is None:
+            self.params = _count_params(pl_module)
+
+    @guarded
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self.params_arg is None:
-            self.params = float(sum(p.numel() for p in pl_module.parameters())) or None
+        if self.params_arg is None and not self.params:  # layers built in configure_model
+            self.params = _count_params(pl_module)
         self.dataset_len = _dataset_length(trainer.train_dataloader)
         self.sketch_on = self.sketch_arg if self.sketch_arg is not None else self.dataset_len is None
         if self.sketch_on:
@@ -296,7 +302,9 @@ class DataRepetition(Callback):
     def _flush(self, trainer: Trainer, advanced: int) -> bool:
         """Add this step's deltas, summed over ranks with one all-reduce; max-reduce the sketch registers.
         Every rank calls this at the same point and takes the same decisions from the reduced numbers."""
-        tokens, samples, no_tokens, no_samples, sketch_failed = global_sum(trainer, self._pending)
+        tokens, samples, no_tokens, no_samples, sketch_failed = global_sum(trainer, self._pending, owner=self)
+        if not self.enabled:
+            return False
         self._pending = [0, 0, 0, 0, 0]
         if self._sketch is not None and trainer.world_size > 1:
             self._sketch.registers = trainer.strategy.reduce(self._sketch.registers, reduce_op="max")
@@ -417,6 +425,12 @@ class DataRepetition(Callback):
         for name, value in metrics.items():
             if value is not None and math.isfinite(value):
                 pl_module.log(name, float(value), on_step=True, on_epoch=False, sync_dist=False, batch_size=1)
+
+
+def _count_params(pl_module: LightningModule) -> float | None:
+    from lightning_scaling.flop_counting import count_parameters
+
+    return float(count_parameters(pl_module)) or None
 
 
 def _dataset_length(loader: Any) -> int | None:

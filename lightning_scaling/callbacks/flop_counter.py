@@ -16,7 +16,7 @@ from lightning_scaling.callbacks._common import (
     global_sum,
     guarded,
     shape_signature,
-    silenced_logging,
+    training_step_replay,
     unwrap_loss,
 )
 from lightning_scaling.callbacks._model_shape import ModelShape, find_model_shape
@@ -155,7 +155,10 @@ class FlopCounter(Callback):
         step_flops, step_hw, step_analytic, step_matmul = global_sum(
             trainer,
             [self._step_flops, self._step_hardware, self._step_analytic["chinchilla"], self._step_analytic["matmul"]],
+            owner=self,
         )
+        if not self.enabled:
+            return
         self._step_flops = self._step_hardware = 0
         self._step_analytic = {"chinchilla": 0, "matmul": 0}
         self.total_flops += step_flops
@@ -328,7 +331,7 @@ def _counting_pass(
     try:
         with contextlib.ExitStack() as stack:
             stack.enter_context(torch.random.fork_rng(devices=devices))
-            stack.enter_context(silenced_logging(pl_module))
+            stack.enter_context(training_step_replay(pl_module))
             stack.enter_context(_eager_compiled_code())
             stack.enter_context(trainer.precision_plugin.train_step_context())
             counter = stack.enter_context(training_flop_counter(causal_attention=causal_attention))

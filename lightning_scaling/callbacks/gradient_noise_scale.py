@@ -20,7 +20,8 @@ from lightning_scaling.callbacks._common import (
     count_samples,
     count_tokens,
     guarded,
-    silenced_logging,
+    replaying_training_step,
+    training_step_replay,
     unwrap_loss,
 )
 from lightning_scaling.noise import NoiseScaleEstimate, NoiseScaleEstimator
@@ -135,6 +136,8 @@ class GradientNoiseScale(Callback):
         self.batch_tokens: float = math.nan  # global tokens per optimizer step (NaN when unknown)
         # run-time bookkeeping
         self.mode = "off"  # "hooks", "split" or "off"
+        self._k = 1  # accumulate_grad_batches the mode was chosen for
+        self._world = 1
         self._handles: list[Any] = []
         self._params: list[torch.nn.Parameter] = []
         self._norms: list[torch.Tensor] = []
@@ -187,20 +190,8 @@ class GradientNoiseScale(Callback):
 
     @guarded
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._k = int(trainer.accumulate_grad_batches)
-        self._world = int(trainer.world_size)
         self._params = [p for p in pl_module.parameters() if p.requires_grad]
-        if self._k > 1 or self._world > 1:
-            self.mode = "hooks"
-            self._acc = torch.zeros((), dtype=torch.float32, device=pl_module.device)
-            self._remove_hooks()
-            self._handles = [p.register_hook(self._make_hook()) for p in self._params]
-        elif self.split_batch:
-            self.mode = "split"
-        else:
-            self.mode = "off"
-            self._warn.info("off", "no gradient accumulation, no DDP and split_batch=False: the gradient noise "
-                            "scale is not measured.")
+        self._configure(trainer, pl_module)
 
     @guarded
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -208,6 +199,9 @@ class GradientNoiseScale(Callback):
 
     @guarded
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        if int(trainer.accumulate_grad_batches) != self._k:  # a GradientAccumulationScheduler changed it
+            self._reset_window()
+            self._configure(trainer, pl_module)
         if self.mode == "off":
             return
         samples = count_samples(batch)
@@ -324,6 +318,22 @@ class GradientNoiseScale(Callback):
         if getattr(self, "_acc", None) is not None:
             self._acc.zero_()
 
+    def _configure(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Pick where the two batch sizes come from, for the current accumulation and world size."""
+        self._k = int(trainer.accumulate_grad_batches)
+        self._world = int(trainer.world_size)
+        self._remove_hooks()
+        if self._k > 1 or self._world > 1:
+            self.mode = "hooks"
+            self._acc = torch.zeros((), dtype=torch.float32, device=pl_module.device)
+            self._handles = [p.register_hook(self._make_hook()) for p in self._params]
+        elif self.split_batch:
+            self.mode = "split"
+        else:
+            self.mode = "off"
+            self._warn.info("off", "no gradient accumulation, no DDP and split_batch=False: the gradient noise "
+                            "scale is not measured.")
+
     def _step_aside(self, message: str) -> None:
         self._warn.warn("step-aside", message)
         self.enabled = False
@@ -339,8 +349,8 @@ class GradientNoiseScale(Callback):
     def _make_hook(self) -> Any:
         def hook(grad: torch.Tensor) -> None:
             # Sees one micro-batch's gradient of this parameter (times loss scale / k) before it joins .grad.
-            if not (self.enabled and self._collecting):
-                return None
+            if not (self.enabled and self._collecting) or replaying_training_step():
+                return None  # off, between micro-batches, or another callback's re-run (FlopCounter's pass)
             try:
                 self._norms.append(torch.linalg.vector_norm(grad.detach(), dtype=torch.float32))
             except Exception as err:  # noqa: BLE001 - never break the user's backward; reported next hook
@@ -372,8 +382,8 @@ class GradientNoiseScale(Callback):
         return sq / (scale * scale)
 
     def _measure_hooks(self, trainer: Trainer, optimizer: Any) -> None:
-        if self._micro == 0:
-            return
+        if self._micro == 0 and self._world <= 1:
+            return  # under DDP every rank must still take part in the all-reduce below
         scale = self._loss_scale(trainer)
         # hooks saw (micro-batch gradient) × scale / k: undo both (SPEC §5)
         small = self._acc * (self._k * self._k) / (scale * scale)
@@ -381,14 +391,18 @@ class GradientNoiseScale(Callback):
         big = self._grad_sq(1.0 if self._grads_unscaled(trainer, optimizer) else scale) * (self._k / self._micro) ** 2
         tokens = -1.0 if self._tokens is None else float(self._tokens)
         dtype = torch.float32 if small.device.type == "mps" else torch.float64
-        counts = torch.tensor([self._micro, self._inv_samples, self._samples, tokens], dtype=dtype)
+        failed = float(getattr(self, "_local_failure", None) is not None)  # an error on one rank stops all (_common.guarded)
+        counts = torch.tensor([self._micro, self._inv_samples, self._samples, tokens, failed], dtype=dtype)
         # big is the same on every rank: it rides along in the sum and is divided by the world size below
         local = torch.cat([torch.stack([small, big]).to(dtype), counts.to(small.device, non_blocking=True)])
         world = 1
         if self._world > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(local, op=torch.distributed.ReduceOp.SUM)  # gloo has no AVG
             world = torch.distributed.get_world_size()
-        sq_small_sum, sq_big, n_micro, inv_sum, samples, tokens = local.tolist()  # one host sync per step
+        sq_small_sum, sq_big, n_micro, inv_sum, samples, tokens, failed = local.tolist()  # one host sync per step
+        if failed > 0:
+            self._step_aside(f"switched off on every rank after an error on {int(failed)} rank(s).")
+            return
         sq_big /= world
         self.batch_size = samples
         self.batch_tokens = tokens if tokens >= 0 and self._tokens is not None else math.nan
@@ -403,7 +417,7 @@ class GradientNoiseScale(Callback):
         if batch is None or half < 1:
             return
         sub = _slice_batch(batch, half, total)
-        with torch.enable_grad(), trainer.precision_plugin.train_step_context(), silenced_logging(pl_module):
+        with torch.enable_grad(), trainer.precision_plugin.train_step_context(), training_step_replay(pl_module):
             loss = unwrap_loss(pl_module.training_step(sub, self._batch_idx))
         if loss is None:
             return

@@ -152,7 +152,9 @@ class TokenBudget(Callback):
         if trainer.global_step == self._last_global_step:
             return  # still accumulating
         self._last_global_step = trainer.global_step
-        (step_tokens,) = global_sum(trainer, [self._step_tokens])
+        (step_tokens,) = global_sum(trainer, [self._step_tokens], owner=self)
+        if not self.enabled:
+            return
         self._step_tokens = 0
         self.tokens += step_tokens
         self.optimizer_steps += 1
