@@ -26,34 +26,22 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from gpt import GPTConfig, GPTLightningModule
+from gpt import GPTLightningModule
+from helpers import TINY, target_tokens
+from helpers import quick_trainer as _trainer
+from helpers import token_rows as _data
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
 
 from lightning_scaling.callbacks import ScalingMonitor
 from lightning_scaling.flop_counting import count_parameters
 
-TINY = GPTConfig(n_layer=1, d_model=32, n_head=2, seq_len=16, d_ff=64)
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 UNDERTRAINED = "TokenBudget: this run is projected to end at"
 GNS_ASIDE = "GradientNoiseScale: ModelParallelStrategy does not expose"
 
 
-def target_tokens(batch):
-    return batch[:, 1:].numel()
 
-
-def _data(n=64, seq=17):
-    return torch.randint(0, 256, (n, seq), generator=torch.Generator().manual_seed(0))
-
-
-def _trainer(tmp_path, callbacks, steps, **kwargs):
-    opts = dict(
-        max_steps=steps, default_root_dir=tmp_path, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, accelerator="cpu", devices=1,
-    )
-    opts.update(kwargs)
-    return L.Trainer(callbacks=callbacks, **opts)
 
 
 # --------------------------------------------------------------------------------------- the 2-rank script

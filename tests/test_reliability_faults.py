@@ -18,33 +18,20 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
-from gpt import GPTConfig, GPTLightningModule
+from gpt import GPTLightningModule
+from helpers import TINY, target_tokens
+from helpers import quick_trainer as _trainer
+from helpers import token_rows as _data
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 from torch.utils.data import DataLoader
 
 from lightning_scaling.callbacks import ScalingMonitor
 
-TINY = GPTConfig(n_layer=1, d_model=32, n_head=2, seq_len=16, d_ff=64)
-SEQ = TINY.seq_len + 1  # a batch row is seq_len inputs plus the next-byte target
 OURS = re.compile(r"^(FlopCounter|TokenBudget|GradientNoiseScale|DataRepetition|ScalingMonitor): ")
 
 
-def target_tokens(batch):
-    return batch[:, 1:].numel()
 
-
-def _data(n=32, seq=SEQ, seed=0):
-    return torch.randint(0, 256, (n, seq), generator=torch.Generator().manual_seed(seed))
-
-
-def _trainer(tmp_path, callbacks, steps=4, **kwargs):
-    opts = dict(
-        max_steps=steps, default_root_dir=tmp_path, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, accelerator="cpu", devices=1,
-    )
-    opts.update(kwargs)
-    return L.Trainer(callbacks=callbacks, **opts)
 
 
 class Captured:
@@ -154,7 +141,7 @@ def test_nan_loss_and_gradients_on_one_step_with_accumulation(tmp_path):
     module = NaNOnceGPT(bad_batch_idx=5)  # step 3's second micro-batch
     with captured() as cap:
         trainer = _trainer(tmp_path, [monitor], steps=6, accumulate_grad_batches=2)
-        trainer.fit(module, DataLoader(_data(), batch_size=2))
+        trainer.fit(module, DataLoader(_data(32), batch_size=2))
     assert trainer.global_step == 6
     # every micro-batch is counted, the bad one included: it was trained on (and skipped by the optimizer)
     assert monitor.tokens.tokens == 6 * 2 * 2 * 16
@@ -177,7 +164,7 @@ def test_nan_loss_on_a_split_batch_measurement_is_skipped(tmp_path):
     monitor = ScalingMonitor(tokens_fn=target_tokens, noise_scale={"warmup_steps": 0, "every_n_steps": 1})
     with captured():
         trainer = _trainer(tmp_path, [monitor], steps=5)
-        trainer.fit(NaNOnceGPT(bad_batch_idx=2), DataLoader(_data(), batch_size=4))
+        trainer.fit(NaNOnceGPT(bad_batch_idx=2), DataLoader(_data(32), batch_size=4))
     gns = monitor.noise_scale
     assert gns.mode == "split" and gns.enabled
     assert gns.skipped_nonfinite == 1 and gns.estimator.count == 4
@@ -253,7 +240,7 @@ def test_float_tensor_batches_warn_once_per_callback_and_flops_still_count(tmp_p
     monitor = ScalingMonitor(noise_scale={"warmup_steps": 0, "every_n_steps": 1})
     with captured() as cap:
         trainer = _trainer(tmp_path, [monitor], steps=4)
-        trainer.fit(Regressor(), DataLoader(_float_data(), batch_size=4))
+        trainer.fit(Regressor(), DataLoader(_float_data(32), batch_size=4))
     assert trainer.global_step == 4
     assert len(cap.matching(r"^TokenBudget: cannot count the tokens")) == 1
     assert len(cap.matching(r"^DataRepetition: cannot count the tokens")) == 1
@@ -283,7 +270,7 @@ class PackedGPT(GPTLightningModule):
 
 
 def _packed_loader():
-    return DataLoader(_data(), batch_size=4, collate_fn=lambda rows: Packed(torch.stack(rows)))
+    return DataLoader(_data(32), batch_size=4, collate_fn=lambda rows: Packed(torch.stack(rows)))
 
 
 def test_custom_batch_type_warns_once_per_callback_and_trains(tmp_path):
@@ -316,7 +303,7 @@ def test_tokens_fn_that_raises_warns_once_and_training_continues(tmp_path):
     monitor = ScalingMonitor(tokens_fn=broken, noise_scale=False)
     with captured(allow_internal=True) as cap:  # the user's tokens_fn raised, not our code
         trainer = _trainer(tmp_path, [monitor], steps=3)
-        trainer.fit(GPTLightningModule(TINY), DataLoader(_data(), batch_size=4))
+        trainer.fit(GPTLightningModule(TINY), DataLoader(_data(32), batch_size=4))
     assert trainer.global_step == 3
     assert monitor.flops.optimizer_steps == 3
     assert len(cap.matching("^TokenBudget: tokens_fn raised KeyError")) == 1
@@ -341,7 +328,7 @@ def test_model_failing_under_the_flop_counter_warns_once_and_trains(tmp_path):
     monitor = ScalingMonitor(tokens_fn=target_tokens, noise_scale={"warmup_steps": 0})
     with captured() as cap:
         trainer = _trainer(tmp_path, [monitor], steps=4, accumulate_grad_batches=2)
-        trainer.fit(NoDispatchGPT(TINY), DataLoader(_data(), batch_size=2))
+        trainer.fit(NoDispatchGPT(TINY), DataLoader(_data(32), batch_size=2))
     assert trainer.global_step == 4
     assert len(cap.matching("^FlopCounter: the FLOP counting pass failed")) == 1
     assert monitor.flops.total_flops == 0
@@ -360,7 +347,7 @@ def test_logger_less_trainer_writes_report_to_default_root_dir(tmp_path):
     monitor = ScalingMonitor(tokens_fn=target_tokens)
     with captured():
         trainer = _trainer(tmp_path, [monitor], steps=2, logger=False)
-        trainer.fit(GPTLightningModule(TINY), DataLoader(_data(), batch_size=4))
+        trainer.fit(GPTLightningModule(TINY), DataLoader(_data(32), batch_size=4))
     report = json.loads((tmp_path / "scaling_report.json").read_text(), parse_constant=_refuse)
     assert report["tokens"]["tokens"] == 2 * 4 * 16
     assert float(trainer.callback_metrics["scaling/tokens"]) == 2 * 4 * 16
@@ -371,7 +358,7 @@ def test_csv_logger_gets_the_metrics_and_the_report(tmp_path):
     logger = CSVLogger(tmp_path, name="run")
     with captured():
         trainer = _trainer(tmp_path, [monitor], steps=3, logger=logger, log_every_n_steps=1)
-        trainer.fit(GPTLightningModule(TINY), DataLoader(_data(), batch_size=4))
+        trainer.fit(GPTLightningModule(TINY), DataLoader(_data(32), batch_size=4))
     metrics = (tmp_path / "run" / "version_0" / "metrics.csv").read_text()
     assert "scaling/tokens" in metrics and "scaling/flops" in metrics
     report = json.loads((tmp_path / "run" / "version_0" / "scaling_report.json").read_text())
@@ -383,7 +370,7 @@ def test_fast_dev_run_counts_its_one_batch(tmp_path):
     with captured():
         trainer = L.Trainer(callbacks=[monitor], fast_dev_run=True, default_root_dir=tmp_path, accelerator="cpu",
                             devices=1, enable_progress_bar=False, enable_model_summary=False)
-        trainer.fit(GPTLightningModule(TINY), DataLoader(_data(), batch_size=4),
+        trainer.fit(GPTLightningModule(TINY), DataLoader(_data(32), batch_size=4),
                     DataLoader(_data(8), batch_size=4))
     assert trainer.global_step == 1
     assert monitor.tokens.tokens == 4 * 16 and monitor.tokens.optimizer_steps == 1
@@ -418,7 +405,7 @@ def test_validate_then_fit_with_the_same_monitor(tmp_path):
     with captured():
         trainer = _trainer(tmp_path, [monitor], steps=2, limit_val_batches=None)
         trainer.validate(module, DataLoader(_data(8), batch_size=4))
-        trainer.fit(module, DataLoader(_data(), batch_size=4))
+        trainer.fit(module, DataLoader(_data(32), batch_size=4))
     assert monitor.tokens.tokens == 2 * 4 * 16 and monitor.flops.optimizer_steps == 2
 
 

@@ -8,36 +8,17 @@ import json
 import lightning as L
 import pytest
 import torch
-from gpt import GPTConfig, GPTLightningModule
+from gpt import GPTLightningModule
+from helpers import TINY, quick_trainer, target_tokens
+from helpers import token_rows as _data
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
 
 from lightning_scaling.callbacks import ScalingMonitor
 
-TINY = GPTConfig(n_layer=1, d_model=32, n_head=2, seq_len=16, d_ff=64)
-
-
-def target_tokens(batch):
-    return batch[:, 1:].numel()
-
-
-def _data(n=64, seq=17):
-    g = torch.Generator().manual_seed(0)
-    return torch.randint(0, 256, (n, seq), generator=g)
-
-
-def _trainer(tmp_path, callbacks, steps, **kwargs):
-    opts = dict(
-        max_steps=steps, default_root_dir=tmp_path, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, accelerator="cpu", devices=1,
-    )
-    opts.update(kwargs)
-    return L.Trainer(callbacks=callbacks, **opts)
-
-
 def test_report_written_with_every_part(tmp_path):
     monitor = ScalingMonitor(tokens_fn=target_tokens, noise_scale={"warmup_steps": 0})
-    trainer = _trainer(tmp_path, [monitor], steps=6, accumulate_grad_batches=2)
+    trainer = quick_trainer(tmp_path, [monitor], steps=6, accumulate_grad_batches=2)
     trainer.fit(GPTLightningModule(TINY), DataLoader(_data(), batch_size=4))
     report = json.loads((tmp_path / "scaling_report.json").read_text())
     assert set(report) == {"flops", "tokens", "noise_scale", "repetition"}
@@ -75,16 +56,16 @@ def test_resume_mid_epoch_continues_counts_exactly(tmp_path):
     data = DataLoader(_data(), batch_size=4, shuffle=False)
     full = ScalingMonitor(tokens_fn=target_tokens)
     L.seed_everything(0, verbose=False)
-    _trainer(tmp_path / "full", [full], steps=8).fit(GPTLightningModule(TINY), data)
+    quick_trainer(tmp_path / "full", [full], steps=8).fit(GPTLightningModule(TINY), data)
 
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=3, save_top_k=-1)
     first = ScalingMonitor(tokens_fn=target_tokens)
     L.seed_everything(0, verbose=False)
-    _trainer(tmp_path / "a", [first, ckpt], steps=3, enable_checkpointing=True).fit(GPTLightningModule(TINY), data)
+    quick_trainer(tmp_path / "a", [first, ckpt], steps=3, enable_checkpointing=True).fit(GPTLightningModule(TINY), data)
     path = next((tmp_path / "ckpt").glob("*step=3*.ckpt"))
 
     resumed = ScalingMonitor(tokens_fn=target_tokens)
-    _trainer(tmp_path / "b", [resumed], steps=8).fit(GPTLightningModule(TINY), data, ckpt_path=str(path))
+    quick_trainer(tmp_path / "b", [resumed], steps=8).fit(GPTLightningModule(TINY), data, ckpt_path=str(path))
     assert _final_counts(resumed) == _final_counts(full)
     _assert_same_state(resumed.noise_scale.state_dict(), full.noise_scale.state_dict())
 
@@ -109,10 +90,10 @@ def _assert_same_state(a, b):
 def test_checkpoint_without_our_state_resumes_cleanly(tmp_path):
     data = DataLoader(_data(), batch_size=4)
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2)
-    _trainer(tmp_path, [ckpt], steps=2, enable_checkpointing=True).fit(GPTLightningModule(TINY), data)
+    quick_trainer(tmp_path, [ckpt], steps=2, enable_checkpointing=True).fit(GPTLightningModule(TINY), data)
     path = next((tmp_path / "ckpt").glob("*.ckpt"))
     monitor = ScalingMonitor(tokens_fn=target_tokens)
-    _trainer(tmp_path, [monitor], steps=4).fit(GPTLightningModule(TINY), data, ckpt_path=str(path))
+    quick_trainer(tmp_path, [monitor], steps=4).fit(GPTLightningModule(TINY), data, ckpt_path=str(path))
     # Counting starts where the monitor joined: two steps of 4 x 16 tokens.
     assert monitor.tokens.tokens == 2 * 4 * 16
 
@@ -133,7 +114,7 @@ def test_flop_counting_pass_does_not_reach_the_noise_scale(tmp_path):
     def noise_state(flops):
         L.seed_everything(0, verbose=False)
         monitor = ScalingMonitor(flops=flops, tokens=False, repetition=False, noise_scale={"warmup_steps": 0})
-        trainer = _trainer(tmp_path, [monitor], steps=4, accumulate_grad_batches=2)
+        trainer = quick_trainer(tmp_path, [monitor], steps=4, accumulate_grad_batches=2)
         trainer.fit(GPTLightningModule(TINY), DataLoader(_TwoShapes(), batch_size=4, shuffle=False))
         if flops:
             assert len(monitor.flops._cache) == 2  # both shapes were measured mid-window
