@@ -132,36 +132,55 @@ def _shape(n_layer: int, d_model: int, n_head: int, seq_len: int, vocab_size: in
     seq_len = positive_int("seq_len", seq_len)
     vocab_size = positive_int("vocab_size", vocab_size)
     d_ff = 4 * d_model if d_ff is None else positive_int("d_ff", d_ff)
-    if d_model % n_head:
-        raise ValueError(f"d_model must be divisible by n_head, got d_model={d_model}, n_head={n_head}")
     return n_layer, d_model, n_head, seq_len, vocab_size, d_ff
+
+
+def _attention_widths(d_model: int, n_head: int, n_kv_head: int | None, head_dim: int | None) -> tuple[int, int]:
+    """(d_attn, d_kv): the width of the queries (k·H) and of the keys and of the values (k·H_kv).
+
+    Grouped-query attention (Ainslie et al. 2023; Llama 2/3, Mistral) shares each key/value head among
+    ``n_head / n_kv_head`` query heads; ``head_dim`` k defaults to ``d_model / n_head``.
+    """
+    if head_dim is None:
+        if d_model % n_head:
+            raise ValueError(f"d_model must be divisible by n_head, got d_model={d_model}, n_head={n_head}")
+        head_dim = d_model // n_head
+    else:
+        head_dim = positive_int("head_dim", head_dim)
+    n_kv_head = n_head if n_kv_head is None else positive_int("n_kv_head", n_kv_head)
+    if n_head % n_kv_head:
+        raise ValueError(f"n_head must be a multiple of n_kv_head, got n_head={n_head}, n_kv_head={n_kv_head}")
+    return head_dim * n_head, head_dim * n_kv_head
 
 
 def transformer_flops(n_layer: int, d_model: int, n_head: int, seq_len: int, vocab_size: int,
                       d_ff: int | None = None, gated_mlp: bool = False, causal: bool = True,
                       convention: str = "chinchilla",
                       causal_attention: str = DEFAULT_CAUSAL_ATTENTION,
-                      tied_embeddings: bool = True) -> TransformerFlops:
+                      tied_embeddings: bool = True, n_kv_head: int | None = None,
+                      head_dim: int | None = None) -> TransformerFlops:
     """Analytic training FLOPs per sequence of a decoder-only transformer.
 
     ``d_ff`` defaults to ``4·d_model``; ``gated_mlp`` (SwiGLU) has three d×f matrices instead of two.
     ``convention`` is "chinchilla", "kaplan" or "palm" and ``causal_attention`` "half" or "full" (module
     docstring). ``tied_embeddings`` does not change the FLOPs of any convention (the head's matmul runs either
-    way); it is accepted so a model config can be passed through unchanged.
+    way); it is accepted so a model config can be passed through unchanged. ``n_kv_head`` (grouped-query
+    attention: fewer key/value heads than query heads) and ``head_dim`` (default ``d_model / n_head``) size the
+    key and value projections and the attention width.
     """
     n_layer, d, n_head, s, v, f = _shape(n_layer, d_model, n_head, seq_len, vocab_size, d_ff)
     _check_bool("gated_mlp", gated_mlp)
     _check_bool("tied_embeddings", tied_embeddings)
     one_of("convention", convention, FLOP_CONVENTIONS)
     attn = causal_attention_factor(causal, causal_attention)
-    d_attn = d  # key size × heads (k·H); d_model in every model this library builds
+    d_attn, d_kv = _attention_widths(d, n_head, n_kv_head, head_dim)  # k·H and k·H_kv
     mlp_mats = 3 if gated_mlp else 2
 
     if convention == "chinchilla":
         # Hoffmann 2022 App. F, forward FLOPs per sequence; gated MLP = 3 d×f matrices (SPEC §1)
         breakdown = {
             "embeddings": 2.0 * s * v * d,
-            "qkv": n_layer * 2.0 * 3 * s * d * d_attn,
+            "qkv": n_layer * 2.0 * s * d * (d_attn + 2 * d_kv),
             "scores": n_layer * 2.0 * s * s * d_attn * attn,
             "softmax": n_layer * 3.0 * n_head * s * s * attn,
             "values": n_layer * 2.0 * s * s * d_attn * attn,
@@ -173,7 +192,7 @@ def transformer_flops(n_layer: int, d_model: int, n_head: int, seq_len: int, voc
         # Kaplan 2020 Table 1: C_forward = 2N + 2·n_layer·n_ctx·d_attn per token (context term = causal half)
         breakdown = {
             "embeddings": 0.0,
-            "qkv": n_layer * 2.0 * 3 * d * d_attn * s,
+            "qkv": n_layer * 2.0 * d * (d_attn + 2 * d_kv) * s,
             "scores": n_layer * 2.0 * s * d_attn * s * attn,
             "softmax": 0.0,
             "values": n_layer * 2.0 * s * d_attn * s * attn,
@@ -185,7 +204,7 @@ def transformer_flops(n_layer: int, d_model: int, n_head: int, seq_len: int, voc
         # PaLM App. B: 6N + 12·L·H·Q·T per token for training = 3 × (2N + 4·L·H·Q·T) forward
         breakdown = {
             "embeddings": 0.0,
-            "qkv": n_layer * 2.0 * 3 * d * d_attn * s,
+            "qkv": n_layer * 2.0 * d * (d_attn + 2 * d_kv) * s,
             "scores": n_layer * 2.0 * d_attn * s * s * attn,
             "softmax": 0.0,
             "values": n_layer * 2.0 * d_attn * s * s * attn,
@@ -201,14 +220,17 @@ def transformer_flops(n_layer: int, d_model: int, n_head: int, seq_len: int, voc
 
 def transformer_params(n_layer: int, d_model: int, vocab_size: int, d_ff: int | None = None,
                        gated_mlp: bool = False, tied_embeddings: bool = True, seq_len: int | None = None,
-                       linear_biases: bool = False) -> ParamCount:
+                       linear_biases: bool = False, n_head: int | None = None, n_kv_head: int | None = None,
+                       head_dim: int | None = None) -> ParamCount:
     """Parameters of a decoder-only transformer laid out like ``examples/gpt.py``.
 
     Counted: token embedding V·d; learned positions seq_len·d when ``seq_len`` is given (None: rotary or no
     positions, nothing counted); per layer the attention matrices 4·d² and the MLP matrices 2·d·f (3·d·f when
     ``gated_mlp``); LayerNorm weight and bias, two per layer plus a final one, (4·n_layer + 2)·d; an output
     head d·V unless ``tied_embeddings``. Linear biases only when ``linear_biases`` (GPT-2 has them: 3d + d for
-    attention, f + d for the MLP, 2f + d when gated). ``.embedding`` = token embedding + positions.
+    attention, f + d for the MLP, 2f + d when gated). ``.embedding`` = token embedding + positions. With
+    grouped-query attention (``n_head`` and ``n_kv_head``, optionally ``head_dim``) the attention matrices are
+    d·(k·H + 2·k·H_kv) + k·H·d instead of 4·d².
     """
     n_layer = positive_int("n_layer", n_layer)
     d = positive_int("d_model", d_model)
@@ -219,9 +241,16 @@ def transformer_params(n_layer: int, d_model: int, vocab_size: int, d_ff: int | 
     _check_bool("linear_biases", linear_biases)
     positions = 0 if seq_len is None else positive_int("seq_len", seq_len) * d
     mlp_mats = 3 if gated_mlp else 2
-    per_layer = 4 * d * d + mlp_mats * d * f + 4 * d  # matrices + two LayerNorms (weight, bias)
+    if n_head is None:
+        if n_kv_head is not None or head_dim is not None:
+            raise ValueError("n_head is needed with n_kv_head or head_dim")
+        d_attn = d_kv = d
+    else:
+        d_attn, d_kv = _attention_widths(d, positive_int("n_head", n_head), n_kv_head, head_dim)
+    attention = d * (d_attn + 2 * d_kv) + d_attn * d  # Q, K, V and output projections
+    per_layer = attention + mlp_mats * d * f + 4 * d  # matrices + two LayerNorms (weight, bias)
     if linear_biases:
-        per_layer += 4 * d + (mlp_mats - 1) * f + d
+        per_layer += d_attn + 2 * d_kv + d + (mlp_mats - 1) * f + d
     embedding = v * d + positions
     total = embedding + n_layer * per_layer + 2 * d + (0 if tied_embeddings else d * v)
     return ParamCount(total=total, embedding=embedding)

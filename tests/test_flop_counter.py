@@ -259,3 +259,17 @@ def test_shapes_beyond_the_limit_are_estimated_per_token(monkeypatch):
     short, long = sorted(f for f, _ in counter._cache.values())
     assert long == int(short * (4 * 17) / (4 * 9))  # estimated from the measured shape, per token
     assert counter.total_flops == 2 * short + 2 * long
+
+
+def test_hugging_face_llama_config_is_read_with_grouped_query_attention():
+    from lightning_scaling.callbacks._model_shape import shape_from
+
+    llama = {"num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 8, "num_key_value_heads": 2,
+             "vocab_size": 100, "max_position_embeddings": 16, "intermediate_size": 128, "hidden_act": "silu"}
+    shape = shape_from(llama)
+    assert (shape.n_layer, shape.d_model, shape.n_head, shape.n_kv_head, shape.d_ff) == (2, 64, 8, 2, 128)
+    assert shape.gated_mlp
+    expected = transformer_flops(2, 64, 8, 16, 100, d_ff=128, gated_mlp=True, n_kv_head=2).total
+    assert shape.training_flops_per_sequence() == expected
+    with pytest.raises(ValueError, match="n_kv_head"):
+        shape_from({**llama, "num_key_value_heads": 3})

@@ -186,3 +186,31 @@ def test_other_functions_reject_bad_input():
 def test_flops_module_imports_no_torch():
     code = "import sys, lightning_scaling.flops; assert 'torch' not in sys.modules and 'lightning' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_grouped_query_attention_llama3_8b_parameters():
+    # Llama 3 8B: 8,030,261,248 parameters with RMSNorm weights only; our LayerNorms also count a bias per norm.
+    count = transformer_params(32, 4096, 128256, d_ff=14336, gated_mlp=True, tied_embeddings=False,
+                               n_head=32, n_kv_head=8)
+    assert count.total == 8_030_261_248 + (2 * 32 + 1) * 4096
+
+
+def test_grouped_query_attention_flops_by_hand():
+    n_layer, d, h, h_kv, s, v = 2, 64, 8, 2, 16, 100
+    gqa = transformer_flops(n_layer, d, h, s, v, n_kv_head=h_kv, causal=False)
+    mha = transformer_flops(n_layer, d, h, s, v, causal=False)
+    k = d // h
+    # Q is d x kH, K and V are d x kH_kv each (Ainslie et al. 2023): only the K/V projections shrink
+    assert gqa.breakdown["qkv"] == n_layer * 2 * s * d * (k * h + 2 * k * h_kv)
+    assert mha.breakdown["qkv"] - gqa.breakdown["qkv"] == n_layer * 2 * s * d * 2 * k * (h - h_kv)
+    for part in ("scores", "values", "out_proj", "softmax", "mlp"):
+        assert gqa.breakdown[part] == mha.breakdown[part]
+
+
+def test_separate_head_dim_and_bad_groups():
+    wide = transformer_flops(1, 64, 4, 8, 10, head_dim=32, causal=False)  # k·H = 128 > d_model
+    assert wide.breakdown["out_proj"] == 2 * 8 * 128 * 64
+    with pytest.raises(ValueError, match="n_kv_head"):
+        transformer_flops(1, 64, 4, 8, 10, n_kv_head=3)
+    with pytest.raises(ValueError, match="n_head"):
+        transformer_params(1, 64, 10, n_kv_head=2)

@@ -13,6 +13,8 @@ _ALIASES: dict[str, tuple[str, ...]] = {
     "vocab_size": ("vocab_size",),
     "seq_len": ("seq_len", "block_size", "max_seq_len", "max_position_embeddings", "n_ctx"),
     "d_ff": ("d_ff", "ffn_dim", "intermediate_size", "n_inner", "hidden_dim"),
+    "n_kv_head": ("n_kv_head", "n_kv_heads", "num_key_value_heads", "n_query_groups", "num_kv_heads"),
+    "head_dim": ("head_dim", "head_size"),
 }
 _GATED_ACTIVATIONS = {"silu", "swiglu", "swish", "geglu"}
 
@@ -28,15 +30,22 @@ class ModelShape:
     seq_len: int
     d_ff: int | None = None
     gated_mlp: bool = False
+    n_kv_head: int | None = None  # grouped-query attention: key/value heads (default: n_head)
+    head_dim: int | None = None  # default: d_model / n_head
 
     def __post_init__(self) -> None:
         from lightning_scaling._validation import positive_int
 
         for name in ("n_layer", "d_model", "n_head", "vocab_size", "seq_len"):
             positive_int(f"model_shape.{name}", getattr(self, name))
-        if self.d_ff is not None:
-            positive_int("model_shape.d_ff", self.d_ff)
-        if self.d_model % self.n_head:
+        for name in ("d_ff", "n_kv_head", "head_dim"):
+            if getattr(self, name) is not None:
+                positive_int(f"model_shape.{name}", getattr(self, name))
+        if self.n_kv_head is not None and self.n_head % self.n_kv_head:
+            raise ValueError(
+                f"model_shape.n_head must be a multiple of model_shape.n_kv_head, got {self.n_head} and {self.n_kv_head}"
+            )
+        if self.head_dim is None and self.d_model % self.n_head:
             raise ValueError(
                 f"model_shape.d_model must be divisible by model_shape.n_head, got {self.d_model} and {self.n_head}"
             )
@@ -62,6 +71,8 @@ class ModelShape:
             causal=True,
             convention=convention,
             causal_attention=causal_attention,
+            n_kv_head=self.n_kv_head,
+            head_dim=self.head_dim,
         ).total
 
 
