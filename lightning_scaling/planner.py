@@ -41,6 +41,14 @@ FLOPS_CONVENTIONS = ("chinchilla", "kaplan", "palm")
 DTYPES = ("bf16", "fp16", "tf32", "fp32", "fp8")
 
 
+def _count(name: str, value: Any) -> float:
+    """A count of FLOPs, parameters or tokens: finite and at least 1 (less is no model and no run)."""
+    out = positive_float(name, value)
+    if out < 1:
+        raise ValueError(f"{name} must be at least 1, got {value!r}")
+    return out
+
+
 def _arg_namer(cli_names: bool) -> Callable[[str], str]:
     """How messages name an argument: ``unique_tokens`` (Python) or ``--unique-tokens`` (command line)."""
     return (lambda name: "--" + name.replace("_", "-")) if cli_names else (lambda name: name)
@@ -75,25 +83,32 @@ def _run(n: float, d: float, loss: float, flops: float | None = None) -> dict[st
 
 
 def _model(shape: dict[str, Any], seq_len: int | None, d_ff: int | None, gated_mlp: bool, tied_embeddings: bool,
-           non_embedding: bool, flops_convention: str | None, arg: Callable[[str], str]) -> dict[str, Any]:
+           non_embedding: bool, flops_convention: str | None, arg: Callable[[str], str],
+           n_kv_head: int | None = None, head_dim: int | None = None) -> dict[str, Any]:
     missing = [arg(k) for k in (*_SHAPE, "seq_len") if (seq_len if k == "seq_len" else shape[k]) is None]
     if missing:
         needed = ", ".join(arg(k) for k in (*_SHAPE, "seq_len"))
         raise ValueError(f"{', '.join(missing)} missing: a model shape needs all of {needed}")
-    if shape["d_model"] % shape["n_head"]:
+    if head_dim is None and shape["d_model"] % shape["n_head"]:
         raise ValueError(f"{arg('d_model')} must be divisible by {arg('n_head')}, got {shape['d_model']} and {shape['n_head']}")
     from lightning_scaling.flops import transformer_flops, transformer_params  # lazy: only shape mode needs it
 
     convention = one_of(arg("flops_convention"), flops_convention or "chinchilla", FLOPS_CONVENTIONS)
+    if n_kv_head is not None and shape["n_head"] % n_kv_head:
+        raise ValueError(f"{arg('n_head')} must be a multiple of {arg('n_kv_head')}, got {shape['n_head']} and {n_kv_head}")
     counts = transformer_params(shape["n_layer"], shape["d_model"], shape["vocab_size"], d_ff=d_ff,
-                                gated_mlp=gated_mlp, tied_embeddings=tied_embeddings)
+                                gated_mlp=gated_mlp, tied_embeddings=tied_embeddings, n_head=shape["n_head"],
+                                n_kv_head=n_kv_head, head_dim=head_dim)
     per_seq = transformer_flops(shape["n_layer"], shape["d_model"], shape["n_head"], seq_len, shape["vocab_size"],
-                                d_ff=d_ff, gated_mlp=gated_mlp, convention=convention)
+                                d_ff=d_ff, gated_mlp=gated_mlp, convention=convention, n_kv_head=n_kv_head,
+                                head_dim=head_dim)
     return {
         **shape,
         "seq_len": seq_len,
         "d_ff": d_ff if d_ff is not None else 4 * shape["d_model"],
         "gated_mlp": gated_mlp,
+        "n_kv_head": n_kv_head if n_kv_head is not None else shape["n_head"],
+        "head_dim": head_dim if head_dim is not None else shape["d_model"] // shape["n_head"],
         "tied_embeddings": tied_embeddings,
         "params": float(counts.non_embedding if non_embedding else counts.total),
         "params_counted": "non_embedding" if non_embedding else "total",
@@ -199,6 +214,8 @@ def plan(
     seq_len: int | None = None,
     d_ff: int | None = None,
     gated_mlp: bool = False,
+    n_kv_head: int | None = None,
+    head_dim: int | None = None,
     tied_embeddings: bool = True,
     non_embedding: bool = False,
     flops_convention: str | None = None,
@@ -218,7 +235,8 @@ def plan(
 
     Fix the run with ``flops`` (training FLOPs), ``params`` (parameters), ``tokens`` (training tokens), any two
     of them, a ``target_loss`` (nats/token) alone, or a model shape (``n_layer``, ``d_model``, ``n_head``,
-    ``vocab_size``, ``seq_len``; optional ``d_ff``, ``gated_mlp``) in place of ``params``, whose FLOPs per token
+    ``vocab_size``, ``seq_len``; optional ``d_ff``, ``gated_mlp``, ``n_kv_head`` (grouped-query attention),
+    ``head_dim``) in place of ``params``, whose FLOPs per token
     are then counted analytically (``flops_convention``: chinchilla, kaplan or palm) instead of 6·params.
     What is missing is taken at the law's optimum. ``law`` ("hoffmann", "epoch" (default), "muennighoff")
     or ``law_file`` (JSON of a law's ``to_dict()``) picks the law. Optional sections: ``unique_tokens``
@@ -231,13 +249,15 @@ def plan(
     def optional(check: Callable[[str, Any], Any], name: str, value: Any) -> Any:
         return None if value is None else check(arg(name), value)
 
-    flops = optional(positive_float, "flops", flops)
-    params = optional(positive_float, "params", params)
-    tokens = optional(positive_float, "tokens", tokens)
+    flops = optional(_count, "flops", flops)
+    params = optional(_count, "params", params)
+    tokens = optional(_count, "tokens", tokens)
     target_loss = optional(positive_float, "target_loss", target_loss)
     shape = {k: optional(positive_int, k, v) for k, v in zip(_SHAPE, (n_layer, d_model, n_head, vocab_size))}
     seq_len = optional(positive_int, "seq_len", seq_len)
     d_ff = optional(positive_int, "d_ff", d_ff)
+    n_kv_head = optional(positive_int, "n_kv_head", n_kv_head)
+    head_dim = optional(positive_int, "head_dim", head_dim)
     unique_tokens = optional(positive_float, "unique_tokens", unique_tokens)
     inference_tokens = optional(positive_float, "inference_tokens", inference_tokens)
     num_gpus = optional(positive_int, "num_gpus", num_gpus)
@@ -255,10 +275,12 @@ def plan(
     if any(v is not None for v in shape.values()):
         if params is not None:
             raise ValueError(f"{arg('params')} and a model shape ({', '.join(map(arg, _SHAPE))}) are mutually exclusive")
-        model = _model(shape, seq_len, d_ff, gated_mlp, tied_embeddings, non_embedding, flops_convention, arg)
+        model = _model(shape, seq_len, d_ff, gated_mlp, tied_embeddings, non_embedding, flops_convention, arg,
+                       n_kv_head, head_dim)
         params = model["params"]
     else:
-        extras = {"d_ff": d_ff is not None, "gated_mlp": gated_mlp, "tied_embeddings": not tied_embeddings,
+        extras = {"d_ff": d_ff is not None, "gated_mlp": gated_mlp, "n_kv_head": n_kv_head is not None,
+                  "head_dim": head_dim is not None, "tied_embeddings": not tied_embeddings,
                   "non_embedding": non_embedding, "flops_convention": flops_convention is not None}
         for name, given in extras.items():
             if given:

@@ -253,7 +253,7 @@ def test_property_plan_rejects_by_name_or_answers_finite(values):
 
 @settings(max_examples=60, deadline=None)
 @given(
-    flops=st.floats(1e-5, 1e35),
+    flops=st.floats(1, 1e35),  # a budget under one FLOP is rejected (test below)
     unique_tokens=st.one_of(st.none(), st.floats(1e-5, 1e35)),
     inference_tokens=st.one_of(st.none(), st.floats(1e-5, 1e35)),
     law=st.sampled_from(["hoffmann", "epoch", "muennighoff"]),
@@ -293,3 +293,35 @@ def test_plan_imports_no_torch():
     code = "import lightning_scaling.commands.plan, lightning_scaling.planner, sys; assert 'torch' not in sys.modules"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
+
+
+def test_plan_grouped_query_attention_shape(capsys):
+    from lightning_scaling.cli import main
+
+    args = ["plan", "--n-layer", "32", "--d-model", "4096", "--n-head", "32", "--n-kv-head", "8", "--vocab-size",
+            "128256", "--seq-len", "8192", "--d-ff", "14336", "--gated-mlp", "--untied-embeddings", "--tokens", "15e12",
+            "--json"]
+    assert main(args) == 0
+    out = json.loads(capsys.readouterr().out)
+    # Llama 3 8B: 8,030,261,248 parameters (RMSNorm weights only; our LayerNorms add a bias per norm)
+    assert out["params"] == 8_030_261_248 + 65 * 4096
+    assert out["model"]["n_kv_head"] == 8 and out["model"]["head_dim"] == 128
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--n-layer", "2", "--d-model", "64", "--n-head", "8", "--vocab-size", "100", "--seq-len", "16",
+      "--n-kv-head", "3"], "--n-head must be a multiple of --n-kv-head"),
+    (["--n-kv-head", "2"], "--n-kv-head needs a model shape"),
+])
+def test_plan_bad_grouped_query_flags(capsys, extra, message):
+    from lightning_scaling.cli import main
+
+    assert main(["plan", "--flops", "1e18", *extra]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
+
+
+@pytest.mark.parametrize("name", ["flops", "params", "tokens"])
+def test_counts_below_one_are_rejected_by_name(name):
+    with pytest.raises(ValueError, match=f"{name} must be at least 1"):
+        plan(**{name: 0.5})

@@ -26,7 +26,7 @@ examples:
 # flags whose values go straight to planner.plan (dest names equal its keyword names)
 _PLAN_KEYS = (
     "flops", "params", "tokens", "target_loss", "n_layer", "d_model", "n_head", "vocab_size", "seq_len", "d_ff",
-    "gated_mlp", "non_embedding", "flops_convention", "unique_tokens", "inference_tokens", "law", "law_file",
+    "gated_mlp", "n_kv_head", "head_dim", "non_embedding", "flops_convention", "unique_tokens", "inference_tokens", "law", "law_file",
     "gpu", "num_gpus", "mfu", "peak_flops", "dtype", "batch_size",
 )
 
@@ -49,6 +49,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     shape.add_argument("--seq-len", type=int, help="tokens per sequence (also sets tokens per step with --batch-size)")
     shape.add_argument("--d-ff", type=int, help="MLP width (default 4 x d_model)")
     shape.add_argument("--gated-mlp", action="store_true", help="SwiGLU-style MLP with three d x d_ff matrices")
+    shape.add_argument("--n-kv-head", type=int, help="key/value heads, for grouped-query attention (default --n-head)")
+    shape.add_argument("--head-dim", type=int, help="size of one head (default d_model / n_head)")
     shape.add_argument("--untied-embeddings", action="store_true", help="count a separate d x V output head")
     shape.add_argument("--non-embedding", action="store_true", help="feed non-embedding parameters to the law")
     shape.add_argument("--flops-convention", choices=FLOPS_CONVENTIONS, help="analytic FLOP count (default chinchilla)")
