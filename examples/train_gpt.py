@@ -1,6 +1,6 @@
 """Train a small byte-level GPT on the Python standard library's source with every lightning-scaling callback on.
 
-    python examples/train_gpt.py                 # ~3 minutes on 2 CPU cores
+    python examples/train_gpt.py                 # about 2 minutes on 2 CPU cores
     python examples/train_gpt.py --steps 50      # a quick look
     python examples/train_gpt.py --device cuda   # CUDA, with our Triton kernels when they load
 
