@@ -403,6 +403,16 @@ def run_cli(argv, capsys):
     return rc, out, err
 
 
+def run_cli_without_traceback(argv, capsys, label):
+    """``run_cli`` with RuntimeWarnings as errors; any exception (a traceback reaching the user) fails the test."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        try:
+            return run_cli(argv, capsys)
+        except Exception as error:  # noqa: BLE001 - a traceback reaching the user is the failure under test
+            pytest.fail(f"{label}: {type(error).__name__}: {error}")
+
+
 def assert_clean_rejection(rc, out, err, argv):
     assert rc == 2, f"{argv}: exit {rc}"
     lines = [line for line in err.splitlines() if line.strip()]
@@ -425,12 +435,7 @@ def _no_nan_json(text):
 @example(argv=["plan", "--flops=1e20", "--seq-len=16", f"--batch-size={10**400}"])
 @example(argv=["plan", "--flops=1e20", "--gpu=h100", f"--num-gpus={10**400}"])
 def test_plan_cli_rejects_with_one_line_naming_a_flag_or_prints_finite_results(argv, capsys):
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", RuntimeWarning)
-        try:
-            rc, out, err = run_cli(argv, capsys)
-        except Exception as error:  # noqa: BLE001 - a traceback reaching the user is the failure under test
-            pytest.fail(f"{argv}: {type(error).__name__}: {error}")
+    rc, out, err = run_cli_without_traceback(argv, capsys, argv)
     if rc == 0:
         assert err.strip() == "" or "Warning" not in err, err
         if "--json" in argv:
@@ -485,12 +490,7 @@ def test_fit_cli_rejects_bad_files_with_one_line(content, approach, extra, capsy
         valid_rows = _valid_ladder(content)
         if approach in ("3", "kaplan") and valid_rows and not any("drop" in flag for flag in extra):
             argv.append("--drop-highest-loss=1000")
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", RuntimeWarning)
-            try:
-                rc, out, err = run_cli(argv, capsys)
-            except Exception as error:  # noqa: BLE001 - a traceback reaching the user is the failure under test
-                pytest.fail(f"{content!r} {argv[2:]}: {type(error).__name__}: {error}")
+        rc, out, err = run_cli_without_traceback(argv, capsys, f"{content!r} {argv[2:]}")
     if rc == 0:
         assert_finite(_no_nan_json(out)["fit"])
         return

@@ -158,6 +158,28 @@ def global_sum(trainer: Any, values: Sequence[int], owner: Any = None) -> list[i
     return reduced[:-1]
 
 
+class OptimizerSteps:
+    """Tells at ``on_train_batch_end`` whether the micro-batch just finished completed an optimizer step.
+
+    Anchor it in ``on_train_start``, not ``on_fit_start``: Lightning restores ``global_step`` from a checkpoint
+    between the two, and an anchor taken before would count the first resumed micro-batch as a step.
+    """
+
+    def __init__(self) -> None:
+        self.last: int | None = None  # trainer.global_step at the last completed step (or the anchor)
+
+    def anchor(self, trainer: Any) -> None:
+        self.last = trainer.global_step
+
+    def completed(self, trainer: Any) -> int | None:
+        """Optimizer steps completed since the last call, or None while still accumulating."""
+        if trainer.global_step == self.last:
+            return None
+        advanced = trainer.global_step - (self.last or 0)
+        self.last = trainer.global_step
+        return advanced
+
+
 def planned_optimizer_steps(trainer: Any) -> int | None:
     """Optimizer steps the whole run will take (``estimated_stepping_batches``), or None when unbounded."""
     try:

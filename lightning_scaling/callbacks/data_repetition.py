@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from lightning_scaling._validation import positive_float, positive_int
 from lightning_scaling.callbacks._common import (
+    OptimizerSteps,
     TokensFn,
     WarnOnce,
     _first_tensor,
@@ -127,7 +128,7 @@ class DataRepetition(Callback):
         # per-step scratch (this rank): tokens, samples, batches whose tokens/samples could not be counted,
         # batches the sketch failed on
         self._pending = [0, 0, 0, 0, 0]
-        self._last_global_step: int | None = None
+        self._steps = OptimizerSteps()
         # latest numbers (see summary())
         self.unique_tokens: float | None = None
         self.epochs: float | None = None
@@ -180,7 +181,7 @@ class DataRepetition(Callback):
 
             self.law = DataConstrainedLaw()
         self._planned_steps = planned_optimizer_steps(trainer)
-        self._last_global_step = trainer.global_step
+        self._steps.anchor(trainer)
         self._pending = [0, 0, 0, 0, 0]
 
     @guarded
@@ -212,10 +213,9 @@ class DataRepetition(Callback):
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if trainer.global_step == self._last_global_step:
+        advanced = self._steps.completed(trainer)
+        if advanced is None:
             return  # still accumulating: no optimizer step yet
-        advanced = trainer.global_step - (self._last_global_step or 0)
-        self._last_global_step = trainer.global_step
         if not self._flush(trainer, max(advanced, 0)):
             return
         if self._sketch is not None:
@@ -359,7 +359,7 @@ class DataRepetition(Callback):
         self.distinct_fraction = None if self.distinct is None else min(self.distinct / max(self.samples, 1), 1.0)
         self.epochs = self.tokens / unique
         if self._planned_steps is not None and self.global_steps > 0:
-            remaining = max(self._planned_steps - (self._last_global_step or 0), 0) * self.tokens / self.global_steps
+            remaining = max(self._planned_steps - (self._steps.last or 0), 0) * self.tokens / self.global_steps
             self.projected_tokens = self.tokens + remaining
             self.projected_unique_tokens = unique + growth * remaining
         else:

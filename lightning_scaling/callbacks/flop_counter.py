@@ -11,6 +11,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
 from lightning_scaling.callbacks._common import (
+    OptimizerSteps,
     WarnOnce,
     _first_tensor,
     global_sum,
@@ -89,7 +90,7 @@ class FlopCounter(Callback):
         self._step_flops = 0
         self._step_hardware = 0
         self._step_analytic = {"chinchilla": 0, "matmul": 0}
-        self._last_global_step: int | None = None
+        self._steps = OptimizerSteps()
         self._step_started: float | None = None
         self._measure_seconds = 0.0
         self._times: deque[tuple[int, float]] = deque(maxlen=self.window)
@@ -121,8 +122,7 @@ class FlopCounter(Callback):
 
     @guarded
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        # Not in on_fit_start: Lightning restores global_step from a checkpoint between the two.
-        self._last_global_step = trainer.global_step
+        self._steps.anchor(trainer)
 
     @guarded
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
@@ -149,9 +149,8 @@ class FlopCounter(Callback):
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if trainer.global_step == self._last_global_step:
+        if self._steps.completed(trainer) is None:
             return  # still accumulating: no optimizer step yet
-        self._last_global_step = trainer.global_step
         step_flops, step_hw, step_analytic, step_matmul = global_sum(
             trainer,
             [self._step_flops, self._step_hardware, self._step_analytic["chinchilla"], self._step_analytic["matmul"]],

@@ -11,6 +11,7 @@ from torch.utils.data import default_collate
 from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_scaling.callbacks._common import (
+    OptimizerSteps,
     TokensFn,
     WarnOnce,
     count_tokens,
@@ -90,7 +91,7 @@ class TokenBudget(Callback):
         # this fit only
         self.params: int | None = None
         self._step_tokens = 0
-        self._last_global_step: int | None = None
+        self._steps = OptimizerSteps()
         self._fit_start_tokens = 0
         self._fit_start_steps = 0
         self._fit_start_time: float | None = None
@@ -119,8 +120,7 @@ class TokenBudget(Callback):
 
     @guarded
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        # Not in on_fit_start: Lightning restores global_step from a checkpoint between the two.
-        self._last_global_step = trainer.global_step
+        self._steps.anchor(trainer)
         self._fit_start_tokens = self.tokens
         self._fit_start_steps = trainer.global_step
         self._fit_start_time = time.perf_counter()
@@ -149,9 +149,8 @@ class TokenBudget(Callback):
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if trainer.global_step == self._last_global_step:
+        if self._steps.completed(trainer) is None:
             return  # still accumulating
-        self._last_global_step = trainer.global_step
         (step_tokens,) = global_sum(trainer, [self._step_tokens], owner=self)
         if not self.enabled:
             return
