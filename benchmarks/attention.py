@@ -20,6 +20,8 @@ import sys
 
 import torch
 
+from _table import print_table  # benchmarks/ is on sys.path when run as a script
+
 
 def _bench(fn, grad_to_none) -> float:
     import triton.testing
@@ -49,13 +51,13 @@ def measure(impl, batch: int, heads: int, seq: int, head_dim: int, causal: bool)
     def forward_backward():
         forward().backward(grad_out)
 
-    out = forward()
+    graph = forward()  # one forward whose backward is timed again and again
     result = {
         "fwd": _bench(forward, None),
-        "bwd": _bench(lambda: out.backward(grad_out, retain_graph=True), inputs),
+        "bwd": _bench(lambda: graph.backward(grad_out, retain_graph=True), inputs),
         "fwd+bwd": _bench(forward_backward, inputs),
     }
-    del out
+    graph = None
     for t in inputs:
         t.grad = None
     result["peak_mib"] = _peak_mib(forward_backward)
@@ -112,21 +114,8 @@ def main(argv: list[str] | None = None) -> int:
                              f"{b[mode]:.3f}", f"{flops[mode] / a[mode] / 1e9:.1f}",
                              f"{flops[mode] / b[mode] / 1e9:.1f}", f"{b[mode] / a[mode]:.2f}", *peak])
             torch.cuda.empty_cache()
-    _print_table(header, rows, args.markdown)
+    print_table(header, rows, args.markdown)
     return 0
-
-
-def _print_table(header: list[str], rows: list[list[str]], markdown: bool) -> None:
-    if markdown:
-        print("| " + " | ".join(header) + " |")
-        print("|" + "|".join("---" for _ in header) + "|")
-        for row in rows:
-            print("| " + " | ".join(row) + " |")
-        return
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
-    print("  ".join(h.rjust(w) for h, w in zip(header, widths)))
-    for row in rows:
-        print("  ".join(c.rjust(w) for c, w in zip(row, widths)))
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
-"""Benchmark: the SwiGLU MLP with our fused gate (``FusedSwiGLU``) against the eager one (``examples/gpt.py``
-``SwiGLU``), same weights, bf16, on a CUDA GPU.
+"""Benchmark: the SwiGLU MLP with our two fusions (``FusedSwiGLU(fusion="elementwise")``, the fused gate after
+cuBLAS GEMMs; ``FusedSwiGLU(fusion="gemm")``, the gate/up GEMM with the SwiGLU epilogue) against the eager one
+(``examples/gpt.py`` ``SwiGLU``), same weights, bf16, on a CUDA GPU.
 
 For tokens = 16384 and d_model in (1024, 2048, 4096) with d_ff = 8/3 · d_model rounded up to 256: median time
 (``triton.testing.do_bench``) of forward, backward and forward+backward, TFLOP/s, the activation memory the
@@ -7,7 +8,9 @@ forward leaves for the backward (bytes allocated after the forward, minus the ou
 forward+backward. Prints one table, both side by side.
 
 FLOPs (model FLOPs; SPEC.md §1, Hoffmann 2022 App. F, gated dense block 2·S·3·d·f): forward 3 GEMMs of
-2·tokens·d_model·d_ff; backward 2 × forward; forward+backward 3 × forward. The fused gate adds no matmul.
+2·tokens·d_model·d_ff; backward 2 × forward; forward+backward 3 × forward, for every variant. The "gemm" fusion's
+backward recomputes the gate/up GEMMs (4·tokens·d_model·d_ff hardware FLOPs more), which its TFLOP/s does not
+credit: the column compares useful work per second.
 
 Run: ``python benchmarks/mlp.py`` (``--markdown`` for a table to paste into benchmarks/RESULTS.md). Without a
 CUDA GPU it prints why and exits 0. Target on H100 bf16: forward+backward at least 1.1 x eager speed at no more
@@ -21,6 +24,8 @@ import sys
 from pathlib import Path
 
 import torch
+
+from _table import print_table  # benchmarks/ is on sys.path when run as a script
 
 
 def _bench(fn, grad_to_none) -> float:
@@ -37,13 +42,13 @@ def measure(mlp: torch.nn.Module, tokens: int, d_model: int) -> dict[str, float]
     def forward_backward():
         mlp(x).backward(grad_out)
 
-    out = mlp(x)
+    graph = mlp(x)  # one forward whose backward is timed again and again
     result = {
         "fwd": _bench(lambda: mlp(x), None),
-        "bwd": _bench(lambda: out.backward(grad_out, retain_graph=True), params),
+        "bwd": _bench(lambda: graph.backward(grad_out, retain_graph=True), params),
         "fwd+bwd": _bench(forward_backward, params),
     }
-    del out
+    graph = None
     for p in params:
         p.grad = None
     torch.cuda.synchronize()
@@ -80,42 +85,31 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"device: {torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__} | "
           f"bf16 | {args.tokens} tokens")
-    header = ["d_model", "d_ff", "pass", "fused ms", "eager ms", "fused TFLOP/s", "eager TFLOP/s",
-              "speed fused/eager", "fused act MiB", "eager act MiB", "act mem fused/eager", "fused peak MiB",
-              "eager peak MiB"]
+    header = ["d_model", "d_ff", "variant", "pass", "ms", "TFLOP/s", "speed vs eager", "act MiB",
+              "act mem vs eager", "peak MiB"]
     rows = []
     for d_model in args.d_models:
         d_ff = -(-8 * d_model // 3 // 256) * 256
         torch.manual_seed(0)
         eager = SwiGLU(GPTConfig(d_model=d_model, d_ff=d_ff)).cuda().bfloat16()
-        fused = FusedSwiGLU(d_model, d_ff).cuda().bfloat16()
-        fused.load_state_dict(eager.state_dict())
+        variants = {"eager": eager}
+        for fusion in ("elementwise", "gemm"):
+            variants[f"fused {fusion}"] = FusedSwiGLU(d_model, d_ff, fusion=fusion).cuda().bfloat16()
+            variants[f"fused {fusion}"].load_state_dict(eager.state_dict())
         forward_flops = 3 * 2 * args.tokens * d_model * d_ff  # gate, up, down GEMMs (Hoffmann 2022 App. F)
         flops = {"fwd": forward_flops, "bwd": 2 * forward_flops, "fwd+bwd": 3 * forward_flops}
-        a, b = measure(fused, args.tokens, d_model), measure(eager, args.tokens, d_model)
-        for mode in ("fwd", "bwd", "fwd+bwd"):
-            mem = ((f"{a['act_mib']:.0f}", f"{b['act_mib']:.0f}", f"{a['act_mib'] / b['act_mib']:.2f}",
-                    f"{a['peak_mib']:.0f}", f"{b['peak_mib']:.0f}") if mode == "fwd+bwd" else ("",) * 5)
-            rows.append([str(d_model), str(d_ff), mode, f"{a[mode]:.3f}", f"{b[mode]:.3f}",
-                         f"{flops[mode] / a[mode] / 1e9:.1f}", f"{flops[mode] / b[mode] / 1e9:.1f}",
-                         f"{b[mode] / a[mode]:.2f}", *mem])
-        del eager, fused
+        results = {name: measure(mlp, args.tokens, d_model) for name, mlp in variants.items()}
+        base = results["eager"]
+        for name, r in results.items():
+            for mode in ("fwd", "bwd", "fwd+bwd"):
+                mem = ((f"{r['act_mib']:.0f}", f"{r['act_mib'] / base['act_mib']:.2f}", f"{r['peak_mib']:.0f}")
+                       if mode == "fwd+bwd" else ("",) * 3)
+                rows.append([str(d_model), str(d_ff), name, mode, f"{r[mode]:.3f}",
+                             f"{flops[mode] / r[mode] / 1e9:.1f}", f"{base[mode] / r[mode]:.2f}", *mem])
+        del eager, variants
         torch.cuda.empty_cache()
-    _print_table(header, rows, args.markdown)
+    print_table(header, rows, args.markdown)
     return 0
-
-
-def _print_table(header: list[str], rows: list[list[str]], markdown: bool) -> None:
-    if markdown:
-        print("| " + " | ".join(header) + " |")
-        print("|" + "|".join("---" for _ in header) + "|")
-        for row in rows:
-            print("| " + " | ".join(row) + " |")
-        return
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
-    print("  ".join(h.rjust(w) for h, w in zip(header, widths)))
-    for row in rows:
-        print("  ".join(c.rjust(w) for c, w in zip(row, widths)))
 
 
 if __name__ == "__main__":

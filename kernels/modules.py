@@ -11,6 +11,9 @@ from torch import nn
 
 from lightning_scaling.kernels.ops.attention import flash_attention
 from lightning_scaling.kernels.ops.swiglu import swiglu
+from lightning_scaling.kernels.ops.swiglu_gemm import swiglu_gate_up
+
+SWIGLU_FUSIONS = ("elementwise", "gemm")
 
 
 def _positive_int(name: str, value: object) -> int:
@@ -54,15 +57,28 @@ class FusedSelfAttention(nn.Module):
 
 
 class FusedSwiGLU(nn.Module):
-    """SwiGLU MLP ``down(silu(gate(x)) * up(x))`` with the fused gate op: input and output [..., d_model].
+    """SwiGLU MLP ``down(silu(gate(x)) * up(x))`` with a fused gate: input and output [..., d_model].
 
     ``gate`` and ``up`` (d_model → d_ff) and ``down`` (d_ff → d_model), no bias, as in ``examples/gpt.py``.
+    ``fusion`` picks the kernel, trading recomputation for activation memory (saved [tokens, d_ff] tensors,
+    against eager PyTorch's four):
+
+    - ``"elementwise"`` (default): cuBLAS gate/up GEMMs, then one kernel for ``silu(g) * u`` that keeps
+      ``g`` and ``u`` and recomputes the rest: three of four (0.75 x), no extra FLOPs.
+    - ``"gemm"``: one Triton GEMM computes both projections with the SwiGLU epilogue and writes only the
+      product; the backward recomputes the GEMMs: one of four (0.25 x), 4·tokens·d_model·d_ff more hardware
+      FLOPs per step.
+
+    ``benchmarks/mlp.py`` measures both against eager on a GPU (see benchmarks/RESULTS.md).
     """
 
-    def __init__(self, d_model: int, d_ff: int) -> None:
+    def __init__(self, d_model: int, d_ff: int, fusion: str = "elementwise") -> None:
         super().__init__()
         _positive_int("d_model", d_model)
         _positive_int("d_ff", d_ff)
+        if fusion not in SWIGLU_FUSIONS:
+            raise ValueError(f"fusion must be one of {SWIGLU_FUSIONS}, got {fusion!r}")
+        self.fusion = fusion
         self.gate = nn.Linear(d_model, d_ff, bias=False)
         self.up = nn.Linear(d_model, d_ff, bias=False)
         self.down = nn.Linear(d_ff, d_model, bias=False)
@@ -70,4 +86,9 @@ class FusedSwiGLU(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.gate.in_features:
             raise ValueError(f"x must end in d_model={self.gate.in_features}, got shape {tuple(x.shape)}")
+        if self.fusion == "gemm":
+            return self.down(swiglu_gate_up(x, self.gate.weight, self.up.weight))
         return self.down(swiglu(self.gate(x), self.up(x)))
+
+    def extra_repr(self) -> str:
+        return f"fusion={self.fusion!r}"

@@ -89,6 +89,23 @@ def test_triton_kernels_cross_attention_lengths_head_dim_32(sq, sk, causal):
 
 
 @needs_interpreter
+@pytest.mark.parametrize("block_m,block_n", [(32, 16), (16, 32)])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("sq,sk", [(70, 70), (45, 70), (70, 45)])
+def test_triton_kernels_with_unequal_block_shapes(block_m, block_n, causal, sq, sk, monkeypatch):
+    # The kernels split each loop into unmasked blocks and masked diagonal/ragged-end blocks; with unequal
+    # block shapes the diagonal spans several blocks of the other side, and the split points must line up.
+    import triton
+
+    config = [triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=1, num_stages=1)]
+    for kernel in (attn_ops._attn_fwd_kernel, attn_ops._attn_bwd_dkdv_kernel, attn_ops._attn_bwd_dq_kernel):
+        monkeypatch.setattr(kernel, "configs", config)
+    with triton_on_cpu():
+        check_against_references(lambda q, k, v: flash_attention(q, k, v, causal=causal),
+                                 1, 2, sq, sk, 16, torch.float32, causal)
+
+
+@needs_interpreter
 def test_triton_kernels_take_strided_inputs_and_a_custom_scale():
     # q, k, v as the module makes them: strided views of one [B, S, 3, H, D] tensor
     gen = torch.Generator().manual_seed(1)

@@ -106,19 +106,20 @@ def test_bad_inputs_raise_value_error_naming_the_argument(gate, up, match):
         swiglu(gate, up)
 
 
-def _eager_and_fused(d_model=32, d_ff=80):
+def _eager_and_fused(d_model=32, d_ff=80, fusion="elementwise"):
     from lightning_scaling.kernels.modules import FusedSwiGLU
     from gpt import GPTConfig, SwiGLU
 
     torch.manual_seed(0)
     eager = SwiGLU(GPTConfig(d_model=d_model, d_ff=d_ff))
-    fused = FusedSwiGLU(d_model, d_ff)
+    fused = FusedSwiGLU(d_model, d_ff, fusion=fusion)
     fused.load_state_dict(eager.state_dict())  # same parameter names: checkpoints interchange
     return eager, fused
 
 
-def test_module_matches_example_gpt_swiglu_with_the_same_weights():
-    eager, fused = _eager_and_fused()
+@pytest.mark.parametrize("fusion", ["elementwise", "gemm"])
+def test_module_matches_example_gpt_swiglu_with_the_same_weights(fusion):
+    eager, fused = _eager_and_fused(fusion=fusion)
     x = torch.randn(2, 9, 32, requires_grad=True)
     x2 = x.detach().clone().requires_grad_()
     out_f, out_e = fused(x), eager(x2)
@@ -131,19 +132,23 @@ def test_module_matches_example_gpt_swiglu_with_the_same_weights():
 
 
 @needs_interpreter
-def test_module_on_triton_kernels_matches_example_gpt_swiglu():
-    eager, fused = _eager_and_fused()
+@pytest.mark.parametrize("fusion", ["elementwise", "gemm"])
+def test_module_on_triton_kernels_matches_example_gpt_swiglu(fusion):
+    eager, fused = _eager_and_fused(fusion=fusion)
     x = torch.randn(3, 5, 32)
     with triton_on_cpu():
         out = fused(x)
     torch.testing.assert_close(out, eager(x))
 
 
-def test_flop_count_is_the_three_linear_layers():
-    # The op is elementwise (no matmul): the counters see only the gate, up and down GEMMs, as for eager.
+@pytest.mark.parametrize("fusion", ["elementwise", "gemm"])
+def test_flop_count_is_the_three_linear_layers(fusion):
+    # Model FLOPs, as for eager. "elementwise": the op has no matmul, the counters see the gate, up and down
+    # GEMMs. "gemm": the fused op's formula counts the gate and up GEMMs it replaces (a counter that missed it
+    # would see only down's third); its backward's recomputation is not model FLOPs.
     from lightning_scaling.flop_counting import training_flop_counter
 
-    eager, fused = _eager_and_fused(d_model=32, d_ff=80)
+    eager, fused = _eager_and_fused(d_model=32, d_ff=80, fusion=fusion)
     x = torch.randn(2, 9, 32, requires_grad=True)  # so every backward GEMM (input and weight grads) runs
     tokens = 2 * 9
     expected = 3 * (3 * 2 * tokens * 32 * 80)  # 3 GEMMs of 2·M·d·f; training = 3 × forward

@@ -80,6 +80,23 @@ def test_swiglu_kernels_match_float64_reference(dtype):
                                     [gate.to(dtype), up.to(dtype)], grad_out, dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=["fp16", "bf16", "fp32"])
+@pytest.mark.parametrize("tokens,d_model,d_ff", [(4096, 1024, 2816), (1000, 520, 1000)])  # tails in every dim
+def test_swiglu_gemm_kernels_match_float64_reference(tokens, d_model, d_ff, dtype):
+    from lightning_scaling.kernels.ops.swiglu_gemm import swiglu_gate_up
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(tokens, d_model, device="cuda", generator=gen)
+    w_gate, w_up = (torch.randn(d_ff, d_model, device="cuda", generator=gen) / d_model**0.5 for _ in range(2))
+    grad_out = torch.randn(tokens, d_ff, device="cuda", generator=gen)
+
+    def eager(x, w_gate, w_up):
+        return torch.nn.functional.silu(x @ w_gate.t()) * (x @ w_up.t())
+
+    assert_within_twice_torch_error(swiglu_gate_up, eager, [t.to(dtype) for t in (x, w_gate, w_up)], grad_out,
+                                    dtype)
+
+
 def test_opcheck_attention_ops_on_the_triton_path():
     ops = torch.ops.lightning_scaling
     q, k, v = (torch.randn(2, 3, 77, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
@@ -96,11 +113,22 @@ def test_opcheck_swiglu_ops_on_the_triton_path():
     torch.library.opcheck(ops.swiglu_backward, (torch.randn_like(gate), gate.detach(), up.detach()))
 
 
-def test_torch_compile_of_the_fused_block_matches_eager():
+def test_opcheck_swiglu_gemm_ops_on_the_triton_path():
+    ops = torch.ops.lightning_scaling
+    x = torch.randn(33, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w_gate, w_up = (torch.randn(200, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+    torch.library.opcheck(ops.swiglu_gate_up_forward, (x, w_gate, w_up))
+    args = (torch.randn(33, 200, device="cuda", dtype=torch.bfloat16), x.detach(), w_gate.detach(), w_up.detach())
+    torch.library.opcheck(ops.swiglu_gate_up_backward, args)
+
+
+@pytest.mark.parametrize("fusion", ["elementwise", "gemm"])
+def test_torch_compile_of_the_fused_block_matches_eager(fusion):
     from lightning_scaling.kernels.modules import FusedSelfAttention, FusedSwiGLU
 
     torch.manual_seed(0)
-    block = torch.nn.Sequential(FusedSelfAttention(256, 4), FusedSwiGLU(256, 683)).cuda().to(torch.bfloat16)
+    block = torch.nn.Sequential(FusedSelfAttention(256, 4), FusedSwiGLU(256, 683, fusion=fusion))
+    block = block.cuda().to(torch.bfloat16)
     compiled = torch.compile(block, fullgraph=True)
     x = torch.randn(2, 300, 256, device="cuda", dtype=torch.bfloat16)
     x_eager, x_compiled = x.clone().requires_grad_(), x.clone().requires_grad_()
@@ -118,7 +146,7 @@ def test_modules_match_example_gpt_blocks_in_bf16():
     cfg = GPTConfig(d_model=512, n_head=8, d_ff=1365)
     torch.manual_seed(0)
     for eager, fused in ((CausalSelfAttention(cfg), FusedSelfAttention(512, 8)),
-                         (SwiGLU(cfg), FusedSwiGLU(512, 1365))):
+                         (SwiGLU(cfg), FusedSwiGLU(512, 1365)), (SwiGLU(cfg), FusedSwiGLU(512, 1365, fusion="gemm"))):
         fused.load_state_dict(eager.state_dict())
         eager, fused = eager.cuda().bfloat16(), fused.cuda().bfloat16()
         x = torch.randn(4, 1024, 512, device="cuda", dtype=torch.bfloat16)

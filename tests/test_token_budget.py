@@ -63,6 +63,42 @@ def test_tuple_and_dict_batches_and_attention_mask():
     assert counts == [2 * 4 * 17, 2 * 4 * 17, 2 * 4 * 12]
 
 
+def test_masked_counts_are_read_back_once_per_optimizer_step(monkeypatch):
+    # With an attention_mask, counting a micro-batch means summing a device tensor; reading each sum back would
+    # make the host wait for the device on every micro-batch. The counts stay on the device until the step's
+    # reduction, which reads them back in one go.
+    import inspect
+
+    from lightning_scaling.callbacks import _common
+    from lightning_scaling.callbacks.data_repetition import DataRepetition
+
+    data = _data(32)
+    mask = torch.ones_like(data)
+    mask[:, 10:] = 0
+    loader = DataLoader([{"input_ids": r, "attention_mask": m} for r, m in zip(data, mask)], batch_size=2)
+    reads: list[str] = []
+    for name in ("item", "tolist", "__int__"):
+        original = getattr(torch.Tensor, name)
+
+        def spy(self, *args, _original=original, _name=name, **kwargs):
+            caller = inspect.currentframe().f_back
+            if caller.f_code.co_filename == _common.__file__:
+                reads.append(f"{caller.f_code.co_name}:{_name}")
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, spy)
+    budget, repetition = TokenBudget(), DataRepetition()
+    trainer = L.Trainer(max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=0, accelerator="cpu", devices=1,
+                        accumulate_grad_batches=4, callbacks=[budget, repetition])
+    trainer.fit(_DictModule(TINY), loader)
+    monkeypatch.undo()
+    assert budget.tokens == repetition.tokens == 3 * 4 * 2 * 10
+    assert reads.count("global_sum:tolist") == 3 * 2  # 3 steps x 2 callbacks
+    assert reads.count("count_tokens:item") <= 1  # TokenBudget's one look at a sample before training, not 24
+    assert set(reads) <= {"global_sum:tolist", "count_tokens:item"}
+
+
 def test_tokens_fn_and_accumulation():
     budget = TokenBudget(tokens_fn=lambda b: b[:, 1:].numel())
     _fit(budget, DataLoader(_data(), batch_size=2), steps=3, accumulate_grad_batches=2)

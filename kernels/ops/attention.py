@@ -29,27 +29,108 @@ _LOG2E = 1.4426950408889634  # log2(e): the kernels use exp2, so scores are pre-
 
 # ----------------------------------------------------------------------------------------------------------
 # Block sizes. The interpreter cannot autotune (and each program instance costs ~1 ms), so it gets one small
-# config; on a GPU the autotuner picks among a few per (sequence lengths, head dim, causal).
+# config; on a GPU the autotuner picks among a few per (sequence lengths, head dim, causal), drawn from the lists
+# below for the head dim and dtype at hand. Each 16-bit list was checked by compiling for the H100 (sm_90) with
+# benchmarks/kernel_resources.py: no register spills, shared memory within 227 KiB, and every dot on the
+# warpgroup MMA (HGMMA), which needs the dot's M side (BLOCK_M; BLOCK_N in the dK/dV kernel) to be at least 64.
+# fp32 inputs (exact fp32 dots on the FMA units, which need far more registers) get small tiles that do not spill.
 # ----------------------------------------------------------------------------------------------------------
-def _configs(gpu_configs: list[tuple[int, int, int, int]]) -> list[triton.Config]:
+_Tile = tuple[int, int, int, int]  # (BLOCK_M, BLOCK_N, num_warps, num_stages)
+# Keyed by (input bits, head dim bucket): 16 = fp16/bf16 inputs, 32 = fp32; head dims 16-64 share the 64 list.
+_FWD_TILES: dict[tuple[int, int], list[_Tile]] = {
+    (16, 64): [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 4), (64, 128, 8, 3)],
+    (16, 128): [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (64, 128, 8, 2), (128, 32, 8, 3)],
+    (32, 64): [(32, 32, 4, 2), (32, 64, 8, 2)],
+    (32, 128): [(32, 64, 8, 2), (16, 64, 4, 2)],
+}
+_DKDV_TILES: dict[tuple[int, int], list[_Tile]] = {
+    (16, 64): [(64, 64, 4, 3), (64, 64, 8, 3), (32, 128, 8, 3), (64, 128, 8, 2), (32, 64, 4, 4)],
+    (16, 128): [(32, 64, 4, 3), (32, 64, 8, 3), (16, 64, 8, 3), (32, 128, 8, 2), (16, 128, 8, 3)],
+    (32, 64): [(32, 32, 8, 2), (16, 32, 4, 2)],
+    (32, 128): [(16, 32, 4, 2), (16, 16, 4, 2)],
+}
+_DQ_TILES: dict[tuple[int, int], list[_Tile]] = {
+    (16, 64): [(64, 64, 4, 3), (128, 64, 8, 3), (64, 128, 8, 3), (128, 32, 4, 3), (64, 32, 4, 4)],
+    (16, 128): [(64, 64, 4, 3), (64, 64, 8, 3), (128, 64, 8, 2), (64, 128, 8, 2), (64, 32, 4, 3)],
+    (32, 64): [(32, 32, 4, 2), (32, 64, 8, 2)],
+    (32, 128): [(32, 64, 8, 2), (16, 64, 4, 2)],
+}
+
+
+def _tile_of(config: triton.Config) -> _Tile:
+    return (config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps, config.num_stages)
+
+
+def _configs(tiles: dict[tuple[int, int], list[_Tile]]) -> list[triton.Config]:
     if interpreter_enabled():
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1, num_stages=1)]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in gpu_configs]
+    unique = dict.fromkeys(t for ts in tiles.values() for t in ts)
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in unique]
 
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages); the last, small one fits in shared memory for fp32 at head dim 128.
-_FWD_CONFIGS = _configs([(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 4), (128, 32, 4, 4),
-                         (32, 32, 4, 2)])
-_BWD_CONFIGS = _configs([(64, 64, 4, 3), (128, 64, 8, 3), (64, 128, 8, 3), (32, 64, 4, 4), (64, 32, 4, 4),
-                         (32, 32, 4, 2)])
+def _pruner(tiles: dict[tuple[int, int], list[_Tile]]):
+    def prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+        if interpreter_enabled():
+            return configs
+        bits = 32 if named_args["Q"].dtype == torch.float32 else 16
+        wanted = set(tiles[(bits, 64 if kwargs["HEAD_DIM"] <= 64 else 128)])
+        return [c for c in configs if _tile_of(c) in wanted]
+    return prune
+
+
+_FWD_CONFIGS, _DKDV_CONFIGS, _DQ_CONFIGS = (_configs(t) for t in (_FWD_TILES, _DKDV_TILES, _DQ_TILES))
 _PRE_BLOCK_M = 16 if interpreter_enabled() else 128
-_KEY = ["SEQ_Q", "SEQ_K", "HEAD_DIM", "CAUSAL"]
+_KEY = ["SEQ_Q", "SEQ_K", "HEAD_DIM", "CAUSAL", "DOT_PRECISION"]
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Forward: one program per (block of BLOCK_M queries, batch*head); loop over key/value blocks.
+# Forward: one program per (block of BLOCK_M queries, batch*head); loop over key/value blocks in two stages.
+# Stage 1 takes the key blocks that every query of the block sees in full (below the causal diagonal, inside
+# SEQ_K) with no masking; stage 2 the few blocks on the diagonal or at the ragged end, masked.
 # ----------------------------------------------------------------------------------------------------------
-@triton.autotune(configs=_FWD_CONFIGS, key=_KEY)
+@triton.jit
+def _attn_fwd_inner(acc, l_i, m_i, q, K, V, offs_m, lo, hi, SEQ_K, qk_scale,
+                    stride_ks, stride_kd, stride_vs, stride_vd,
+                    HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
+                    MASKED: tl.constexpr, CAUSAL: tl.constexpr):
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        k_ptrs = K + cols[None, :] * stride_ks + offs_d[:, None] * stride_kd  # [HEAD_DIM, BLOCK_N]
+        v_ptrs = V + cols[:, None] * stride_vs + offs_d[None, :] * stride_vd  # [BLOCK_N, HEAD_DIM]
+        if MASKED:
+            k_t = tl.load(k_ptrs, mask=cols[None, :] < SEQ_K, other=0.0)
+            v = tl.load(v_ptrs, mask=cols[:, None] < SEQ_K, other=0.0)
+        else:
+            k_t = tl.load(k_ptrs)
+            v = tl.load(v_ptrs)
+        s = tl.dot(q, k_t, input_precision=DOT_PRECISION) * qk_scale
+        if MASKED:
+            keep = cols[None, :] < SEQ_K
+            if CAUSAL:
+                keep = keep & (offs_m[:, None] >= cols[None, :])
+            s = tl.where(keep, s, float("-inf"))
+        # Online softmax (FlashAttention-2 Alg. 1): rescale the old sum and accumulator to the new max. Every
+        # row has a finite max after its first block (stage 1, or key 0 on the diagonal), so no inf - inf.
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.math.exp2(s - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _unmasked_key_end(start_m, SEQ_K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
+    # End of the key blocks that every query of query block start_m sees in full (a multiple of BLOCK_N).
+    if CAUSAL:
+        return (tl.minimum(start_m * BLOCK_M, SEQ_K) // BLOCK_N) * BLOCK_N
+    return (SEQ_K // BLOCK_N) * BLOCK_N
+
+
+@triton.autotune(configs=_FWD_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _pruner(_FWD_TILES)})
 @triton.jit
 def _attn_fwd_kernel(
     Q, K, V, O, LSE,
@@ -66,7 +147,6 @@ def _attn_fwd_kernel(
     off_b = off_bh // H
     off_h = off_bh % H
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     Q += off_b * stride_qb + off_h * stride_qh
     K += off_b * stride_kb + off_h * stride_kh
@@ -81,24 +161,13 @@ def _attn_fwd_kernel(
 
     # Causal: keys past the last query of this block are all masked, so stop there.
     hi = tl.minimum((start_m + 1) * BLOCK_M, SEQ_K) if CAUSAL else SEQ_K
-    for start_n in range(0, hi, BLOCK_N):
-        cols = start_n + offs_n
-        k_t = tl.load(K + cols[None, :] * stride_ks + offs_d[:, None] * stride_kd,
-                      mask=cols[None, :] < SEQ_K, other=0.0)  # [HEAD_DIM, BLOCK_N]
-        v = tl.load(V + cols[:, None] * stride_vs + offs_d[None, :] * stride_vd,
-                    mask=cols[:, None] < SEQ_K, other=0.0)  # [BLOCK_N, HEAD_DIM]
-        s = tl.dot(q, k_t, input_precision=DOT_PRECISION) * qk_scale
-        keep = cols[None, :] < SEQ_K
-        if CAUSAL:
-            keep = keep & (offs_m[:, None] >= cols[None, :])
-        s = tl.where(keep, s, float("-inf"))
-        # Online softmax (FlashAttention-2 Alg. 1): rescale the old sum and accumulator to the new max.
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.math.exp2(s - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
+    mid = _unmasked_key_end(start_m, SEQ_K, BLOCK_M, BLOCK_N, CAUSAL)
+    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K, V, offs_m, 0, mid, SEQ_K, qk_scale,
+                                    stride_ks, stride_kd, stride_vs, stride_vd,
+                                    HEAD_DIM, DOT_PRECISION, BLOCK_N, False, CAUSAL)
+    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K, V, offs_m, mid, hi, SEQ_K, qk_scale,
+                                    stride_ks, stride_kd, stride_vs, stride_vd,
+                                    HEAD_DIM, DOT_PRECISION, BLOCK_N, True, CAUSAL)
 
     # Every row sees key 0 (top-left causal), so l_i > 0 and nothing divides by zero.
     acc = acc / l_i[:, None]
@@ -137,8 +206,36 @@ def _attn_bwd_preprocess_kernel(
 # ----------------------------------------------------------------------------------------------------------
 # Backward, step 2: one program per (block of BLOCK_N keys, batch*head) accumulates dK and dV over queries.
 # dV = P^T dO;  dP = dO V^T;  dS = P * (dP - delta);  dK = scale * dS^T Q   (FlashAttention-2 Alg. 2)
+# Only the causal diagonal is masked. Elsewhere no mask is needed: a query row past SEQ_Q loads q = dO = 0 and
+# lse = delta = 0, so it adds exactly 0 to dK and dV; a key row past SEQ_K only touches its own (unstored) row.
 # ----------------------------------------------------------------------------------------------------------
-@triton.autotune(configs=_BWD_CONFIGS, key=_KEY)
+@triton.jit
+def _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, offs_n, lo, hi, SEQ_Q, qk_scale,
+                         stride_qs, stride_qd, stride_dos, stride_dod,
+                         HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                         MASKED: tl.constexpr):
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    for start_m in range(lo, hi, BLOCK_M):
+        rows = start_m + offs_m
+        q_t = tl.load(Q + rows[None, :] * stride_qs + offs_d[:, None] * stride_qd,
+                      mask=rows[None, :] < SEQ_Q, other=0.0)  # [HEAD_DIM, BLOCK_M]
+        do = tl.load(DO + rows[:, None] * stride_dos + offs_d[None, :] * stride_dod,
+                     mask=rows[:, None] < SEQ_Q, other=0.0)  # [BLOCK_M, HEAD_DIM]
+        lse = tl.load(LSE + rows, mask=rows < SEQ_Q, other=0.0) * 1.4426950408889634
+        delta = tl.load(DELTA + rows, mask=rows < SEQ_Q, other=0.0)
+        # Transposed probabilities P^T [BLOCK_N, BLOCK_M], recomputed from the saved log-sum-exp.
+        p_t = tl.math.exp2(tl.dot(k, q_t, input_precision=DOT_PRECISION) * qk_scale - lse[None, :])
+        if MASKED:
+            p_t = tl.where(rows[None, :] >= offs_n[:, None], p_t, 0.0)
+        dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk += tl.dot(ds_t.to(q_t.dtype), tl.trans(q_t), input_precision=DOT_PRECISION)
+    return dk, dv
+
+
+@triton.autotune(configs=_DKDV_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _pruner(_DKDV_TILES)})
 @triton.jit
 def _attn_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV,
@@ -155,7 +252,6 @@ def _attn_bwd_dkdv_kernel(
     off_b = off_bh // H
     off_h = off_bh % H
     offs_n = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     Q += off_b * stride_qb + off_h * stride_qh
     DO += off_b * stride_dob + off_h * stride_doh
@@ -171,26 +267,19 @@ def _attn_bwd_dkdv_kernel(
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     qk_scale = sm_scale * 1.4426950408889634
 
-    # Causal: queries before this key block never see it, so start at the query block holding its first key.
-    lo = (start_n * BLOCK_N // BLOCK_M) * BLOCK_M if CAUSAL else 0
-    for start_m in range(lo, SEQ_Q, BLOCK_M):
-        rows = start_m + offs_m
-        q_t = tl.load(Q + rows[None, :] * stride_qs + offs_d[:, None] * stride_qd,
-                      mask=rows[None, :] < SEQ_Q, other=0.0)  # [HEAD_DIM, BLOCK_M]
-        do = tl.load(DO + rows[:, None] * stride_dos + offs_d[None, :] * stride_dod,
-                     mask=rows[:, None] < SEQ_Q, other=0.0)  # [BLOCK_M, HEAD_DIM]
-        lse = tl.load(LSE + rows, mask=rows < SEQ_Q, other=0.0) * 1.4426950408889634
-        delta = tl.load(DELTA + rows, mask=rows < SEQ_Q, other=0.0)
-        # Transposed probabilities P^T [BLOCK_N, BLOCK_M], recomputed from the saved log-sum-exp.
-        s_t = tl.dot(k, q_t, input_precision=DOT_PRECISION) * qk_scale
-        keep = (rows[None, :] < SEQ_Q) & key_rows
-        if CAUSAL:
-            keep = keep & (rows[None, :] >= offs_n[:, None])
-        p_t = tl.where(keep, tl.math.exp2(s_t - lse[None, :]), 0.0)
-        dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
-        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
-        ds_t = p_t * (dp_t - delta[None, :])
-        dk += tl.dot(ds_t.to(q_t.dtype), tl.trans(q_t), input_precision=DOT_PRECISION)
+    if CAUSAL:
+        # Queries before this key block never see it: start at the query block holding its first key. Query
+        # blocks that start at or past its last key see all of it: no mask from there on.
+        lo = (start_n * BLOCK_N // BLOCK_M) * BLOCK_M
+        mid = tl.minimum(tl.cdiv((start_n + 1) * BLOCK_N, BLOCK_M) * BLOCK_M, SEQ_Q)
+        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, offs_n, lo, mid, SEQ_Q, qk_scale,
+                                      stride_qs, stride_qd, stride_dos, stride_dod,
+                                      HEAD_DIM, DOT_PRECISION, BLOCK_M, True)
+    else:
+        mid = 0
+    dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, offs_n, mid, SEQ_Q, SEQ_Q, qk_scale,
+                                  stride_qs, stride_qd, stride_dos, stride_dod,
+                                  HEAD_DIM, DOT_PRECISION, BLOCK_M, False)
 
     dk *= sm_scale
     tl.store(DK + off_bh * SEQ_K * HEAD_DIM + offs_n[:, None] * HEAD_DIM + offs_d[None, :],
@@ -200,10 +289,39 @@ def _attn_bwd_dkdv_kernel(
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Backward, step 3: one program per (block of BLOCK_M queries, batch*head) accumulates dQ over keys.
-# dQ = scale * dS K
+# Backward, step 3: one program per (block of BLOCK_M queries, batch*head) accumulates dQ over keys, in the
+# forward's two stages (unmasked key blocks, then the diagonal and the ragged end, masked).  dQ = scale * dS K
 # ----------------------------------------------------------------------------------------------------------
-@triton.autotune(configs=_BWD_CONFIGS, key=_KEY)
+@triton.jit
+def _attn_bwd_dq_inner(dq, q, do, lse, delta, K, V, offs_m, lo, hi, SEQ_K, qk_scale,
+                       stride_ks, stride_kd, stride_vs, stride_vd,
+                       HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
+                       MASKED: tl.constexpr, CAUSAL: tl.constexpr):
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        k_ptrs = K + cols[:, None] * stride_ks + offs_d[None, :] * stride_kd  # [BLOCK_N, HEAD_DIM]
+        v_ptrs = V + cols[None, :] * stride_vs + offs_d[:, None] * stride_vd  # [HEAD_DIM, BLOCK_N]
+        if MASKED:
+            k = tl.load(k_ptrs, mask=cols[:, None] < SEQ_K, other=0.0)
+            v_t = tl.load(v_ptrs, mask=cols[None, :] < SEQ_K, other=0.0)
+        else:
+            k = tl.load(k_ptrs)
+            v_t = tl.load(v_ptrs)
+        p = tl.math.exp2(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale - lse[:, None])
+        if MASKED:
+            keep = cols[None, :] < SEQ_K
+            if CAUSAL:
+                keep = keep & (offs_m[:, None] >= cols[None, :])
+            p = tl.where(keep, p, 0.0)
+        dp = tl.dot(do, v_t, input_precision=DOT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+    return dq
+
+
+@triton.autotune(configs=_DQ_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _pruner(_DQ_TILES)})
 @triton.jit
 def _attn_bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ,
@@ -220,7 +338,6 @@ def _attn_bwd_dq_kernel(
     off_b = off_bh // H
     off_h = off_bh % H
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     K += off_b * stride_kb + off_h * stride_kh
     V += off_b * stride_vb + off_h * stride_vh
@@ -235,22 +352,16 @@ def _attn_bwd_dq_kernel(
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     qk_scale = sm_scale * 1.4426950408889634  # 1.4426950408889634 = log2(e) throughout (the kernels use exp2)
 
-    # Causal: keys past the last query of this block are all masked, so stop there.
+    # Causal: keys past the last query of this block are all masked, so stop there. A query row past SEQ_Q
+    # (q = dO = 0, lse = delta = 0) gets dS = 0 in the unmasked stage and is not stored.
     hi = tl.minimum((start_m + 1) * BLOCK_M, SEQ_K) if CAUSAL else SEQ_K
-    for start_n in range(0, hi, BLOCK_N):
-        cols = start_n + offs_n
-        k = tl.load(K + cols[:, None] * stride_ks + offs_d[None, :] * stride_kd,
-                    mask=cols[:, None] < SEQ_K, other=0.0)  # [BLOCK_N, HEAD_DIM]
-        v_t = tl.load(V + cols[None, :] * stride_vs + offs_d[:, None] * stride_vd,
-                      mask=cols[None, :] < SEQ_K, other=0.0)  # [HEAD_DIM, BLOCK_N]
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-        keep = query_rows & (cols[None, :] < SEQ_K)
-        if CAUSAL:
-            keep = keep & (offs_m[:, None] >= cols[None, :])
-        p = tl.where(keep, tl.math.exp2(s - lse[:, None]), 0.0)
-        dp = tl.dot(do, v_t, input_precision=DOT_PRECISION)
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+    mid = _unmasked_key_end(start_m, SEQ_K, BLOCK_M, BLOCK_N, CAUSAL)
+    dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, K, V, offs_m, 0, mid, SEQ_K, qk_scale,
+                            stride_ks, stride_kd, stride_vs, stride_vd, HEAD_DIM, DOT_PRECISION, BLOCK_N,
+                            False, CAUSAL)
+    dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, K, V, offs_m, mid, hi, SEQ_K, qk_scale,
+                            stride_ks, stride_kd, stride_vs, stride_vd, HEAD_DIM, DOT_PRECISION, BLOCK_N,
+                            True, CAUSAL)
 
     dq *= sm_scale
     tl.store(DQ + off_bh * SEQ_Q * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :],

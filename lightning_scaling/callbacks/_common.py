@@ -38,18 +38,26 @@ def _first_tensor(batch: Any) -> torch.Tensor | None:
     return None
 
 
-def count_tokens(batch: Any, tokens_fn: TokensFn | None = None) -> int | None:
+def count_tokens(batch: Any, tokens_fn: TokensFn | None = None, *,
+                 lazy: bool = False) -> int | torch.Tensor | None:
     """Training tokens in one batch (this rank, one micro-batch), or None when we cannot tell.
 
     ``tokens_fn(batch)`` wins when given. Otherwise: the non-padding tokens of ``attention_mask`` when the
     batch is a mapping that carries one; else the element count of the token tensor (``input_ids`` or the
     first tensor of a tuple/list/dict) when it holds integer ids. A float tensor is not tokens: None.
+
+    A count summed from a tensor (a mask, or a tensor from ``tokens_fn``) is read back to the host, which waits
+    for the device. With ``lazy=True`` it stays a 0-dim tensor on the batch's device instead, for a caller that
+    adds counts up and reads them once per optimizer step (``global_sum`` takes such tensors).
     """
     if tokens_fn is not None:
         value = tokens_fn(batch)
-        return int(value.sum().item()) if isinstance(value, torch.Tensor) else int(value)
+        if isinstance(value, torch.Tensor):
+            return value.sum() if lazy else int(value.sum().item())
+        return int(value)
     if isinstance(batch, Mapping) and isinstance(batch.get("attention_mask"), torch.Tensor):
-        return int(batch["attention_mask"].sum().item())
+        mask_sum = batch["attention_mask"].sum()
+        return mask_sum if lazy else int(mask_sum.item())
     tensor = _first_tensor(batch)
     if tensor is None or tensor.is_floating_point() or tensor.is_complex():
         return None
@@ -136,18 +144,28 @@ def unwrap_loss(output: Any) -> torch.Tensor | None:
     return None
 
 
-def global_sum(trainer: Any, values: Sequence[int], owner: Any = None) -> list[int]:
+def global_sum(trainer: Any, values: Sequence[int | torch.Tensor], owner: Any = None) -> list[int]:
     """Sum integer counters over data-parallel ranks with one all-reduce (SUM; gloo has no AVG).
 
-    Every rank must call this at the same point (for example once per optimizer step). With one process
-    it returns the values unchanged and costs nothing. With ``owner`` (a guarded callback), a failure recorded
-    on any rank rides along, and the callback is switched off on every rank together.
+    Every rank must call this at the same point (for example once per optimizer step). ``values`` may hold
+    0-dim tensors (lazy counts, see :func:`count_tokens`): they are read back together, in one wait for the
+    device. With one process nothing else happens. With ``owner`` (a guarded callback), a failure recorded on
+    any rank rides along, and the callback is switched off on every rank together.
     """
+    lazy = [i for i, v in enumerate(values) if isinstance(v, torch.Tensor)]
     if getattr(trainer, "world_size", 1) <= 1:
-        return [int(v) for v in values]
+        counts = [0 if i in lazy else int(v) for i, v in enumerate(values)]
+        if lazy:
+            read = torch.stack([values[i].detach().to(torch.int64) for i in lazy]).tolist()
+            for i, value in zip(lazy, read):
+                counts[i] = int(value)
+        return counts
     failed = int(getattr(owner, "_local_failure", None) is not None)
     device = trainer.strategy.root_device
-    tensor = torch.tensor([*(int(v) for v in values), failed], dtype=torch.int64, device=device)
+    host = [0 if i in lazy else int(v) for i, v in enumerate(values)]
+    tensor = torch.tensor([*host, failed], dtype=torch.int64, device=device)
+    for i in lazy:  # on the device: no wait here; the reduce below reads everything back at once
+        tensor[i] += values[i].detach().to(device=device, dtype=torch.int64)
     reduced = [int(v) for v in trainer.strategy.reduce(tensor, reduce_op="sum").tolist()]
     if owner is not None and reduced[-1] > 0:
         owner.enabled = False

@@ -188,7 +188,7 @@ class DataRepetition(Callback):
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         # Never raise before the step's all-reduce: a failure is counted and acted on by every rank together.
         try:
-            tokens = count_tokens(batch, self.tokens_fn)
+            tokens = count_tokens(batch, self.tokens_fn, lazy=True)  # read once per optimizer step
             samples = count_samples(batch)
         except Exception:  # noqa: BLE001 - counted below, handled after the reduce on every rank
             tokens = samples = None

@@ -129,7 +129,7 @@ class TokenBudget(Callback):
     @guarded
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         try:
-            tokens = count_tokens(batch, self.tokens_fn)
+            tokens = count_tokens(batch, self.tokens_fn, lazy=True)  # read once per optimizer step
         except Exception as err:  # noqa: BLE001 - the user's tokens_fn failed: say so, count nothing
             self._warn.warn(
                 "tokens-fn-failed",
