@@ -53,10 +53,10 @@ def count_tokens(batch: Any, tokens_fn: TokensFn | None = None, *,
     if tokens_fn is not None:
         value = tokens_fn(batch)
         if isinstance(value, torch.Tensor):
-            return value.sum() if lazy else int(value.sum().item())
+            return value.detach().sum() if lazy else int(value.sum().item())
         return int(value)
     if isinstance(batch, Mapping) and isinstance(batch.get("attention_mask"), torch.Tensor):
-        mask_sum = batch["attention_mask"].sum()
+        mask_sum = batch["attention_mask"].detach().sum()
         return mask_sum if lazy else int(mask_sum.item())
     tensor = _first_tensor(batch)
     if tensor is None or tensor.is_floating_point() or tensor.is_complex():
