@@ -157,6 +157,7 @@ def swiglu_cases(dtypes: list[torch.dtype]) -> list[dict]:
         with compile_only(kernels) as records:
             elementwise._triton_forward(h, h)
             elementwise._triton_backward(h, h, h)
+            elementwise._triton_backward(h, h, h, with_product=True)  # the MLP op's backward
             gemm._triton_forward(x, w, w)
             gemm._triton_gate_up_grads(h, x, w, w)
         shape = f"{tokens}x{d_model}x{d_ff}"

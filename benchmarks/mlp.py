@@ -1,6 +1,7 @@
-"""Benchmark: the SwiGLU MLP with our two fusions (``FusedSwiGLU(fusion="elementwise")``, the fused gate after
-cuBLAS GEMMs; ``FusedSwiGLU(fusion="gemm")``, the gate/up GEMM with the SwiGLU epilogue) against the eager one
-(``examples/gpt.py`` ``SwiGLU``), same weights, bf16, on a CUDA GPU.
+"""Benchmark: the SwiGLU MLP with our two fusions (``FusedSwiGLU(fusion="elementwise")``, cuBLAS GEMMs with the
+fused gate, keeping 2 of eager's 4 [tokens, d_ff] tensors; ``FusedSwiGLU(fusion="gemm")``, the gate/up GEMM with
+the SwiGLU epilogue, keeping 1) against the eager one (``examples/gpt.py`` ``SwiGLU``), same weights, bf16, on a
+CUDA GPU.
 
 For tokens = 16384 and d_model in (1024, 2048, 4096) with d_ff = 8/3 · d_model rounded up to 256: median time
 (``triton.testing.do_bench``) of forward, backward and forward+backward, TFLOP/s, the activation memory the

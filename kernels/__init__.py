@@ -64,8 +64,12 @@ def __getattr__(name: str):  # lazy: importing the package does not import Trito
         from lightning_scaling.kernels.ops import swiglu_gemm
 
         return getattr(swiglu_gemm, name)
+    if name in {"swiglu_mlp"}:
+        from lightning_scaling.kernels.ops import swiglu_mlp
+
+        return getattr(swiglu_mlp, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["FusedSelfAttention", "FusedSwiGLU", "flash_attention", "swiglu", "swiglu_gate_up", "triton_on_cpu",
-           "use_triton", "interpreter_enabled"]
+__all__ = ["FusedSelfAttention", "FusedSwiGLU", "flash_attention", "swiglu", "swiglu_gate_up", "swiglu_mlp",
+           "triton_on_cpu", "use_triton", "interpreter_enabled"]

@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from lightning_scaling.kernels.ops.attention import flash_attention
-from lightning_scaling.kernels.ops.swiglu import swiglu
 from lightning_scaling.kernels.ops.swiglu_gemm import swiglu_gate_up
+from lightning_scaling.kernels.ops.swiglu_mlp import swiglu_mlp
 
 SWIGLU_FUSIONS = ("elementwise", "gemm")
 
@@ -59,12 +59,14 @@ class FusedSelfAttention(nn.Module):
 class FusedSwiGLU(nn.Module):
     """SwiGLU MLP ``down(silu(gate(x)) * up(x))`` with a fused gate: input and output [..., d_model].
 
-    ``gate`` and ``up`` (d_model → d_ff) and ``down`` (d_ff → d_model), no bias, as in ``examples/gpt.py``.
-    ``fusion`` picks the kernel, trading recomputation for activation memory (saved [tokens, d_ff] tensors,
+    ``gate`` and ``up`` (d_model → d_ff) and ``down`` (d_ff → d_model), no bias, as in ``examples/gpt.py``; the
+    forward uses their weights directly (hooks on the three ``nn.Linear`` submodules do not run).
+    ``fusion`` picks the kernels, trading recomputation for activation memory (saved [tokens, d_ff] tensors,
     against eager PyTorch's four):
 
-    - ``"elementwise"`` (default): cuBLAS gate/up GEMMs, then one kernel for ``silu(g) * u`` that keeps
-      ``g`` and ``u`` and recomputes the rest: three of four (0.75 x), no extra FLOPs.
+    - ``"elementwise"`` (default): cuBLAS GEMMs and one Triton kernel each way for ``silu(g) * u``; keeps ``g``
+      and ``u``, and the backward's kernel writes the product again for ``down``'s weight gradient: two of
+      four (0.5 x), no extra FLOPs.
     - ``"gemm"``: one Triton GEMM computes both projections with the SwiGLU epilogue and writes only the
       product; the backward recomputes the GEMMs: one of four (0.25 x), 4·tokens·d_model·d_ff more hardware
       FLOPs per step.
@@ -88,7 +90,7 @@ class FusedSwiGLU(nn.Module):
             raise ValueError(f"x must end in d_model={self.gate.in_features}, got shape {tuple(x.shape)}")
         if self.fusion == "gemm":
             return self.down(swiglu_gate_up(x, self.gate.weight, self.up.weight))
-        return self.down(swiglu(self.gate(x), self.up(x)))
+        return swiglu_mlp(x, self.gate.weight, self.up.weight, self.down.weight)
 
     def extra_repr(self) -> str:
         return f"fusion={self.fusion!r}"

@@ -17,6 +17,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from lightning_scaling.kernels import interpreter_enabled, triton_on_cpu
 from lightning_scaling.kernels.ops import attention as attn_ops
 from lightning_scaling.kernels.ops.attention import flash_attention
+from kernel_checks import assert_within_twice_torch_error
 
 HAS_CUDA = torch.cuda.is_available()
 needs_interpreter = pytest.mark.skipif(HAS_CUDA or not interpreter_enabled(),
@@ -34,17 +35,6 @@ def plain_attention(q, k, v, causal: bool) -> torch.Tensor:
     return torch.matmul(torch.softmax(scores.float(), dim=-1).to(v.dtype), v)
 
 
-def run_with_grads(fn, q, k, v, grad_out):
-    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
-    out = fn(q, k, v)
-    out.backward(grad_out.to(out.dtype))
-    return [out.detach(), q.grad, k.grad, v.grad]
-
-
-def max_errors(results, reference) -> list[float]:
-    return [(a.double() - b.double()).abs().max().item() for a, b in zip(results, reference)]
-
-
 def make_inputs(b, h, sq, sk, d, dtype, seed=0):
     gen = torch.Generator().manual_seed(seed)
     q = torch.randn(b, h, sq, d, generator=gen).to(dtype)
@@ -56,16 +46,7 @@ def make_inputs(b, h, sq, sk, d, dtype, seed=0):
 
 def check_against_references(fn, b, h, sq, sk, d, dtype, causal) -> None:
     q, k, v, grad_out = make_inputs(b, h, sq, sk, d, dtype)
-    exact = run_with_grads(lambda *t: plain_attention(*t, causal), q.double(), k.double(), v.double(), grad_out)
-    same_precision = run_with_grads(lambda *t: plain_attention(*t, causal), q, k, v, grad_out)
-    ours = run_with_grads(fn, q, k, v, grad_out)
-    for name, t in zip(("out", "dq", "dk", "dv"), ours):
-        assert t.dtype == dtype, f"{name} dtype {t.dtype}"
-        assert torch.isfinite(t).all(), f"{name} has non-finite values"
-    err_ours = max_errors(ours, exact)
-    err_torch = max_errors(same_precision, exact)
-    for name, mine, theirs in zip(("out", "dq", "dk", "dv"), err_ours, err_torch):
-        assert mine <= 2 * theirs + FLOOR[dtype], f"{name}: error {mine:.2e} vs PyTorch {dtype} {theirs:.2e}"
+    assert_within_twice_torch_error(fn, lambda *t: plain_attention(*t, causal), [q, k, v], grad_out, FLOOR[dtype])
 
 
 # --------------------------------------------------------------------------- Triton kernels (interpreter)

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from lightning_scaling.kernels import interpreter_enabled, triton_on_cpu
 from lightning_scaling.kernels.ops.swiglu_gemm import swiglu_gate_up
+from kernel_checks import assert_within_twice_torch_error
 
 HAS_CUDA = torch.cuda.is_available()
 needs_interpreter = pytest.mark.skipif(HAS_CUDA or not interpreter_enabled(),
@@ -22,13 +23,6 @@ def eager_gate_up(x, w_gate, w_up):
     return F.silu(x @ w_gate.t()) * (x @ w_up.t())
 
 
-def run_with_grads(fn, tensors, grad_out):
-    tensors = [t.detach().clone().requires_grad_() for t in tensors]
-    out = fn(*tensors)
-    out.backward(grad_out.to(out.dtype))
-    return [out.detach()] + [t.grad for t in tensors]
-
-
 def make_inputs(tokens, d_model, d_ff, dtype, seed=0):
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(tokens, d_model, generator=gen)
@@ -38,17 +32,8 @@ def make_inputs(tokens, d_model, d_ff, dtype, seed=0):
 
 
 def check_against_references(tokens, d_model, d_ff, dtype) -> None:
-    # Tolerance as FlashAttention's tests: at most twice the error of eager PyTorch in the same precision.
     tensors, grad_out = make_inputs(tokens, d_model, d_ff, dtype)
-    exact = run_with_grads(eager_gate_up, [t.double() for t in tensors], grad_out)
-    same_precision = run_with_grads(eager_gate_up, tensors, grad_out)
-    ours = run_with_grads(swiglu_gate_up, tensors, grad_out)
-    for name, mine, ref, theirs in zip(("h", "d_x", "d_w_gate", "d_w_up"), ours, exact, same_precision):
-        assert mine.dtype == dtype and mine.shape == ref.shape, name
-        assert torch.isfinite(mine).all(), name
-        err_mine = (mine.double() - ref).abs().max().item()
-        err_torch = (theirs.double() - ref).abs().max().item()
-        assert err_mine <= 2 * err_torch + FLOOR[dtype], f"{name}: {err_mine:.2e} vs PyTorch {err_torch:.2e}"
+    assert_within_twice_torch_error(swiglu_gate_up, eager_gate_up, tensors, grad_out, FLOOR[dtype])
 
 
 @needs_interpreter

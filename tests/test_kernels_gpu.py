@@ -11,11 +11,16 @@ import math
 
 import pytest
 import torch
+from kernel_checks import assert_within_twice_torch_error as _within_twice
 
 HAS_CUDA = torch.cuda.is_available()
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")]
 
 FLOOR = {torch.float32: 1e-5, torch.float16: 1e-4, torch.bfloat16: 1e-3}
+
+
+def assert_within_twice_torch_error(fn, reference, tensors, grad_out, dtype) -> None:
+    _within_twice(fn, reference, tensors, grad_out, FLOOR[dtype])
 
 
 def plain_attention(q, k, v, causal: bool) -> torch.Tensor:
@@ -24,23 +29,6 @@ def plain_attention(q, k, v, causal: bool) -> torch.Tensor:
         allowed = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
         scores = scores.masked_fill(~allowed, float("-inf"))
     return torch.matmul(torch.softmax(scores.float(), dim=-1).to(v.dtype), v)
-
-
-def run_with_grads(fn, tensors, grad_out):
-    tensors = [t.detach().clone().requires_grad_() for t in tensors]
-    out = fn(*tensors)
-    out.backward(grad_out.to(out.dtype))
-    return [out.detach()] + [t.grad for t in tensors]
-
-
-def assert_within_twice_torch_error(fn, reference, tensors, grad_out, dtype) -> None:
-    exact = run_with_grads(reference, [t.double() for t in tensors], grad_out)
-    same_precision = run_with_grads(reference, tensors, grad_out)
-    ours = run_with_grads(fn, tensors, grad_out)
-    for i, (mine, ref, theirs) in enumerate(zip(ours, exact, same_precision)):
-        err_mine = (mine.double() - ref).abs().max().item()
-        err_torch = (theirs.double() - ref).abs().max().item()
-        assert err_mine <= 2 * err_torch + FLOOR[dtype], f"output {i}: {err_mine:.2e} vs torch {err_torch:.2e}"
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=["fp16", "bf16", "fp32"])
@@ -97,6 +85,23 @@ def test_swiglu_gemm_kernels_match_float64_reference(tokens, d_model, d_ff, dtyp
                                     dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_swiglu_mlp_matches_float64_reference(dtype):
+    from lightning_scaling.kernels.ops.swiglu_mlp import swiglu_mlp
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(4096, 1024, device="cuda", generator=gen)
+    w_gate, w_up = (torch.randn(2816, 1024, device="cuda", generator=gen) / 32 for _ in range(2))
+    w_down = torch.randn(1024, 2816, device="cuda", generator=gen) / 2816**0.5
+    grad_out = torch.randn(4096, 1024, device="cuda", generator=gen)
+
+    def eager(x, w_gate, w_up, w_down):
+        return (torch.nn.functional.silu(x @ w_gate.t()) * (x @ w_up.t())) @ w_down.t()
+
+    assert_within_twice_torch_error(swiglu_mlp, eager, [t.to(dtype) for t in (x, w_gate, w_up, w_down)],
+                                    grad_out, dtype)
+
+
 def test_opcheck_attention_ops_on_the_triton_path():
     ops = torch.ops.lightning_scaling
     q, k, v = (torch.randn(2, 3, 77, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
@@ -111,6 +116,18 @@ def test_opcheck_swiglu_ops_on_the_triton_path():
     gate, up = (torch.randn(33, 257, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
     torch.library.opcheck(ops.swiglu_forward, (gate, up))
     torch.library.opcheck(ops.swiglu_backward, (torch.randn_like(gate), gate.detach(), up.detach()))
+
+
+def test_opcheck_swiglu_mlp_ops_on_the_triton_path():
+    ops = torch.ops.lightning_scaling
+    x = torch.randn(33, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w_gate, w_up = (torch.randn(200, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+    w_down = torch.randn(128, 200, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    torch.library.opcheck(ops.swiglu_mlp_forward, (x, w_gate, w_up, w_down))
+    _, g, u = ops.swiglu_mlp_forward(x, w_gate, w_up, w_down)
+    args = (torch.randn(33, 128, device="cuda", dtype=torch.bfloat16), x.detach(), w_gate.detach(), w_up.detach(),
+            w_down.detach(), g, u)
+    torch.library.opcheck(ops.swiglu_mlp_backward, args)
 
 
 def test_opcheck_swiglu_gemm_ops_on_the_triton_path():

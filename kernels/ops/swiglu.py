@@ -1,13 +1,13 @@
 """Fused SwiGLU gate: ``silu(gate) * up`` as one Triton kernel forward and one backward, a ``torch.library`` op
 (autograd, fake tensors, CPU reference path).
 
-Eager PyTorch keeps four [tokens, d_ff] tensors of the MLP for backward: ``gate``, ``silu(gate)``, ``up`` and
-the product (the last saved by the ``down`` projection). This op keeps only its inputs ``gate`` and ``up`` and
-recomputes ``sigmoid(gate)`` in the backward, so the MLP keeps three: 0.75 x the eager activation memory.
-(Fusing the gate/up GEMM with this epilogue would keep neither; that is not done here, see benchmarks/RESULTS.md.)
+This op keeps only its inputs ``gate`` and ``up`` and recomputes ``sigmoid(gate)`` in the backward, where eager
+PyTorch also keeps ``silu(gate)``. Used between two ``nn.Linear`` layers, the MLP then keeps three [tokens, d_ff]
+tensors where eager keeps four (the product is kept by the ``down`` projection). ``ops/swiglu_mlp.py`` uses the
+same kernels for the whole MLP and keeps two; ``ops/swiglu_gemm.py`` fuses the gate/up GEMM and keeps one.
 
 FLOPs: the op is elementwise and contains no matmul, so it has no FLOP formula (it counts 0, like torch's
-own ``silu`` and ``mul``); ``FlopCounterMode`` already counts the three ``nn.Linear`` GEMMs around it.
+own ``silu`` and ``mul``); ``FlopCounterMode`` already counts the ``nn.Linear`` GEMMs around it.
 """
 
 from __future__ import annotations
@@ -37,9 +37,11 @@ def _swiglu_fwd_kernel(G, U, H, n_elements, BLOCK_SIZE: tl.constexpr):
 
 # ----------------------------------------------------------------------------------------------------------
 # Backward, recomputing sigmoid(g):  dU = dH * silu(g);  dG = dH * u * sigmoid(g) * (1 + g * (1 - sigmoid(g)))
+# With STORE_H it also writes the product h = silu(g) * u again, for a caller that did not keep it
+# (ops/swiglu_mlp.py: the down projection's weight gradient).
 # ----------------------------------------------------------------------------------------------------------
 @triton.jit
-def _swiglu_bwd_kernel(DH, G, U, DG, DU, n_elements, BLOCK_SIZE: tl.constexpr):
+def _swiglu_bwd_kernel(DH, G, U, DG, DU, H, n_elements, STORE_H: tl.constexpr, BLOCK_SIZE: tl.constexpr):
     offs = tl.program_id(0) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
     mask = offs < n_elements
     dh = tl.load(DH + offs, mask=mask, other=0.0).to(tl.float32)
@@ -51,6 +53,8 @@ def _swiglu_bwd_kernel(DH, G, U, DG, DU, n_elements, BLOCK_SIZE: tl.constexpr):
     dg = dh * u * sig * (1.0 + g * (1.0 - sig))
     tl.store(DG + offs, dg.to(DG.dtype.element_ty), mask=mask)
     tl.store(DU + offs, du.to(DU.dtype.element_ty), mask=mask)
+    if STORE_H:
+        tl.store(H + offs, (silu * u).to(H.dtype.element_ty), mask=mask)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -64,14 +68,16 @@ def _triton_forward(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _triton_backward(grad_out: torch.Tensor, gate: torch.Tensor,
-                     up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _triton_backward(grad_out: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
+                     with_product: bool = False) -> tuple[torch.Tensor, ...]:
+    """(d_gate, d_up), and the product ``silu(gate) * up`` as a third tensor when ``with_product``."""
     grad_out, gate, up = grad_out.contiguous(), gate.contiguous(), up.contiguous()
     d_gate, d_up = torch.empty_like(gate), torch.empty_like(up)
+    product = torch.empty_like(gate) if with_product else d_gate  # not written unless asked for
     n = gate.numel()
-    _swiglu_bwd_kernel[(triton.cdiv(n, _BLOCK_SIZE),)](grad_out, gate, up, d_gate, d_up, n,
-                                                       BLOCK_SIZE=_BLOCK_SIZE)
-    return d_gate, d_up
+    _swiglu_bwd_kernel[(triton.cdiv(n, _BLOCK_SIZE),)](grad_out, gate, up, d_gate, d_up, product, n,
+                                                       STORE_H=with_product, BLOCK_SIZE=_BLOCK_SIZE)
+    return (d_gate, d_up, product) if with_product else (d_gate, d_up)
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -83,13 +89,14 @@ def _reference_forward(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return (F.silu(gate.to(ct)) * up.to(ct)).to(gate.dtype)
 
 
-def _reference_backward(grad_out: torch.Tensor, gate: torch.Tensor,
-                        up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _reference_backward(grad_out: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
+                        with_product: bool = False) -> tuple[torch.Tensor, ...]:
     ct = _compute_dtype(gate.dtype)
     dh, g, u = grad_out.to(ct), gate.to(ct), up.to(ct)
     sig = torch.sigmoid(g)
     d_gate = dh * u * sig * (1 + g * (1 - sig))  # d silu(g)/dg = sigmoid(g)·(1 + g·(1 − sigmoid(g)))
-    return d_gate.to(gate.dtype), (dh * g * sig).to(up.dtype)
+    grads = (d_gate.to(gate.dtype), (dh * g * sig).to(up.dtype))
+    return (*grads, (g * sig * u).to(gate.dtype)) if with_product else grads
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ import triton.language as tl
 
 from lightning_scaling.flop_counting import register_flop_formula
 from lightning_scaling.kernels import interpreter_enabled, use_triton
+from lightning_scaling.kernels.ops._inputs import autocast_like_linear, check_gate_up_inputs
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -306,26 +307,8 @@ def swiglu_gate_up(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor) ->
     the PyTorch reference. Keeps only ``x`` and the weights for the backward, which recomputes both GEMMs.
     Under ``torch.autocast`` the three are cast to the autocast dtype first, as ``F.linear`` would be.
     """
-    if (isinstance(x, torch.Tensor) and torch.is_autocast_enabled(x.device.type)
-            and all(isinstance(t, torch.Tensor) and t.is_floating_point() for t in (x, w_gate, w_up))):
-        dtype = torch.get_autocast_dtype(x.device.type)
-        x, w_gate, w_up = x.to(dtype), w_gate.to(dtype), w_up.to(dtype)
-    for name, t in (("x", x), ("w_gate", w_gate), ("w_up", w_up)):
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if not t.is_floating_point():
-            raise ValueError(f"{name} must be a floating-point tensor, got {t.dtype}")
-        if t.dtype != x.dtype:
-            raise ValueError(f"{name} must have the dtype of x ({x.dtype}), got {t.dtype}")
-        if t.device != x.device:
-            raise ValueError(f"{name} must be on the device of x ({x.device}), got {t.device}")
-    if w_gate.dim() != 2 or x.dim() < 1 or w_gate.shape[1] != x.shape[-1]:
-        raise ValueError(f"w_gate must be [d_ff, d_model={x.shape[-1] if x.dim() else '?'}], got "
-                         f"{tuple(w_gate.shape)} for x of shape {tuple(x.shape)}")
-    if w_up.shape != w_gate.shape:
-        raise ValueError(f"w_up must have the shape of w_gate {tuple(w_gate.shape)}, got {tuple(w_up.shape)}")
-    if x.numel() == 0:
-        raise ValueError(f"x must hold at least one token, got shape {tuple(x.shape)}")
+    x, w_gate, w_up = autocast_like_linear(x, w_gate, w_up)
+    check_gate_up_inputs(x, w_gate, w_up)
     lead = x.shape[:-1]
     h = swiglu_gate_up_forward(x.reshape(-1, x.shape[-1]), w_gate, w_up)
     return h.view(*lead, w_gate.shape[0])

@@ -1,0 +1,38 @@
+"""Input handling shared by the MLP ops: autocast as ``nn.Linear`` does it, and checks that name the argument."""
+
+from __future__ import annotations
+
+import torch
+
+
+def autocast_like_linear(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Under ``torch.autocast`` for the first tensor's device, cast all to the autocast dtype, as ``F.linear``
+    casts its input and weight; otherwise return them unchanged."""
+    first = tensors[0]
+    if (isinstance(first, torch.Tensor) and torch.is_autocast_enabled(first.device.type)
+            and all(isinstance(t, torch.Tensor) and t.is_floating_point() for t in tensors)):
+        dtype = torch.get_autocast_dtype(first.device.type)
+        return tuple(t.to(dtype) for t in tensors)
+    return tensors
+
+
+def check_gate_up_inputs(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
+                         extra: dict[str, torch.Tensor] | None = None) -> None:
+    """Raise ``ValueError`` naming the argument unless x [..., d_model] and w_gate, w_up [d_ff, d_model] (and the
+    ``extra`` tensors) are floating-point tensors of one dtype and device, with at least one token."""
+    for name, t in (("x", x), ("w_gate", w_gate), ("w_up", w_up), *(extra or {}).items()):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point tensor, got {t.dtype}")
+        if t.dtype != x.dtype:
+            raise ValueError(f"{name} must have the dtype of x ({x.dtype}), got {t.dtype}")
+        if t.device != x.device:
+            raise ValueError(f"{name} must be on the device of x ({x.device}), got {t.device}")
+    if w_gate.dim() != 2 or x.dim() < 1 or w_gate.shape[1] != x.shape[-1]:
+        raise ValueError(f"w_gate must be [d_ff, d_model={x.shape[-1] if x.dim() else '?'}], got "
+                         f"{tuple(w_gate.shape)} for x of shape {tuple(x.shape)}")
+    if w_up.shape != w_gate.shape:
+        raise ValueError(f"w_up must have the shape of w_gate {tuple(w_gate.shape)}, got {tuple(w_up.shape)}")
+    if x.numel() == 0:
+        raise ValueError(f"x must hold at least one token, got shape {tuple(x.shape)}")
