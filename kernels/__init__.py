@@ -40,11 +40,22 @@ def triton_on_cpu() -> Iterator[None]:
         _TRITON_ON_CPU = previous
 
 
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
 def use_triton(tensor: torch.Tensor) -> bool:
-    """Whether an op given ``tensor`` runs its Triton kernels (CUDA, or CPU under ``triton_on_cpu()``)."""
+    """Whether an op given ``tensor`` runs its Triton kernels: fp16/bf16/fp32 on CUDA, or on the CPU under
+    ``triton_on_cpu()``. Other dtypes (float64) take the PyTorch path, which computes in their own precision."""
+    if tensor.dtype not in TRITON_DTYPES:
+        return False
     if tensor.is_cuda:
         return True
     return tensor.device.type == "cpu" and _TRITON_ON_CPU and interpreter_enabled()
+
+
+def on_device_of(tensor: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Make ``tensor``'s GPU the current one while launching kernels (Triton launches on the current device)."""
+    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
 
 
 def __getattr__(name: str):  # lazy: importing the package does not import Triton

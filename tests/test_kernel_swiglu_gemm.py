@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from lightning_scaling.kernels import interpreter_enabled, triton_on_cpu
 from lightning_scaling.kernels.ops.swiglu_gemm import swiglu_gate_up
-from kernel_checks import assert_within_twice_torch_error
+from kernel_checks import assert_within_twice_torch_error, run_with_grads
 
 HAS_CUDA = torch.cuda.is_available()
 needs_interpreter = pytest.mark.skipif(HAS_CUDA or not interpreter_enabled(),
@@ -168,3 +168,20 @@ def test_module_rejects_an_unknown_fusion():
 
     with pytest.raises(ValueError, match="fusion must be one of"):
         FusedSwiGLU(32, 64, fusion="fast")
+
+
+@needs_interpreter
+def test_float64_takes_the_exact_path_even_where_the_triton_kernels_would_run():
+    # The GEMM kernel accumulates in fp32: float64 goes to the PyTorch path instead of losing precision.
+    tensors, grad_out = make_inputs(6, 8, 12, torch.float64)
+    with triton_on_cpu():
+        ours = run_with_grads(swiglu_gate_up, tensors, grad_out)
+    for mine, ref in zip(ours, run_with_grads(eager_gate_up, tensors, grad_out)):
+        assert mine.dtype == torch.float64
+        torch.testing.assert_close(mine, ref, rtol=1e-12, atol=1e-12)
+
+
+def test_the_op_takes_2d_x_only():
+    (x, w_gate, w_up), _ = make_inputs(6, 8, 12, torch.float32)
+    with pytest.raises(ValueError, match="x must be 2-D"):
+        torch.ops.lightning_scaling.swiglu_gate_up_forward(x.view(2, 3, 8), w_gate, w_up)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from lightning_scaling.kernels import interpreter_enabled, triton_on_cpu
 from lightning_scaling.kernels.ops.swiglu_mlp import swiglu_mlp
-from kernel_checks import assert_within_twice_torch_error
+from kernel_checks import assert_within_twice_torch_error, run_with_grads
 
 HAS_CUDA = torch.cuda.is_available()
 needs_interpreter = pytest.mark.skipif(HAS_CUDA or not interpreter_enabled(),
@@ -118,3 +118,52 @@ def test_bad_down_weight_raises_value_error_naming_it():
         swiglu_mlp(x, w_gate, w_up, torch.randn(6, 4))
     with pytest.raises(ValueError, match="w_down must have the dtype of x"):
         swiglu_mlp(x, w_gate, w_up, torch.randn(4, 6).double())
+
+
+def test_backward_makes_no_zero_gradients_for_the_saved_projections():
+    # g and u are outputs without gradients: autograd must not fill [tokens, d_ff] zeros for them.
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class ZerosLog(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.shapes: list[tuple] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if "zero" in func.overloadpacket.__name__ and isinstance(out, torch.Tensor):
+                self.shapes.append(tuple(out.shape))
+            return out
+
+    tensors, grad_out = make_inputs(16, 8, 24, torch.float32)
+    x, *weights = (t.requires_grad_() for t in tensors)
+    y = swiglu_mlp(x, *weights)
+    with ZerosLog() as log:
+        y.backward(grad_out)
+    assert (16, 24) not in log.shapes
+    assert x.grad is not None and all(w.grad is not None for w in weights)
+
+
+@needs_interpreter
+def test_float64_takes_the_exact_path_even_where_the_triton_kernels_would_run():
+    tensors, grad_out = make_inputs(6, 8, 12, torch.float64)
+    with triton_on_cpu():
+        ours = run_with_grads(swiglu_mlp, tensors, grad_out)
+    exact = run_with_grads(eager_mlp, tensors, grad_out)
+    for mine, ref in zip(ours, exact):
+        assert mine.dtype == torch.float64
+        torch.testing.assert_close(mine, ref, rtol=1e-12, atol=1e-12)
+
+
+def test_the_op_takes_2d_x_only():
+    tensors, _ = make_inputs(6, 8, 12, torch.float32)
+    x, *weights = tensors
+    with pytest.raises(ValueError, match="x must be 2-D"):
+        torch.ops.lightning_scaling.swiglu_mlp_forward(x.view(2, 3, 8), *weights)
+    assert swiglu_mlp(x.view(2, 3, 8), *weights).shape == (2, 3, 8)  # the wrapper flattens
+
+
+def test_autocast_leaves_float64_alone_as_linear_does():
+    tensors, _ = make_inputs(6, 8, 12, torch.float64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert swiglu_mlp(*tensors).dtype == torch.float64

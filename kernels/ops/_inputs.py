@@ -5,15 +5,24 @@ from __future__ import annotations
 import torch
 
 
+_AUTOCAST_CASTS = (torch.float32, torch.float16, torch.bfloat16)  # autocast leaves float64 alone
+
+
 def autocast_like_linear(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Under ``torch.autocast`` for the first tensor's device, cast all to the autocast dtype, as ``F.linear``
-    casts its input and weight; otherwise return them unchanged."""
+    """Under ``torch.autocast`` for the first tensor's device, cast the fp32/fp16/bf16 ones to the autocast dtype,
+    as ``F.linear`` casts its input and weight; otherwise return them unchanged."""
     first = tensors[0]
-    if (isinstance(first, torch.Tensor) and torch.is_autocast_enabled(first.device.type)
-            and all(isinstance(t, torch.Tensor) and t.is_floating_point() for t in tensors)):
-        dtype = torch.get_autocast_dtype(first.device.type)
-        return tuple(t.to(dtype) for t in tensors)
-    return tensors
+    if not (isinstance(first, torch.Tensor) and torch.is_autocast_enabled(first.device.type)):
+        return tensors
+    dtype = torch.get_autocast_dtype(first.device.type)
+    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.dtype in _AUTOCAST_CASTS else t
+                 for t in tensors)
+
+
+def check_2d(x: torch.Tensor) -> None:
+    """The ops take x as [tokens, d_model]; their public wrappers flatten the leading dimensions."""
+    if x.dim() != 2:
+        raise ValueError(f"x must be 2-D [tokens, d_model] for the op (the wrapper flattens), got {tuple(x.shape)}")
 
 
 def check_gate_up_inputs(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,

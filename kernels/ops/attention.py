@@ -21,7 +21,7 @@ import triton.language as tl
 
 from lightning_scaling.flop_counting import register_flop_formula
 from lightning_scaling.flops import attention_flops
-from lightning_scaling.kernels import interpreter_enabled, use_triton
+from lightning_scaling.kernels import interpreter_enabled, on_device_of, use_triton
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 _LOG2E = 1.4426950408889634  # log2(e): the kernels use exp2, so scores are pre-multiplied by log2(e)
@@ -144,8 +144,8 @@ def _attn_fwd_kernel(
 ):
     start_m = tl.program_id(0)
     off_bh = tl.program_id(1)
-    off_b = off_bh // H
-    off_h = off_bh % H
+    off_b = (off_bh // H).to(tl.int64)  # 64-bit: batch offsets pass 2**31 elements at large batch x seq
+    off_h = (off_bh % H).to(tl.int64)
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     Q += off_b * stride_qb + off_h * stride_qh
@@ -191,8 +191,8 @@ def _attn_bwd_preprocess_kernel(
 ):
     start_m = tl.program_id(0)
     off_bh = tl.program_id(1)
-    off_b = off_bh // H
-    off_h = off_bh % H
+    off_b = (off_bh // H).to(tl.int64)  # 64-bit: batch offsets pass 2**31 elements at large batch x seq
+    off_h = (off_bh % H).to(tl.int64)
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     rows = offs_m[:, None] < SEQ_Q
@@ -249,8 +249,8 @@ def _attn_bwd_dkdv_kernel(
 ):
     start_n = tl.program_id(0)
     off_bh = tl.program_id(1)
-    off_b = off_bh // H
-    off_h = off_bh % H
+    off_b = (off_bh // H).to(tl.int64)  # 64-bit: batch offsets pass 2**31 elements at large batch x seq
+    off_h = (off_bh % H).to(tl.int64)
     offs_n = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     Q += off_b * stride_qb + off_h * stride_qh
@@ -282,9 +282,9 @@ def _attn_bwd_dkdv_kernel(
                                   HEAD_DIM, DOT_PRECISION, BLOCK_M, False)
 
     dk *= sm_scale
-    tl.store(DK + off_bh * SEQ_K * HEAD_DIM + offs_n[:, None] * HEAD_DIM + offs_d[None, :],
+    tl.store(DK + off_bh.to(tl.int64) * SEQ_K * HEAD_DIM + offs_n[:, None] * HEAD_DIM + offs_d[None, :],
              dk.to(DK.dtype.element_ty), mask=key_rows)
-    tl.store(DV + off_bh * SEQ_K * HEAD_DIM + offs_n[:, None] * HEAD_DIM + offs_d[None, :],
+    tl.store(DV + off_bh.to(tl.int64) * SEQ_K * HEAD_DIM + offs_n[:, None] * HEAD_DIM + offs_d[None, :],
              dv.to(DV.dtype.element_ty), mask=key_rows)
 
 
@@ -335,8 +335,8 @@ def _attn_bwd_dq_kernel(
 ):
     start_m = tl.program_id(0)
     off_bh = tl.program_id(1)
-    off_b = off_bh // H
-    off_h = off_bh % H
+    off_b = (off_bh // H).to(tl.int64)  # 64-bit: batch offsets pass 2**31 elements at large batch x seq
+    off_h = (off_bh % H).to(tl.int64)
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     K += off_b * stride_kb + off_h * stride_kh
@@ -364,7 +364,7 @@ def _attn_bwd_dq_kernel(
                             True, CAUSAL)
 
     dq *= sm_scale
-    tl.store(DQ + off_bh * SEQ_Q * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :],
+    tl.store(DQ + off_bh.to(tl.int64) * SEQ_Q * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :],
              dq.to(DQ.dtype.element_ty), mask=query_rows)
 
 
@@ -462,7 +462,8 @@ def flash_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c
                             scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention output [B, H, Sq, D] (dtype of q) and row log-sum-exp [B, H, Sq] (fp32, natural log)."""
     if use_triton(q):
-        return _triton_forward(q, k, v, causal, scale)
+        with on_device_of(q):
+            return _triton_forward(q, k, v, causal, scale)
     return _reference_forward(q, k, v, causal, scale)
 
 
@@ -478,7 +479,8 @@ def flash_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.T
                              scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients (dq, dk, dv) of ``flash_attention_forward``, recomputing probabilities from ``lse``."""
     if use_triton(q):
-        return _triton_backward(grad_out, q, k, v, out, lse, causal, scale)
+        with on_device_of(q):
+            return _triton_backward(grad_out, q, k, v, out, lse, causal, scale)
     return _reference_backward(grad_out, q, k, v, out, lse, causal, scale)
 
 
@@ -552,8 +554,6 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     if use_triton(q):
         if d not in SUPPORTED_HEAD_DIMS:
             raise ValueError(f"q head_dim must be one of {SUPPORTED_HEAD_DIMS} for the Triton kernels, got {d}")
-        if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-            raise ValueError(f"q dtype must be float16, bfloat16 or float32 for the Triton kernels, got {q.dtype}")
 
 
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
@@ -562,8 +562,8 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
 
     ``q`` [batch, heads, q_len, head_dim], ``k``/``v`` [batch, heads, kv_len, head_dim], all one dtype and
     device; returns [batch, heads, q_len, head_dim]. ``scale`` defaults to 1/sqrt(head_dim). On CUDA (and on
-    the CPU under ``triton_on_cpu()``) runs the Triton kernels, which take head_dim in {16, 32, 64, 128};
-    otherwise the PyTorch reference.
+    the CPU under ``triton_on_cpu()``) fp16/bf16/fp32 run the Triton kernels, which take head_dim in
+    {16, 32, 64, 128}; otherwise (and for float64) the PyTorch reference.
     """
     _check_inputs(q, k, v)
     if scale is None:

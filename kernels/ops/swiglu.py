@@ -17,7 +17,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from lightning_scaling.kernels import interpreter_enabled, use_triton
+from lightning_scaling.kernels import interpreter_enabled, on_device_of, use_triton
 
 _BLOCK_SIZE = 256 if interpreter_enabled() else 1024
 
@@ -27,7 +27,7 @@ _BLOCK_SIZE = 256 if interpreter_enabled() else 1024
 # ----------------------------------------------------------------------------------------------------------
 @triton.jit
 def _swiglu_fwd_kernel(G, U, H, n_elements, BLOCK_SIZE: tl.constexpr):
-    offs = tl.program_id(0) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+    offs = tl.program_id(0).to(tl.int64) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)  # 64-bit: > 2**31 elements
     mask = offs < n_elements
     g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(U + offs, mask=mask, other=0.0).to(tl.float32)
@@ -42,7 +42,7 @@ def _swiglu_fwd_kernel(G, U, H, n_elements, BLOCK_SIZE: tl.constexpr):
 # ----------------------------------------------------------------------------------------------------------
 @triton.jit
 def _swiglu_bwd_kernel(DH, G, U, DG, DU, H, n_elements, STORE_H: tl.constexpr, BLOCK_SIZE: tl.constexpr):
-    offs = tl.program_id(0) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+    offs = tl.program_id(0).to(tl.int64) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)  # 64-bit: > 2**31 elements
     mask = offs < n_elements
     dh = tl.load(DH + offs, mask=mask, other=0.0).to(tl.float32)
     g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
@@ -106,7 +106,8 @@ def _reference_backward(grad_out: torch.Tensor, gate: torch.Tensor, up: torch.Te
 def swiglu_forward(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """``silu(gate) * up``, same shape and dtype as ``gate``."""
     if use_triton(gate):
-        return _triton_forward(gate, up)
+        with on_device_of(gate):
+            return _triton_forward(gate, up)
     return _reference_forward(gate, up)
 
 
@@ -120,7 +121,8 @@ def swiglu_backward(grad_out: torch.Tensor, gate: torch.Tensor,
                     up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradients (d_gate, d_up) of ``swiglu_forward``, recomputing ``sigmoid(gate)``."""
     if use_triton(gate):
-        return _triton_backward(grad_out, gate, up)
+        with on_device_of(gate):
+            return _triton_backward(grad_out, gate, up)
     return _reference_backward(grad_out, gate, up)
 
 

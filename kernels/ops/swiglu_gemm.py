@@ -21,8 +21,8 @@ import triton
 import triton.language as tl
 
 from lightning_scaling.flop_counting import register_flop_formula
-from lightning_scaling.kernels import interpreter_enabled, use_triton
-from lightning_scaling.kernels.ops._inputs import autocast_like_linear, check_gate_up_inputs
+from lightning_scaling.kernels import interpreter_enabled, on_device_of, use_triton
+from lightning_scaling.kernels.ops._inputs import autocast_like_linear, check_2d, check_gate_up_inputs
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -92,8 +92,8 @@ def _gate_up_tiles(X, WG, WU, offs_m, offs_n, M, N, K,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     # g = x W_gateᵀ and u = x W_upᵀ for one [BLOCK_M, BLOCK_N] tile, fp32 accumulators. Out-of-range rows and
     # columns wrap around (modulo) instead of being masked: they compute garbage that is never stored.
-    rows = offs_m % M
-    cols = offs_n % N
+    rows = (offs_m % M).to(tl.int64)  # 64-bit offsets: tokens x d_model may pass 2**31 elements
+    cols = (offs_n % N).to(tl.int64)
     offs_k = tl.arange(0, BLOCK_K)
     x_ptrs = X + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk  # [BLOCK_M, BLOCK_K]
     wg_ptrs = WG + cols[None, :] * stride_wn + offs_k[:, None] * stride_wk  # [BLOCK_K, BLOCK_N] = W_gateᵀ tile
@@ -135,7 +135,8 @@ def _gate_up_swiglu_fwd_kernel(
                           EVEN_K, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
     h = g * tl.sigmoid(g) * u
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    tl.store(H + offs_m[:, None] * stride_hm + offs_n[None, :] * stride_hn, h.to(H.dtype.element_ty), mask=mask)
+    tl.store(H + offs_m[:, None].to(tl.int64) * stride_hm + offs_n[None, :] * stride_hn, h.to(H.dtype.element_ty),
+             mask=mask)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -155,7 +156,7 @@ def _gate_up_swiglu_bwd_kernel(
     g, u = _gate_up_tiles(X, WG, WU, offs_m, offs_n, M, N, K, stride_xm, stride_xk, stride_wn, stride_wk,
                           EVEN_K, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    tile = offs_m[:, None] * stride_hm + offs_n[None, :] * stride_hn  # DH, DG, DU share one contiguous layout
+    tile = offs_m[:, None].to(tl.int64) * stride_hm + offs_n[None, :] * stride_hn  # DH, DG, DU: one layout
     dh = tl.load(DH + tile, mask=mask, other=0.0).to(tl.float32)
     sig = tl.sigmoid(g)
     du = dh * g * sig
@@ -238,13 +239,16 @@ def _reference_backward(grad_h: torch.Tensor, x: torch.Tensor, w_gate: torch.Ten
 @torch.library.custom_op("lightning_scaling::swiglu_gate_up_forward", mutates_args=())
 def swiglu_gate_up_forward(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor) -> torch.Tensor:
     """``silu(x @ w_gate.T) * (x @ w_up.T)``: x [M, K], weights [N, K] -> [M, N] in the dtype of x."""
+    check_2d(x)
     if use_triton(x):
-        return _triton_forward(x, w_gate, w_up)
+        with on_device_of(x):
+            return _triton_forward(x, w_gate, w_up)
     return _reference_forward(x, w_gate, w_up)
 
 
 @swiglu_gate_up_forward.register_fake
 def _(x, w_gate, w_up):
+    check_2d(x)
     return x.new_empty((x.shape[0], w_gate.shape[0]))
 
 
@@ -253,7 +257,8 @@ def swiglu_gate_up_backward(grad_h: torch.Tensor, x: torch.Tensor, w_gate: torch
                             w_up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients (d_x, d_w_gate, d_w_up) of ``swiglu_gate_up_forward``, recomputing the gate/up GEMMs."""
     if use_triton(x):
-        return _triton_backward(grad_h, x, w_gate, w_up)
+        with on_device_of(x):
+            return _triton_backward(grad_h, x, w_gate, w_up)
     return _reference_backward(grad_h, x, w_gate, w_up)
 
 

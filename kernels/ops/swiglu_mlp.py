@@ -17,9 +17,9 @@ from __future__ import annotations
 import torch
 
 from lightning_scaling.flop_counting import register_flop_formula
-from lightning_scaling.kernels import use_triton
+from lightning_scaling.kernels import on_device_of, use_triton
 from lightning_scaling.kernels.ops import swiglu as gate_kernels
-from lightning_scaling.kernels.ops._inputs import autocast_like_linear, check_gate_up_inputs
+from lightning_scaling.kernels.ops._inputs import autocast_like_linear, check_2d, check_gate_up_inputs
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -27,12 +27,16 @@ from lightning_scaling.kernels.ops._inputs import autocast_like_linear, check_ga
 # use_triton() says so and the PyTorch reference elsewhere.
 # ----------------------------------------------------------------------------------------------------------
 def _gate_forward(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    return gate_kernels._triton_forward(g, u) if use_triton(g) else gate_kernels._reference_forward(g, u)
+    if use_triton(g):
+        with on_device_of(g):
+            return gate_kernels._triton_forward(g, u)
+    return gate_kernels._reference_forward(g, u)
 
 
 def _gate_backward(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, ...]:
     if use_triton(g):
-        return gate_kernels._triton_backward(dh, g, u, with_product=True)
+        with on_device_of(g):
+            return gate_kernels._triton_backward(dh, g, u, with_product=True)
     return gate_kernels._reference_backward(dh, g, u, with_product=True)
 
 
@@ -58,12 +62,14 @@ def _backward(grad_y: torch.Tensor, x: torch.Tensor, w_gate: torch.Tensor, w_up:
 @torch.library.custom_op("lightning_scaling::swiglu_mlp_forward", mutates_args=())
 def swiglu_mlp_forward(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
                        w_down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(output [M, d_model], gate(x) [M, d_ff], up(x) [M, d_ff]), all in the dtype of x."""
+    """(output [M, d_model], gate(x) [M, d_ff], up(x) [M, d_ff]), all in the dtype of x (x is 2-D)."""
+    check_2d(x)
     return _forward(x, w_gate, w_up, w_down)
 
 
 @swiglu_mlp_forward.register_fake
 def _(x, w_gate, w_up, w_down):
+    check_2d(x)
     m, d_ff = x.shape[0], w_gate.shape[0]
     return x.new_empty((m, w_down.shape[0])), x.new_empty((m, d_ff)), x.new_empty((m, d_ff))
 
@@ -86,9 +92,12 @@ def _setup_context(ctx, inputs, output) -> None:
     _, g, u = output
     ctx.save_for_backward(*inputs, g, u)  # x, the weights, g and u: not silu(g), not the product
     ctx.mark_non_differentiable(g, u)
+    ctx.set_materialize_grads(False)  # g and u get no gradient: no [tokens, d_ff] zeros for them at the peak
 
 
-def _autograd_backward(ctx, grad_y: torch.Tensor, grad_g: torch.Tensor | None, grad_u: torch.Tensor | None):
+def _autograd_backward(ctx, grad_y: torch.Tensor | None, grad_g: torch.Tensor | None, grad_u: torch.Tensor | None):
+    if grad_y is None:
+        return None, None, None, None
     return swiglu_mlp_backward(grad_y.contiguous(), *ctx.saved_tensors)
 
 
