@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 
@@ -53,9 +54,14 @@ def use_triton(tensor: torch.Tensor) -> bool:
     return tensor.device.type == "cpu" and _TRITON_ON_CPU and interpreter_enabled()
 
 
-def on_device_of(tensor: torch.Tensor) -> contextlib.AbstractContextManager:
-    """Make ``tensor``'s GPU the current one while launching kernels (Triton launches on the current device)."""
-    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
+def run_kernels(tensor: torch.Tensor, triton_impl: Callable[..., Any], reference_impl: Callable[..., Any],
+                *args: Any) -> Any:
+    """``triton_impl(*args)`` on ``tensor``'s GPU (Triton launches on the current device) when
+    ``use_triton(tensor)``, else ``reference_impl(*args)``: the dispatch of every op in ``ops/``."""
+    if not use_triton(tensor):
+        return reference_impl(*args)
+    with torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext():
+        return triton_impl(*args)
 
 
 def __getattr__(name: str):  # lazy: importing the package does not import Triton

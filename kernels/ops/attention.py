@@ -21,7 +21,7 @@ import triton.language as tl
 
 from lightning_scaling.flop_counting import register_flop_formula
 from lightning_scaling.flops import attention_flops
-from lightning_scaling.kernels import interpreter_enabled, on_device_of, use_triton
+from lightning_scaling.kernels import interpreter_enabled, run_kernels, use_triton
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 _LOG2E = 1.4426950408889634  # log2(e): the kernels use exp2, so scores are pre-multiplied by log2(e)
@@ -461,10 +461,7 @@ def _reference_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor
 def flash_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
                             scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention output [B, H, Sq, D] (dtype of q) and row log-sum-exp [B, H, Sq] (fp32, natural log)."""
-    if use_triton(q):
-        with on_device_of(q):
-            return _triton_forward(q, k, v, causal, scale)
-    return _reference_forward(q, k, v, causal, scale)
+    return run_kernels(q, _triton_forward, _reference_forward, q, k, v, causal, scale)
 
 
 @flash_attention_forward.register_fake
@@ -478,10 +475,7 @@ def flash_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.T
                              out: torch.Tensor, lse: torch.Tensor, causal: bool,
                              scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients (dq, dk, dv) of ``flash_attention_forward``, recomputing probabilities from ``lse``."""
-    if use_triton(q):
-        with on_device_of(q):
-            return _triton_backward(grad_out, q, k, v, out, lse, causal, scale)
-    return _reference_backward(grad_out, q, k, v, out, lse, causal, scale)
+    return run_kernels(q, _triton_backward, _reference_backward, grad_out, q, k, v, out, lse, causal, scale)
 
 
 @flash_attention_backward.register_fake

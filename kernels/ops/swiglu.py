@@ -17,7 +17,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from lightning_scaling.kernels import interpreter_enabled, on_device_of, use_triton
+from lightning_scaling.kernels import interpreter_enabled, run_kernels
 
 _BLOCK_SIZE = 256 if interpreter_enabled() else 1024
 
@@ -105,10 +105,7 @@ def _reference_backward(grad_out: torch.Tensor, gate: torch.Tensor, up: torch.Te
 @torch.library.custom_op("lightning_scaling::swiglu_forward", mutates_args=())
 def swiglu_forward(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """``silu(gate) * up``, same shape and dtype as ``gate``."""
-    if use_triton(gate):
-        with on_device_of(gate):
-            return _triton_forward(gate, up)
-    return _reference_forward(gate, up)
+    return run_kernels(gate, _triton_forward, _reference_forward, gate, up)
 
 
 @swiglu_forward.register_fake
@@ -120,10 +117,7 @@ def _(gate, up):
 def swiglu_backward(grad_out: torch.Tensor, gate: torch.Tensor,
                     up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradients (d_gate, d_up) of ``swiglu_forward``, recomputing ``sigmoid(gate)``."""
-    if use_triton(gate):
-        with on_device_of(gate):
-            return _triton_backward(grad_out, gate, up)
-    return _reference_backward(grad_out, gate, up)
+    return run_kernels(gate, _triton_backward, _reference_backward, grad_out, gate, up)
 
 
 @swiglu_backward.register_fake

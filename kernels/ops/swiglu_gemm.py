@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from lightning_scaling.flop_counting import register_flop_formula
-from lightning_scaling.kernels import interpreter_enabled, on_device_of, use_triton
+from lightning_scaling.kernels import interpreter_enabled, run_kernels
 from lightning_scaling.kernels.ops._inputs import autocast_like_linear, check_2d, check_gate_up_inputs
 
 
@@ -240,10 +240,7 @@ def _reference_backward(grad_h: torch.Tensor, x: torch.Tensor, w_gate: torch.Ten
 def swiglu_gate_up_forward(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor) -> torch.Tensor:
     """``silu(x @ w_gate.T) * (x @ w_up.T)``: x [M, K], weights [N, K] -> [M, N] in the dtype of x."""
     check_2d(x)
-    if use_triton(x):
-        with on_device_of(x):
-            return _triton_forward(x, w_gate, w_up)
-    return _reference_forward(x, w_gate, w_up)
+    return run_kernels(x, _triton_forward, _reference_forward, x, w_gate, w_up)
 
 
 @swiglu_gate_up_forward.register_fake
@@ -256,10 +253,7 @@ def _(x, w_gate, w_up):
 def swiglu_gate_up_backward(grad_h: torch.Tensor, x: torch.Tensor, w_gate: torch.Tensor,
                             w_up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients (d_x, d_w_gate, d_w_up) of ``swiglu_gate_up_forward``, recomputing the gate/up GEMMs."""
-    if use_triton(x):
-        with on_device_of(x):
-            return _triton_backward(grad_h, x, w_gate, w_up)
-    return _reference_backward(grad_h, x, w_gate, w_up)
+    return run_kernels(x, _triton_backward, _reference_backward, grad_h, x, w_gate, w_up)
 
 
 @swiglu_gate_up_backward.register_fake

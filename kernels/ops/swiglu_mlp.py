@@ -17,39 +17,27 @@ from __future__ import annotations
 import torch
 
 from lightning_scaling.flop_counting import register_flop_formula
-from lightning_scaling.kernels import on_device_of, use_triton
+from lightning_scaling.kernels import run_kernels
 from lightning_scaling.kernels.ops import swiglu as gate_kernels
 from lightning_scaling.kernels.ops._inputs import autocast_like_linear, check_2d, check_gate_up_inputs
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Forward and backward bodies: the same on every device; the SwiGLU gate runs the Triton kernels where
-# use_triton() says so and the PyTorch reference elsewhere.
+# Forward and backward bodies: cuBLAS GEMMs on every device; the SwiGLU gate through run_kernels (Triton where
+# use_triton() says so, the PyTorch reference elsewhere).
 # ----------------------------------------------------------------------------------------------------------
-def _gate_forward(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    if use_triton(g):
-        with on_device_of(g):
-            return gate_kernels._triton_forward(g, u)
-    return gate_kernels._reference_forward(g, u)
-
-
-def _gate_backward(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    if use_triton(g):
-        with on_device_of(g):
-            return gate_kernels._triton_backward(dh, g, u, with_product=True)
-    return gate_kernels._reference_backward(dh, g, u, with_product=True)
-
-
 def _forward(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
              w_down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     g, u = x @ w_gate.t(), x @ w_up.t()
-    return _gate_forward(g, u) @ w_down.t(), g, u  # the product is freed on return
+    h = run_kernels(g, gate_kernels._triton_forward, gate_kernels._reference_forward, g, u)
+    return h @ w_down.t(), g, u  # the product is freed on return
 
 
 def _backward(grad_y: torch.Tensor, x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
               w_down: torch.Tensor, g: torch.Tensor,
               u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    d_gate, d_up, h = _gate_backward(grad_y @ w_down, g, u)  # h: the product, written again
+    d_gate, d_up, h = run_kernels(g, gate_kernels._triton_backward, gate_kernels._reference_backward,
+                                  grad_y @ w_down, g, u, True)  # True: write the product h again
     grad_w_down = grad_y.t() @ h
     del h
     grad_x = (d_gate @ w_gate).addmm_(d_up, w_up)
