@@ -146,7 +146,7 @@ def test_bad_arguments_name_the_argument(kwargs, name):
 
 def test_map_style_repeated_20_times_is_20_epochs_and_warns_past_16(recwarn):
     # 1,000 samples, 20 epochs of 20 steps × 50 samples: the whole run (400 steps) is known from step 1.
-    rep = DataRepetition()
+    rep = DataRepetition(stop_epochs=16.0)
     _fit(rep, Samples(1000), batch_size=50, max_epochs=20)
     law = DataConstrainedLaw()
     unique = 1000 * SEQ
@@ -167,9 +167,21 @@ def test_map_style_repeated_20_times_is_20_epochs_and_warns_past_16(recwarn):
     assert rep.distinct_fraction is None  # sketch auto: off for a dataset with a length
 
 
+def test_default_thresholds_state_the_value_of_repeats_and_the_headroom(recwarn):
+    # 20 epochs: past the default 4 (diminishing returns), not past the default 40 (worthless). The message
+    # gives the value of the next repeated token, exp(-19/R*_D) = 29%, and how far D' can still grow:
+    # U(1 + R*_D) / D' - 1 = 38% (Muennighoff et al. 2023, eq. 5).
+    rep = DataRepetition()
+    _fit(rep, Samples(1000), batch_size=50, max_epochs=20)
+    assert rep.warned == {"warn": 1}
+    (message,) = _messages(recwarn, "past 4 epochs")
+    assert "worth 29% of a fresh one" in message and "by at most 38%" in message
+    assert _messages(recwarn, "past 40 epochs") == []
+
+
 def test_stream_without_length_detected_as_repeated_by_the_sketch(recwarn):
     # The same 1,000 samples shuffled 20 times, as an IterableDataset with no length.
-    rep = DataRepetition(sketch_every_n_steps=5)
+    rep = DataRepetition(sketch_every_n_steps=5, stop_epochs=16.0)
     _fit(rep, ShuffledStream(1000, 20), batch_size=50, max_steps=400)
     assert rep.sketch_on
     assert rep.samples == 20_000
@@ -198,7 +210,7 @@ def test_fresh_stream_is_one_epoch_and_never_warns(recwarn):
 def test_warnings_fire_at_the_step_the_epochs_cross_once_each(recwarn, accumulate):
     # No known end (max_steps = max_epochs = -1): the projection is the epochs so far, so the warnings fire
     # when epochs first exceed 4 and 16. 100 samples, batches of 10: micro-batch 41 takes us past 4 epochs.
-    rep = DataRepetition()
+    rep = DataRepetition(stop_epochs=16.0)
     stop_step = 170 // accumulate
     _fit(rep, Samples(100), max_epochs=-1, max_steps=-1, stop=stop_step, accumulate_grad_batches=accumulate)
     assert rep.global_steps == stop_step

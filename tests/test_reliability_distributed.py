@@ -83,17 +83,36 @@ SCRIPT = textwrap.dedent('''
                 self.model = GPT(self.config, use_kernels=False)
                 shard(self.model, self.device_mesh["data_parallel"])
 
-    def run(name, module, strategy, batch_size, steps, accumulate=1):
+    # every collective Python code starts during a fit (DDP's own gradient all-reduce runs in C++ and is not seen)
+    COLLECTIVES = [0]
+    for _name in ("all_reduce", "all_gather", "all_gather_object", "all_gather_into_tensor", "broadcast",
+                  "broadcast_object_list", "reduce", "reduce_scatter_tensor", "barrier", "gather", "scatter"):
+        def _counted(*args, _real=getattr(torch.distributed, _name), **kwargs):
+            COLLECTIVES[0] += 1
+            return _real(*args, **kwargs)
+        setattr(torch.distributed, _name, _counted)
+
+    def run(name, module, strategy, batch_size, steps, accumulate=1, with_monitor=True):
         if RANK0:
             print(f"=== begin {name} ===", file=sys.stderr, flush=True)
-        monitor = ScalingMonitor(tokens_fn=target_tokens, noise_scale={"warmup_steps": 0})
-        trainer = L.Trainer(callbacks=[monitor], max_steps=steps, accumulate_grad_batches=accumulate,
+        monitor = ScalingMonitor(tokens_fn=target_tokens, noise_scale={"warmup_steps": 0}) \
+            if with_monitor else None
+        before = COLLECTIVES[0]
+        trainer = L.Trainer(callbacks=[monitor] if monitor else [], max_steps=steps, accumulate_grad_batches=accumulate,
                             strategy=strategy, accelerator="cpu", devices=2, logger=False,
                             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                             limit_val_batches=0, default_root_dir=os.path.join(os.path.dirname(OUT), name))
         trainer.fit(module, DataLoader(data, batch_size=batch_size, shuffle=False))
+        collectives = COLLECTIVES[0] - before
         local = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in module.parameters())
+        if monitor is None:
+            torch.distributed.barrier()
+            if RANK0:
+                print(f"=== end {name} ===", file=sys.stderr, flush=True)
+            return {"collectives": collectives}
         result = {
+            "collectives": collectives,
+            "ledger_records": monitor.flops.optimizer_steps,
             "metrics": {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("scaling/")},
             "state": monitor.state_dict(),
             "params": monitor.tokens.params,
@@ -112,11 +131,12 @@ SCRIPT = textwrap.dedent('''
         return result
 
     results = {
+        "ddp_plain": run("ddp_plain", GPTLightningModule(TINY), "ddp", 2, 4, accumulate=2, with_monitor=False),
         "ddp": run("ddp", GPTLightningModule(TINY), "ddp", 4, 4),
         "ddp_accumulate": run("ddp_accumulate", GPTLightningModule(TINY), "ddp", 2, 4, accumulate=2),
     }
 
-    # Our own bookkeeping fails on rank 1 only (FlopCounter at its 2nd batch, GradientNoiseScale at its 3rd):
+    # Our own bookkeeping fails on rank 1 only (FlopCounter at its 2nd batch, GradientNoiseScale at its 2nd step):
     # switching off there alone would leave rank 0 waiting in the next all-reduce forever.
     import lightning_scaling.callbacks.flop_counter as flop_counter_module
     import lightning_scaling.callbacks.gradient_noise_scale as noise_scale_module
@@ -130,11 +150,12 @@ SCRIPT = textwrap.dedent('''
             return real(*args, **kwargs)
         return wrapped
 
-    real_signature, real_samples = flop_counter_module.shape_signature, noise_scale_module.count_samples
-    flop_counter_module.shape_signature = failing_on_rank_one(real_signature, 2)
-    noise_scale_module.count_samples = failing_on_rank_one(real_samples, 3)
+    gns_class = noise_scale_module.GradientNoiseScale
+    real_key, real_before_step = flop_counter_module._shape_key, gns_class._on_before_optimizer_step
+    flop_counter_module._shape_key = failing_on_rank_one(real_key, 2)
+    gns_class._on_before_optimizer_step = failing_on_rank_one(real_before_step, 2)
     results["one_rank_fails"] = run("one_rank_fails", GPTLightningModule(TINY), "ddp", 2, 4, accumulate=2)
-    flop_counter_module.shape_signature, noise_scale_module.count_samples = real_signature, real_samples
+    flop_counter_module._shape_key, gns_class._on_before_optimizer_step = real_key, real_before_step
 
     fsdp = lambda: ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1, process_group_backend="gloo")
     results["fsdp2"] = run("fsdp2", ShardedGPT(TINY), fsdp(), 4, 4)
@@ -216,14 +237,28 @@ def test_an_error_on_one_rank_switches_the_part_off_on_every_rank_without_a_hang
     log = sections["one_rank_fails"]
     assert log.count("FlopCounter: switched off on every rank after an error on 1 rank(s)") == 1
     assert log.count("GradientNoiseScale: switched off on every rank after an error on 1 rank(s)") == 1
-    assert "FlopCounter (rank 1): error in on_train_batch_start: RuntimeError: injected failure" in log
+    assert "FlopCounter (rank 1): error in on_micro_batch_start: RuntimeError: injected failure" in log
+
+
+@pytest.mark.slow
+def test_one_collective_per_optimizer_step(two_ranks):
+    """The parts' numbers ride in one packed all-reduce per optimizer step (the ledger), however many parts
+    there are; a token count from a tensor (as a mask sum would be) stays on the device until then."""
+    ranks, _, _ = two_ranks
+    for results in ranks:
+        plain, monitored = results["ddp_plain"]["collectives"], results["ddp_accumulate"]["collectives"]
+        steps = results["ddp_accumulate"]["state"]["tokens"]["optimizer_steps"]
+        assert steps == 4
+        # one per step, plus the end-of-fit report asking rank zero for the log directory (one broadcast)
+        assert monitored - plain == steps + 1, (monitored, plain)
 
 
 @pytest.mark.slow
 def test_warnings_are_printed_once_not_once_per_rank(two_ranks):
     _, sections, stderr = two_ranks
-    assert stderr.count(UNDERTRAINED) == len(sections)  # one per run, four runs
-    for name, text in sections.items():
+    monitored = {name: text for name, text in sections.items() if name != "ddp_plain"}
+    assert stderr.count(UNDERTRAINED) == len(monitored)  # one per monitored run
+    for name, text in monitored.items():
         assert text.count(UNDERTRAINED) == 1, name
         assert text.count("TokenBudget pre-flight") == 1, name
         assert text.count("FlopCounter: no dense peak FLOP/s known") == 1, name

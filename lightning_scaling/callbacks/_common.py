@@ -3,10 +3,8 @@ and never letting our own bookkeeping crash a user's training run."""
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Callable, TypeVar
 
 import torch
@@ -106,30 +104,17 @@ class WarnOnce:
 
 
 def guarded(hook: _F) -> _F:
-    """Wrap a callback hook so an error in our bookkeeping warns once and switches the callback off.
-
-    The instance needs ``self.enabled`` (bool) and ``self._warn`` (a ``WarnOnce``). With several processes the
-    callback must not switch off on one rank alone: the others would wait for it in our next collective. The
-    failing rank then records ``self._local_failure``, warns on its own, and keeps taking part; the next
-    :func:`global_sum` carries the failure to every rank and switches the callback off everywhere at once.
-    """
+    """Wrap a hook of a :class:`lightning_scaling.callbacks._base.LedgerCallback` so that an error in our
+    bookkeeping warns once and switches that callback off, never the user's run (see ``LedgerCallback.fail``)."""
 
     @functools.wraps(hook)
-    def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
-        if not getattr(self, "enabled", True):
+    def wrapper(self: Any, trainer: Any, *args: Any, **kwargs: Any) -> Any:
+        if not self.enabled:
             return None
         try:
-            return hook(self, *args, **kwargs)
+            return hook(self, trainer, *args, **kwargs)
         except Exception as err:  # noqa: BLE001 - never crash the user's run over our bookkeeping
-            message = f"error in {hook.__name__}: {type(err).__name__}: {err}. Training continues; please report this."
-            trainer = args[0] if args else None
-            if getattr(trainer, "world_size", 1) > 1:
-                if getattr(self, "_local_failure", None) is None:
-                    self._local_failure = message
-                    warnings.warn(f"{self._warn.prefix} (rank {trainer.global_rank}): {message}", stacklevel=2)
-                return None
-            self.enabled = False
-            self._warn.warn("internal-error", f"switched off after an {message}")
+            self.fail(trainer, f"error in {hook.__name__}: {type(err).__name__}: {err}")
             return None
 
     return wrapper  # type: ignore[return-value]
@@ -144,60 +129,6 @@ def unwrap_loss(output: Any) -> torch.Tensor | None:
     return None
 
 
-def global_sum(trainer: Any, values: Sequence[int | torch.Tensor], owner: Any = None) -> list[int]:
-    """Sum integer counters over data-parallel ranks with one all-reduce (SUM; gloo has no AVG).
-
-    Every rank must call this at the same point (for example once per optimizer step). ``values`` may hold
-    0-dim tensors (lazy counts, see :func:`count_tokens`): they are read back together, in one wait for the
-    device. With one process nothing else happens. With ``owner`` (a guarded callback), a failure recorded on
-    any rank rides along, and the callback is switched off on every rank together.
-    """
-    lazy = [i for i, v in enumerate(values) if isinstance(v, torch.Tensor)]
-    if getattr(trainer, "world_size", 1) <= 1:
-        counts = [0 if i in lazy else int(v) for i, v in enumerate(values)]
-        if lazy:
-            read = torch.stack([values[i].detach().to(torch.int64) for i in lazy]).tolist()
-            for i, value in zip(lazy, read):
-                counts[i] = int(value)
-        return counts
-    failed = int(getattr(owner, "_local_failure", None) is not None)
-    device = trainer.strategy.root_device
-    host = [0 if i in lazy else int(v) for i, v in enumerate(values)]
-    tensor = torch.tensor([*host, failed], dtype=torch.int64, device=device)
-    for i in lazy:  # on the device: no wait here; the reduce below reads everything back at once
-        tensor[i] += values[i].detach().to(device=device, dtype=torch.int64)
-    reduced = [int(v) for v in trainer.strategy.reduce(tensor, reduce_op="sum").tolist()]
-    if owner is not None and reduced[-1] > 0:
-        owner.enabled = False
-        owner._warn.warn(
-            "internal-error",
-            f"switched off on every rank after an error on {reduced[-1]} rank(s); training continues.",
-        )
-    return reduced[:-1]
-
-
-class OptimizerSteps:
-    """Tells at ``on_train_batch_end`` whether the micro-batch just finished completed an optimizer step.
-
-    Anchor it in ``on_train_start``, not ``on_fit_start``: Lightning restores ``global_step`` from a checkpoint
-    between the two, and an anchor taken before would count the first resumed micro-batch as a step.
-    """
-
-    def __init__(self) -> None:
-        self.last: int | None = None  # trainer.global_step at the last completed step (or the anchor)
-
-    def anchor(self, trainer: Any) -> None:
-        self.last = trainer.global_step
-
-    def completed(self, trainer: Any) -> int | None:
-        """Optimizer steps completed since the last call, or None while still accumulating."""
-        if trainer.global_step == self.last:
-            return None
-        advanced = trainer.global_step - (self.last or 0)
-        self.last = trainer.global_step
-        return advanced
-
-
 def planned_optimizer_steps(trainer: Any) -> int | None:
     """Optimizer steps the whole run will take (``estimated_stepping_batches``), or None when unbounded."""
     try:
@@ -209,28 +140,25 @@ def planned_optimizer_steps(trainer: Any) -> int | None:
     return int(steps)
 
 
-_REPLAYING = False
+def remaining_micro_batches(trainer: Any, batches_done_in_epoch: int) -> float | None:
+    """Micro-batches the run will still train on after the current optimizer step, or None when unbounded.
 
-
-def replaying_training_step() -> bool:
-    """True while one of our callbacks re-runs ``training_step`` for its own measurement (see below)."""
-    return _REPLAYING
-
-
-@contextlib.contextmanager
-def training_step_replay(pl_module: Any) -> Iterator[None]:
-    """Mark a re-run of ``training_step`` made for our own measurements (the FLOP counting pass, the noise
-    scale's half batch): ``self.log``/``self.log_dict`` become no-ops (the real step already logged), and other
-    callbacks' gradient hooks can tell these gradients from the real step's (``replaying_training_step()``)."""
-    global _REPLAYING
-
-    def noop(*args: Any, **kwargs: Any) -> None:
+    Exact under gradient accumulation when epochs end mid-accumulation: an epoch of ``M`` micro-batches takes
+    ``ceil(M / k)`` optimizer steps, the last one over ``M mod k`` micro-batches only. ``batches_done_in_epoch``
+    is the number of micro-batches of the current epoch trained so far (``batch_idx + 1`` at a step's end).
+    """
+    planned = planned_optimizer_steps(trainer)
+    if planned is None:
         return None
-
-    previous, _REPLAYING = _REPLAYING, True
-    pl_module.log, pl_module.log_dict = noop, noop
-    try:
-        yield
-    finally:
-        del pl_module.log, pl_module.log_dict
-        _REPLAYING = previous
+    k = max(int(trainer.accumulate_grad_batches), 1)
+    steps_left = max(planned - int(trainer.global_step), 0)
+    per_epoch = getattr(trainer, "num_training_batches", float("inf"))
+    if not isinstance(per_epoch, int) or per_epoch <= 0 or per_epoch % k == 0:
+        return float(steps_left * k)
+    steps_per_epoch = -(-per_epoch // k)
+    short = k - per_epoch % k  # micro-batches the last step of each epoch lacks
+    left_in_epoch = steps_per_epoch - min(-(-batches_done_in_epoch // k), steps_per_epoch)
+    if left_in_epoch == 0:
+        left_in_epoch = steps_per_epoch  # at an epoch's end: the next epoch starts afresh
+    ends = 0 if steps_left < left_in_epoch else 1 + (steps_left - left_in_epoch) // steps_per_epoch
+    return float(steps_left * k - ends * short)

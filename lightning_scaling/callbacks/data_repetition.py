@@ -8,26 +8,26 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch import LightningModule, Trainer
 from torch.utils.data import DataLoader, IterableDataset
+from typing_extensions import override
 
 from lightning_scaling._validation import positive_float, positive_int
+from lightning_scaling.callbacks._base import LedgerCallback
 from lightning_scaling.callbacks._common import (
-    OptimizerSteps,
     TokensFn,
-    WarnOnce,
     _first_tensor,
     count_samples,
-    count_tokens,
-    global_sum,
-    guarded,
     planned_optimizer_steps,
+    remaining_micro_batches,
 )
+from lightning_scaling.callbacks._ledger import MICRO_BATCHES, NO_SAMPLES, SAMPLES, StepRecord
 
+SKETCH_FAILED = "repetition/sketch_failed"
 _STATE_VERSION = 1
 
 
-class DataRepetition(Callback):
+class DataRepetition(LedgerCallback):
     r"""Track how many times a run repeats its data and what the repeats are worth.
 
     Unique data ``U`` (tokens) is ``unique_tokens=`` when given; else ``len(dataset)`` × the mean tokens per
@@ -36,7 +36,7 @@ class DataRepetition(Callback):
     distinct samples seen, estimated by a HyperLogLog sketch over 64-bit hashes of each sample's token ids
     (:mod:`lightning_scaling.sketch`), × the mean tokens per sample.
 
-    Logged on each optimizer step (global over data-parallel ranks and accumulation micro-batches):
+    Logged at the trainer's logging interval (global over data-parallel ranks and accumulation micro-batches):
 
     - ``scaling/epochs``: tokens seen / U (for a map-style dataset with a length: samples seen / len(dataset))
     - ``scaling/effective_tokens``: D', the fresh tokens the tokens seen are worth (Muennighoff 2023, eq. 5)
@@ -49,9 +49,13 @@ class DataRepetition(Callback):
       ``sketch_every_n_steps`` steps); about 1/epochs for data that cycles
 
     Warnings (rank zero, once each, at the step where the projection first crosses the threshold):
-    ``warn_epochs`` (diminishing returns) and ``stop_epochs`` (more epochs buy almost nothing); each gives the
-    data-constrained optimum (parameters and epochs) for the same compute (6·N·D) and unique data. When both
-    thresholds are crossed at the same step only the ``stop_epochs`` warning is shown (both are recorded).
+    ``warn_epochs`` (default 4: past it each repeat is worth visibly less than fresh data; Muennighoff et al.
+    2023 find up to about 4 epochs nearly as good as unique data) and ``stop_epochs`` (default 40: a repeated
+    token is then worth under 10% of a fresh one, and the effective data D' is within a few percent of its
+    ceiling U·(1 + R*_D), the region Muennighoff et al. call worthless). Each states the value of the next
+    repeated token and how much D' can still grow, and gives the data-constrained optimum (parameters and
+    epochs) for the same compute (6·N·D) and unique data. When both thresholds are crossed at the same step only
+    the ``stop_epochs`` warning is shown (both are recorded).
 
     With a sketch and no length, the projection assumes new distinct samples keep arriving at the rate seen
     between the last two sketch evaluations (1 for a fresh stream, 0 once the stream cycles).
@@ -65,8 +69,8 @@ class DataRepetition(Callback):
         sketch_precision: p; the sketch has 2**p one-byte registers, relative standard error 1.04/sqrt(2**p)
             (0.81% at the default 14). Under DDP the registers are max-reduced (2**p bytes) once per step.
         sketch_every_n_steps: optimizer steps between sketch estimates; default ``trainer.log_every_n_steps``.
-        warn_epochs: warn when the run is projected past this many epochs (about 4: diminishing returns).
-        stop_epochs: warn when the run is projected past this many epochs (about 16: repeats worth little).
+        warn_epochs: warn when the run is projected past this many epochs (default 4: diminishing returns).
+        stop_epochs: warn when the run is projected past this many epochs (default 40: repeats worth little).
         law: a :class:`lightning_scaling.laws.DataConstrainedLaw`; default: Muennighoff et al.'s C4 fit.
         params: model parameters; default: the unique parameters of the module (shared weights once).
     """
@@ -78,11 +82,12 @@ class DataRepetition(Callback):
         sketch: bool | None = None,
         sketch_precision: int = 14,
         warn_epochs: float = 4.0,
-        stop_epochs: float = 16.0,
+        stop_epochs: float = 40.0,
         law: Any = None,
         params: float | None = None,
         sketch_every_n_steps: int | None = None,
     ) -> None:
+        super().__init__()
         self.unique_tokens_arg = None if unique_tokens is None else positive_float("unique_tokens", unique_tokens)
         if tokens_fn is not None and not callable(tokens_fn):
             raise ValueError(f"tokens_fn must be callable (batch -> tokens), got {tokens_fn!r}")
@@ -107,8 +112,6 @@ class DataRepetition(Callback):
         self.law = law
         self.params_arg = None if params is None else positive_float("params", params)
 
-        self.enabled = True
-        self._warn = WarnOnce("DataRepetition")
         # run configuration, found at train start
         self.params: float | None = self.params_arg
         self.dataset_len: int | None = None
@@ -125,10 +128,10 @@ class DataRepetition(Callback):
         self._snapshot: tuple[int, float] | None = None  # (samples, distinct) at the last estimate
         self._estimate_step = 0  # global step of the last sketch estimate
         self._loaded_registers: torch.Tensor | None = None
-        # per-step scratch (this rank): tokens, samples, batches whose tokens/samples could not be counted,
-        # batches the sketch failed on
-        self._pending = [0, 0, 0, 0, 0]
-        self._steps = OptimizerSteps()
+        self._rule = "tokens"
+        self._batches_done_in_epoch = 0
+        self._fit_tokens = 0  # tokens and micro-batches of this fit (a resumed run projects from its own pace)
+        self._fit_micro_batches = 0
         # latest numbers (see summary())
         self.unique_tokens: float | None = None
         self.epochs: float | None = None
@@ -140,16 +143,18 @@ class DataRepetition(Callback):
         self.projected_epochs: float | None = None
         self.distinct_fraction: float | None = None
 
-    # ----------------------------------------------------------------------------------------------- hooks
-
-    @guarded
-    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+    # ------------------------------------------------------------------------- hooks, in the order they run
+    @override
+    def _on_setup_fit(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        assert self.ledger is not None
+        self._rule = self.ledger.token_rule(self.tokens_fn)
+        self.ledger.declare(SKETCH_FAILED)
         # Before the strategy wraps or shards the model, so FSDP counts full shapes (as TokenBudget does).
-        if stage == "fit" and self.params_arg is None:
+        if self.params_arg is None:
             self.params = _count_params(pl_module)
 
-    @guarded
-    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+    @override
+    def _on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.params_arg is None and not self.params:  # layers built in configure_model
             self.params = _count_params(pl_module)
         self.dataset_len = _dataset_length(trainer.train_dataloader)
@@ -174,67 +179,49 @@ class DataRepetition(Callback):
             self._warn.warn(
                 "no-unique",
                 "the training data has no length and the sketch is off, so epochs are unknown; pass "
-                "DataRepetition(unique_tokens=...) or sketch=True.",
+                f"{type(self).__name__}(unique_tokens=...) or sketch=True.",
             )
         if self.law is None:
             from lightning_scaling.laws import DataConstrainedLaw
 
             self.law = DataConstrainedLaw()
         self._planned_steps = planned_optimizer_steps(trainer)
-        self._steps.anchor(trainer)
-        self._pending = [0, 0, 0, 0, 0]
+        self._fit_tokens = self._fit_micro_batches = 0
 
-    @guarded
-    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
-        # Never raise before the step's all-reduce: a failure is counted and acted on by every rank together.
-        try:
-            tokens = count_tokens(batch, self.tokens_fn, lazy=True)  # read once per optimizer step
-            samples = count_samples(batch)
-        except Exception:  # noqa: BLE001 - counted below, handled after the reduce on every rank
-            tokens = samples = None
-        if tokens is None:
-            self._pending[2] += 1
-        else:
-            self._pending[0] += tokens
-        if samples is None:
-            self._pending[3] += 1
-        else:
-            self._pending[1] += samples
-        if self._sketch is not None:
-            try:
-                rows = _first_tensor(batch)
-                mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
-                mask = mask if isinstance(mask, torch.Tensor) and rows is not None and mask.shape == rows.shape else None
-                self._sketch.add_rows(rows, mask)
-            except Exception:  # noqa: BLE001 - counted below
-                self._pending[4] += 1
-
-    @guarded
-    def on_train_batch_end(
-        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
-        advanced = self._steps.completed(trainer)
-        if advanced is None:
-            return  # still accumulating: no optimizer step yet
-        if not self._flush(trainer, max(advanced, 0)):
+    @override
+    def _on_micro_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        self._batches_done_in_epoch = batch_idx + 1
+        if self._sketch is None:
             return
+        try:
+            rows = _first_tensor(batch)
+            mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
+            mask = mask if isinstance(mask, torch.Tensor) and rows is not None and mask.shape == rows.shape else None
+            self._sketch.add_rows(rows, mask)
+        except Exception:  # noqa: BLE001 - counted in the step record, acted on by every rank together
+            assert self.ledger is not None
+            self.ledger.add(SKETCH_FAILED, 1)
+
+    @override
+    def _on_step(self, trainer: Trainer, pl_module: LightningModule, record: StepRecord) -> dict[str, float] | None:
+        if not self._take_counts(trainer, record):
+            return None
         if self._sketch is not None:
             every = self.sketch_every_n_steps or max(int(getattr(trainer, "log_every_n_steps", 50) or 50), 1)
-            if self.distinct is None or trainer.global_step // every > self._estimate_step // every:
+            due = self.distinct is None or trainer.global_step // every > self._estimate_step // every
+            if due or record.steps == 0:
+                if trainer.world_size > 1:  # the sketch's registers merge by max: a collective of its own,
+                    # only at the sketch's cadence (every ``sketch_every_n_steps`` steps)
+                    self._sketch.registers = trainer.strategy.reduce(self._sketch.registers, reduce_op="max")
                 self._estimate_distinct()
                 self._estimate_step = trainer.global_step
-        self._update()
+        self._update(trainer)
+        if record.steps == 0:
+            return None
         self._check_warnings(trainer)
-        self._log(pl_module)
+        return self._metrics()
 
-    @guarded
-    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        # Any micro-batches not followed by an optimizer step (training stopped mid-accumulation).
-        if self._flush(trainer, 0):
-            if self._sketch is not None:
-                self._estimate_distinct()
-            self._update()
-
+    @override
     def state_dict(self) -> dict[str, Any]:
         registers = None
         if self._sketch is not None:
@@ -254,6 +241,7 @@ class DataRepetition(Callback):
             "registers": registers,
         }
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.tokens = int(state_dict.get("tokens", 0))
         self.samples = int(state_dict.get("samples", 0))
@@ -299,28 +287,26 @@ class DataRepetition(Callback):
         self.distinct = self.fresh_rate = self._snapshot = None
         self._estimate_step = 0
 
-    def _flush(self, trainer: Trainer, advanced: int) -> bool:
-        """Add this step's deltas, summed over ranks with one all-reduce; max-reduce the sketch registers.
-        Every rank calls this at the same point and takes the same decisions from the reduced numbers."""
-        tokens, samples, no_tokens, no_samples, sketch_failed = global_sum(trainer, self._pending, owner=self)
-        if not self.enabled:
-            return False
-        self._pending = [0, 0, 0, 0, 0]
-        if self._sketch is not None and trainer.world_size > 1:
-            self._sketch.registers = trainer.strategy.reduce(self._sketch.registers, reduce_op="max")
-        self.tokens += tokens
-        self.samples += samples
-        self.global_steps += advanced
+    def _take_counts(self, trainer: Trainer, record: StepRecord) -> bool:
+        """Add the step's counts (already summed over ranks by the ledger). Every rank takes the same decisions
+        from the same record."""
+        no_tokens = record[f"{self._rule}/uncountable"] > 0
+        no_samples = record[NO_SAMPLES] > 0
+        self.tokens += int(record.tokens(self._rule))
+        self.samples += int(record[SAMPLES])
+        self.global_steps += record.steps
+        self._fit_tokens += int(record.tokens(self._rule))
+        self._fit_micro_batches += int(record[MICRO_BATCHES])
         if no_tokens or (no_samples and self.unique_tokens_arg is None):
             what = "tokens" if no_tokens else "samples (the leading dimension of the token tensor)"
             self._warn.warn(
                 "uncountable",
-                f"cannot count the {what} of a batch; pass DataRepetition(tokens_fn=...) (and unique_tokens=... "
-                "when a batch has no token tensor). Switched off.",
+                f"cannot count the {what} of a batch; pass {type(self).__name__}(tokens_fn=...) (and "
+                "unique_tokens=... when a batch has no token tensor). Switched off.",
             )
             self.enabled = False
             return False
-        if (sketch_failed or no_samples) and self._sketch is not None:
+        if (record[SKETCH_FAILED] or no_samples) and self._sketch is not None:
             self._warn.warn("sketch-failed", "could not hash a batch's samples; the distinct-sample sketch is off.")
             self._sketch = None
             self.sketch_on = False
@@ -341,7 +327,7 @@ class DataRepetition(Callback):
         self._snapshot = (self.samples, estimate)
         self.distinct = min(estimate, float(self.samples))
 
-    def _update(self) -> None:
+    def _update(self, trainer: Trainer) -> None:
         if self.tokens <= 0 or (self.samples <= 0 and self.unique_tokens_arg is None):
             return
         per_sample = self.tokens / max(self.samples, 1)  # mean training tokens per sample
@@ -358,8 +344,9 @@ class DataRepetition(Callback):
         self.unique_tokens = unique
         self.distinct_fraction = None if self.distinct is None else min(self.distinct / max(self.samples, 1), 1.0)
         self.epochs = self.tokens / unique
-        if self._planned_steps is not None and self.global_steps > 0:
-            remaining = max(self._planned_steps - (self._steps.last or 0), 0) * self.tokens / self.global_steps
+        micro_left = remaining_micro_batches(trainer, self._batches_done_in_epoch)
+        if self._planned_steps is not None and micro_left is not None and self._fit_micro_batches > 0:
+            remaining = micro_left * self._fit_tokens / self._fit_micro_batches
             self.projected_tokens = self.tokens + remaining
             self.projected_unique_tokens = unique + growth * remaining
         else:
@@ -384,20 +371,24 @@ class DataRepetition(Callback):
             self.warned[key] = trainer.global_step
         if "stop" in crossed:
             self._warn.seen.add("warn")  # the stronger warning says it all
-            self._warn.warn("stop", self._advice(self.stop_epochs, "more epochs buy almost nothing"))
+            self._warn.warn("stop", self._advice(self.stop_epochs, "further repeats are worth little"))
         elif "warn" in crossed:
-            self._warn.warn("warn", self._advice(self.warn_epochs, "each further epoch is worth less (diminishing returns)"))
+            self._warn.warn("warn", self._advice(self.warn_epochs, "each further epoch is worth less than fresh data"))
 
     def _advice(self, threshold: float, meaning: str) -> str:
-        unique = self.projected_unique_tokens or self.unique_tokens
+        unique = self.projected_unique_tokens or self.unique_tokens or 1.0
         tokens = self.projected_tokens or float(self.tokens)
         law = self.law
-        # value of the last repeated token at the end of the run (Muennighoff 2023, derivative of eq. 5)
+        # Muennighoff 2023, eq. 5 and its derivative: D' = U + U·R*_D·(1 − exp(−R_D/R*_D)), dD'/dD = exp(−R_D/R*_D)
         end_value = float(law.repetition_value(tokens, unique))
+        effective = float(law.effective_tokens(tokens, unique))
+        ceiling = unique * (1.0 + float(getattr(law, "r_star_d", math.inf)))  # D' as the epochs grow without end
+        headroom = ceiling / effective - 1.0 if effective > 0 else math.nan
         text = (
             f"the run is projected to {self.projected_epochs:.1f} epochs over {_fmt(unique)} unique tokens "
-            f"({_fmt(tokens)} training tokens), past {threshold:g} epochs: {meaning}. At the end a repeated token "
-            f"is worth {end_value:.0%} of a fresh one (Muennighoff et al. 2023)."
+            f"({_fmt(tokens)} training tokens), past {threshold:g} epochs: {meaning}. By the end a repeated token "
+            f"is worth {end_value:.0%} of a fresh one, the {_fmt(tokens)} tokens are worth {_fmt(effective)} fresh "
+            f"ones (D'), and more repeats can raise D' by at most {headroom:.0%} (Muennighoff et al. 2023, eq. 5)."
         )
         if self.params:
             flops = 6.0 * self.params * tokens  # C ≈ 6·N·D (Kaplan 2020, Table 1)
@@ -413,7 +404,7 @@ class DataRepetition(Callback):
                 pass
         return text + " To do better: add unique data, or move the model size toward that optimum."
 
-    def _log(self, pl_module: LightningModule) -> None:
+    def _metrics(self) -> dict[str, float]:
         metrics = {
             "scaling/epochs": self.epochs,
             "scaling/effective_tokens": self.effective_tokens,
@@ -422,9 +413,7 @@ class DataRepetition(Callback):
             "scaling/projected_epochs": self.projected_epochs,
             "scaling/distinct_fraction": self.distinct_fraction,
         }
-        for name, value in metrics.items():
-            if value is not None and math.isfinite(value):
-                pl_module.log(name, float(value), on_step=True, on_epoch=False, sync_dist=False, batch_size=1)
+        return {name: float(value) for name, value in metrics.items() if value is not None and math.isfinite(value)}
 
 
 def _count_params(pl_module: LightningModule) -> float | None:

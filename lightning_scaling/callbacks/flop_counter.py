@@ -5,41 +5,46 @@ from __future__ import annotations
 import contextlib
 import time
 from collections import deque
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import torch
-from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch import LightningModule, Trainer
+from torch.utils._python_dispatch import TorchDispatchMode
+from typing_extensions import override
 
-from lightning_scaling.callbacks._common import (
-    OptimizerSteps,
-    WarnOnce,
-    _first_tensor,
-    global_sum,
-    guarded,
-    shape_signature,
-    training_step_replay,
-    unwrap_loss,
-)
+from lightning_scaling.callbacks._base import LedgerCallback
+from lightning_scaling.callbacks._common import _first_tensor, guarded, shape_signature
+from lightning_scaling.callbacks._ledger import StepRecord
 from lightning_scaling.callbacks._model_shape import ModelShape, find_model_shape
+from lightning_scaling.flop_counting import TrainingFlopCounter
 
-_MAX_SIGNATURES = 64
-_SHARDED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy", "XLAFSDPStrategy")
+MODEL = "flops/model"
+HARDWARE = "flops/hardware"
+ANALYTIC = "flops/analytic"  # Chinchilla App. F convention
+ANALYTIC_MATMUL = "flops/analytic_matmul"  # PaLM App. B convention (matmuls only): what the counter sees
+UNCOUNTED = "flops/uncounted_micro_batches"  # micro-batches whose FLOPs are unknown (no measurement, no estimate)
+MEASURED = "flops/measured_micro_batches"  # micro-batches counted under the FLOP counter (slower steps)
 
 
-class FlopCounter(Callback):
-    r"""Count the training FLOPs of a ``LightningModule`` from the model itself.
+class FlopCounter(LedgerCallback):
+    r"""Count the training FLOPs of a ``LightningModule`` from the model itself, inside the real training step.
 
-    The first batch of each input shape (batch size, sequence length, ...) is run once more, forward, loss and
-    backward, under :func:`lightning_scaling.flop_counting.training_flop_counter` (torch's ``FlopCounterMode``
-    with our corrections: CPU attention counted, causal attention halved, our Triton kernels' formulas). The
-    count is cached by shape, so every later step costs a dictionary lookup. The extra pass restores the
-    gradients, buffers and random state it touched; it does not step the optimizer.
+    The first micro-batch of a new input shape is counted while it really trains: its forward, loss and backward
+    run once, as always, under :func:`lightning_scaling.flop_counting.training_flop_counter` (torch's
+    ``FlopCounterMode`` with our corrections: CPU attention counted, causal attention under one convention, our
+    Triton kernels' formulas). Nothing of the user's is run twice. A few shapes are measured at all
+    (``max_measured_shapes``); further shapes of the same batch structure are predicted by the formula
+    ``F = p·b + q·b·s + r·b·s²`` fitted to the measured ones (b sequences of length s), trusted only once it has
+    predicted a measured shape to 0.2% (:mod:`lightning_scaling.flops_by_shape`). A measured step runs slower
+    (the counter intercepts every op); it is left out of the FLOP/s window.
 
-    Logged on each optimizer step (summed over data-parallel ranks and accumulation micro-batches):
+    Logged at the trainer's logging interval (``log_every_n_steps``), totals over data-parallel ranks and
+    accumulation micro-batches:
 
     - ``scaling/flops``: cumulative model FLOPs of the run (all ranks)
     - ``scaling/flops_per_step``: model FLOPs of the last optimizer step (all ranks)
-    - ``scaling/flops_per_sec``: model FLOP/s over a sliding window of steps (all ranks)
+    - ``scaling/flops_per_sec``: model FLOP/s over the last ``window`` optimizer steps (all ranks)
     - ``scaling/mfu``: model FLOPs utilisation against the dense peak of the devices (when known)
     - ``scaling/hardware_flops``: cumulative FLOPs including activation-checkpointing recomputation, when it differs
     - ``scaling/flops_analytic``: cumulative analytic count (Chinchilla App. F) when the model's shape is known
@@ -53,6 +58,9 @@ class FlopCounter(Callback):
             object with config-like attributes). Default: looked up on ``pl_module.config``/``hparams``.
         analytic_tolerance: warn once when measured and analytic counts differ by more than this fraction.
         window: optimizer steps in the FLOP/s window.
+        max_measured_shapes: input shapes counted under the FLOP counter at most (each one slows its step).
+        measure: ``False`` counts nothing under the FLOP counter (for a model that cannot run under a torch
+            dispatch mode); only the analytic count is then logged.
     """
 
     def __init__(
@@ -62,50 +70,53 @@ class FlopCounter(Callback):
         model_shape: Any = None,
         analytic_tolerance: float = 0.15,
         window: int = 20,
+        max_measured_shapes: int = 8,
+        measure: bool = True,
     ) -> None:
         from lightning_scaling._validation import one_of, positive_float, positive_int
         from lightning_scaling.flops import CAUSAL_ATTENTION_CONVENTIONS
 
+        super().__init__()
         self.peak_flops_override = None if peak_flops is None else positive_float("peak_flops", peak_flops)
         self.causal_attention = one_of("causal_attention", causal_attention, CAUSAL_ATTENTION_CONVENTIONS)
         self.model_shape_arg = None if model_shape is None else find_model_shape(None, model_shape)
         self.analytic_tolerance = positive_float("analytic_tolerance", analytic_tolerance)
         self.window = positive_int("window", window)
-        self.enabled = True
-        self._warn = WarnOnce("FlopCounter")
-        # cache: batch signature -> (model FLOPs, hardware FLOPs) of one micro-batch on this rank
-        self._cache: dict[tuple, tuple[int, int]] = {}
-        self._cache_tokens: dict[int, tuple[int, int]] = {}  # token count of a measured shape -> its FLOPs
-        self._counting_failed = False
-        self._sharded = False
-        self._estimating = False
+        self.max_measured_shapes = positive_int("max_measured_shapes", max_measured_shapes)
+        if not isinstance(measure, bool):
+            raise ValueError(f"measure must be True or False, got {measure!r}")
+        self.measure = measure
         self._shape: ModelShape | None = None
         self._peak_total: float | None = None
+        self._shapes: Any = None  # a FlopsByShape, made at fit start
+        self._counting_failed = not measure
+        self._measuring: _Measurement | None = None
+        self._step_had_measurement = False
         # checkpointed counters (global over ranks)
         self.total_flops = 0
         self.total_hardware_flops = 0
         self.total_analytic_flops = 0
         self.optimizer_steps = 0
-        # per-step scratch (this rank)
-        self._step_flops = 0
-        self._step_hardware = 0
-        self._step_analytic = {"chinchilla": 0, "matmul": 0}
-        self._steps = OptimizerSteps()
+        # timing (this fit)
         self._step_started: float | None = None
-        self._measure_seconds = 0.0
-        self._times: deque[tuple[int, float]] = deque(maxlen=self.window)
+        self._times: deque[tuple[float, float]] = deque(maxlen=self.window)
         self.last_flops_per_sec: float | None = None
         self.last_mfu: float | None = None
         self.last_step_flops: int | None = None
 
-    # ----------------------------------------------------------------------------------------------- hooks
+    # ------------------------------------------------------------------------- hooks, in the order they run
+    @override
+    def _on_setup_fit(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        assert self.ledger is not None
+        self.ledger.declare(MODEL, HARDWARE, ANALYTIC, ANALYTIC_MATMUL, UNCOUNTED, MEASURED)
 
+    @override
     @guarded
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        from lightning_scaling.flops_by_shape import FlopsByShape
+
         self._shape = find_model_shape(pl_module, self.model_shape_arg)
-        # Under sharded strategies the counting pass runs collectives (parameter all-gathers), so every rank
-        # must run it together: only for the first batch, which all ranks see at once.
-        self._sharded = type(trainer.strategy).__name__ in _SHARDED_STRATEGIES
+        self._shapes = FlopsByShape(max_measured=self.max_measured_shapes)
         peak = self.peak_flops_override
         if peak is None:
             from lightning_scaling.hardware import device_peak_flops
@@ -116,67 +127,71 @@ class FlopCounter(Callback):
                 self._warn.info(
                     "no-peak",
                     f"no dense peak FLOP/s known for {_device_name(trainer)} ({dtype}); MFU is not logged. "
-                    "Pass FlopCounter(peak_flops=...) to set it.",
+                    f"Pass {type(self).__name__}(peak_flops=...) to set it.",
                 )
         self._peak_total = None if peak is None else peak * trainer.world_size
 
-    @guarded
-    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._steps.anchor(trainer)
-
-    @guarded
-    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+    @override
+    def _on_micro_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        assert self.ledger is not None
         if self._step_started is None:
             self._step_started = time.perf_counter()
-        signature = shape_signature(batch)
-        cached = self._cache.get(signature)
-        if cached is None and not self._counting_failed:
-            cached = self._measure(trainer, pl_module, batch, batch_idx)
-        if cached is None:
-            self._add_analytic(batch)
-            return
-        if signature not in self._cache:
-            self._cache[signature] = cached
-            tokens = _first_tensor(batch)
-            if tokens is not None and not self._estimating:
-                self._cache_tokens.setdefault(max(int(tokens.numel()), 1), cached)
-        model_flops, hardware_flops = cached
-        self._step_flops += model_flops
-        self._step_hardware += hardware_flops
         self._add_analytic(batch)
-
-    @guarded
-    def on_train_batch_end(
-        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
-        if self._steps.completed(trainer) is None:
-            return  # still accumulating: no optimizer step yet
-        step_flops, step_hw, step_analytic, step_matmul = global_sum(
-            trainer,
-            [self._step_flops, self._step_hardware, self._step_analytic["chinchilla"], self._step_analytic["matmul"]],
-            owner=self,
-        )
-        if not self.enabled:
+        key, family, b, s = _shape_key(batch)
+        counted = self._shapes.lookup(key, family, b, s)
+        if counted is None and not self._counting_failed and self._shapes.should_measure():
+            self._measuring = _Measurement(key, family, b, s, self.causal_attention)
+            self._step_had_measurement = True
+            return  # counted while it runs; added in on_after_backward
+        if counted is None:
+            counted = self._shapes.fallback(family, b, s)
+            if counted is not None:
+                self._warn.info(
+                    "estimate",
+                    f"{self._shapes.measured} input shapes have been measured; further shapes are estimated from "
+                    "them (raise max_measured_shapes, or bucket sequence lengths, to measure more).",
+                )
+        if counted is None:
+            self.ledger.add(UNCOUNTED, 1)
             return
-        self._step_flops = self._step_hardware = 0
-        self._step_analytic = {"chinchilla": 0, "matmul": 0}
+        self.ledger.add(MODEL, counted[0])
+        self.ledger.add(HARDWARE, counted[1])
+
+    @override
+    def _on_after_backward(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._measuring is not None and pl_module.automatic_optimization:
+            self._finish_measurement()
+
+    @override
+    def _on_micro_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any) -> None:
+        if self._measuring is None:
+            return
+        if pl_module.automatic_optimization:  # no backward ran (training_step returned None): measure it later
+            self._measuring.close()
+            self._measuring = None
+        else:  # manual optimization: the whole training_step, however many backward passes it made
+            self._finish_measurement()
+
+    @override
+    def _on_step(self, trainer: Trainer, pl_module: LightningModule, record: StepRecord) -> dict[str, float] | None:
+        step_flops, step_hw = int(record[MODEL]), int(record[HARDWARE])
         self.total_flops += step_flops
         self.total_hardware_flops += step_hw
-        self.total_analytic_flops += step_analytic
-        self.optimizer_steps += 1
+        self.total_analytic_flops += int(record[ANALYTIC])
+        if record.steps == 0:
+            return None
+        self.optimizer_steps += record.steps
         self.last_step_flops = step_flops
-
         now = time.perf_counter()
-        if self._step_started is not None:
-            self._times.append((step_flops, max(now - self._step_started - self._measure_seconds, 1e-9)))
+        if self._step_started is not None and not self._step_had_measurement and record[UNCOUNTED] == 0:
+            self._times.append((step_flops, max(now - self._step_started, 1e-9)))
         self._step_started = now
-        self._measure_seconds = 0.0
-        flops_in_window = sum(f for f, _ in self._times)
-        seconds_in_window = sum(s for _, s in self._times)
-        self.last_flops_per_sec = flops_in_window / seconds_in_window if seconds_in_window > 0 else None
+        self._step_had_measurement = False
+        seconds = sum(s for _, s in self._times)
+        self.last_flops_per_sec = sum(f for f, _ in self._times) / seconds if seconds > 0 else None
 
         metrics: dict[str, float] = {}
-        if self.total_flops > 0:  # nothing measured (the counting pass failed): only the analytic count
+        if self.total_flops > 0:  # nothing measured (counting failed or off): only the analytic count
             metrics["scaling/flops"] = float(self.total_flops)
             metrics["scaling/flops_per_step"] = float(step_flops)
             if self.last_flops_per_sec:
@@ -188,16 +203,22 @@ class FlopCounter(Callback):
                 metrics["scaling/hardware_flops"] = float(self.total_hardware_flops)
         if self._shape is not None:
             metrics["scaling/flops_analytic"] = float(self.total_analytic_flops)
-            self._check_against_analytic(step_flops, step_matmul)
-        for name, value in metrics.items():
-            pl_module.log(name, value, on_step=True, on_epoch=False, sync_dist=False)
+            if record[UNCOUNTED] == 0:
+                self._check_against_analytic(step_flops, int(record[ANALYTIC_MATMUL]))
+        return metrics
 
+    @override
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._step_started = None  # validation time is not training time: the next step re-anchors the clock
 
+    @override
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         self._step_started = None
+        if self._measuring is not None:
+            self._measuring.close()
+            self._measuring = None
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {
             "total_flops": self.total_flops,
@@ -207,6 +228,7 @@ class FlopCounter(Callback):
             "causal_attention": self.causal_attention,
         }
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.total_flops = int(state_dict.get("total_flops", 0))
         self.total_hardware_flops = int(state_dict.get("total_hardware_flops", self.total_flops))
@@ -221,6 +243,15 @@ class FlopCounter(Callback):
             )
 
     # ------------------------------------------------------------------------------------------- helpers
+    @property
+    def measured_shapes(self) -> int:
+        """Input shapes counted under the FLOP counter so far (each slowed its step)."""
+        return 0 if self._shapes is None else self._shapes.measured
+
+    @property
+    def predicted_shapes(self) -> int:
+        """Micro-batches of a new shape whose FLOPs were predicted from the measured shapes."""
+        return 0 if self._shapes is None else self._shapes.predicted_shapes
 
     def summary(self) -> dict[str, Any]:
         """The numbers for the end-of-fit report (FLOPs, FLOP/s, MFU)."""
@@ -233,38 +264,48 @@ class FlopCounter(Callback):
             "mfu": self.last_mfu,
             "causal_attention": self.causal_attention,
             "optimizer_steps": self.optimizer_steps,
+            "measured_shapes": self.measured_shapes,
         }
 
-    def _scaled_from_cache(self, batch: Any) -> tuple[int, int] | None:
-        """Estimate a new shape's FLOPs from the measured one with the closest token count, per token."""
-        tokens = _first_tensor(batch)
-        if tokens is None:
-            return None
-        self._estimating = True
-        self._warn.info(
-            "estimate",
-            "new batch shapes are now estimated per token from the measured ones: under a sharded strategy a "
-            f"counting pass on one rank alone would deadlock the others; otherwise {_MAX_SIGNATURES} shapes "
-            "have been measured already (bucket sequence lengths to measure them all).",
-        )
-        numel = max(int(tokens.numel()), 1)
-        (model, hardware), measured = min(
-            ((flops, n) for n, flops in self._cache_tokens.items()), key=lambda item: abs(item[1] - numel)
-        )
-        return int(model * numel / measured), int(hardware * numel / measured)
+    def _finish_measurement(self) -> None:
+        assert self._measuring is not None and self.ledger is not None
+        measuring, self._measuring = self._measuring, None
+        result = measuring.close()
+        if result is None:
+            self._counting_failed = True
+            self._warn.warn(
+                "count-failed",
+                f"the FLOP counter failed on this model ({measuring.error}); FLOPs are not measured for this run "
+                "(the analytic count goes on). Training continues.",
+            )
+            self.ledger.add(UNCOUNTED, 1)
+            return
+        model, hardware = result
+        error = self._shapes.record(measuring.key, measuring.family, measuring.batch_size, measuring.seq_len,
+                                    model, hardware)
+        if error is not None and error > self._shapes.tolerance:
+            self._warn.info(
+                "shape-formula",
+                f"FLOPs of a new input shape differ from the formula fitted on the measured shapes by {error:.2%}; "
+                "new shapes are measured until a prediction holds.",
+            )
+        self.ledger.add(MODEL, model)
+        self.ledger.add(HARDWARE, hardware)
+        self.ledger.add(MEASURED, 1)
 
     def _add_analytic(self, batch: Any) -> None:
         if self._shape is None:
             return
+        assert self.ledger is not None
         tokens = _first_tensor(batch)
         if tokens is None or tokens.dim() < 2:
             return
         # The model sees at most config.seq_len tokens (a [B, S + 1] window feeds S inputs).
         seq_len = min(int(tokens.shape[1]), self._shape.seq_len)
         samples = int(tokens.shape[0])
-        for key, convention in (("chinchilla", "chinchilla"), ("matmul", "palm")):
+        for slot, convention in ((ANALYTIC, "chinchilla"), (ANALYTIC_MATMUL, "palm")):
             per_sequence = self._shape.training_flops_per_sequence(self.causal_attention, seq_len, convention)
-            self._step_analytic[key] += int(samples * per_sequence)
+            self.ledger.add(slot, int(samples * per_sequence))
 
     def _check_against_analytic(self, measured: int, analytic: int) -> None:
         if analytic <= 0 or measured <= 0:
@@ -279,75 +320,99 @@ class FlopCounter(Callback):
                 "above 1, a model shape that does not match the module.",
             )
 
-    def _measure(
-        self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
-    ) -> tuple[int, int] | None:
-        """One counting pass on this batch: (model FLOPs, hardware FLOPs) of forward + loss + backward."""
-        if not pl_module.automatic_optimization:
-            self._warn.warn(
-                "manual-optimization",
-                "manual optimization: the counting pass would step your optimizers, so FLOPs are not measured. "
-                "Pass model_shape= to log the analytic count instead.",
-            )
-            return None
-        if self._cache and (self._sharded or len(self._cache) >= _MAX_SIGNATURES):
-            return self._scaled_from_cache(batch)
-        started = time.perf_counter()
+
+class _Measurement:
+    """The FLOP counter, open around one real micro-batch (entered in ``on_train_batch_start``, closed after its
+    backward). ``torch.compile``d code runs eagerly for that micro-batch so that the counter sees every op."""
+
+    def __init__(self, key: Any, family: Any, batch_size: int, seq_len: int, causal_attention: str) -> None:
+        self.key, self.family, self.batch_size, self.seq_len = key, family, batch_size, seq_len
+        self.error: str | None = None
+        self._stack = contextlib.ExitStack()
+        self._counter: _InStepCounter | None = _InStepCounter(causal_attention)
         try:
-            forward, backward = _counting_pass(trainer, pl_module, batch, batch_idx, self.causal_attention)
-        except Exception as err:  # noqa: BLE001 - a model that fails under the counter must not stop training
-            self._warn.warn(
-                "count-failed",
-                f"the FLOP counting pass failed ({type(err).__name__}: {err}); FLOPs are not measured for this "
-                "run. Training continues.",
-            )
-            self._counting_failed = True
+            self._stack.enter_context(_eager_compiled_code())
+            self._stack.enter_context(self._counter)
+        except Exception as err:  # noqa: BLE001 - could not start counting: this micro-batch is not measured
+            self.error = f"{type(err).__name__}: {err}"
+            self._stack.close()
+            self._counter = None
+
+    def close(self) -> tuple[int, int] | None:
+        """Stop counting; (model FLOPs, hardware FLOPs) of the micro-batch, or None if counting failed."""
+        counter, self._counter = self._counter, None
+        if counter is None:
             return None
-        finally:
-            self._measure_seconds += time.perf_counter() - started
+        try:
+            self._stack.close()
+        except Exception as err:  # noqa: BLE001
+            self.error = f"{type(err).__name__}: {err}"
+            return None
+        if counter.error is not None:
+            self.error = counter.error
+            return None
+        forward, backward = counter.forward_flops, counter.backward_flops
         # Model FLOPs count the backward as at most 2x the forward; anything above that is recomputation
         # (activation checkpointing), which only hardware FLOPs include (PaLM App. B: MFU vs HFU).
-        model = forward + min(backward, 2 * forward)
-        return int(model), int(forward + backward)
+        return int(forward + min(backward, 2 * forward)), int(forward + backward)
 
 
-def _counting_pass(
-    trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int, causal_attention: str
-) -> tuple[int, int]:
-    """Forward + loss + backward of ``training_step`` under the FLOP counter; returns (forward, backward) FLOPs.
+class _InStepCounter(TorchDispatchMode):
+    """Counts the FLOPs of the ops the user's real step runs, without changing how they run.
 
-    Leaves no trace: gradients, buffers (e.g. BatchNorm statistics) and RNG state are restored, logging is
-    silenced, and the optimizer is not touched.
+    torch's ``FlopCounterMode`` cannot be used as is inside the real step: its dispatch tries to decompose every
+    op it meets (so some ops run as their decomposition, which changes the rounding of the results) and it
+    hooks every module. This mode runs each op exactly as called and only asks the formulas of a
+    :class:`~lightning_scaling.flop_counting.TrainingFlopCounter` (our corrected attention, our kernels, the
+    forward/backward split) how many FLOPs it made. A formula that fails voids the measurement; it never raises
+    into the user's code.
     """
-    from lightning_scaling.flop_counting import training_flop_counter
 
-    params = [p for p in pl_module.parameters() if p.requires_grad]
-    saved_grads = [p.grad for p in params]
-    saved_buffers = {name: buf.detach().clone() for name, buf in pl_module.named_buffers()}
-    for p in params:
-        p.grad = None
-    devices = [pl_module.device] if pl_module.device.type == "cuda" else []
-    try:
-        with contextlib.ExitStack() as stack:
-            stack.enter_context(torch.random.fork_rng(devices=devices))
-            stack.enter_context(training_step_replay(pl_module))
-            stack.enter_context(_eager_compiled_code())
-            stack.enter_context(trainer.precision_plugin.train_step_context())
-            counter = stack.enter_context(training_flop_counter(causal_attention=causal_attention))
-            loss = unwrap_loss(pl_module.training_step(batch, batch_idx))
-            forward = int(counter.get_total_flops())
-            if loss is None:
-                raise TypeError("training_step returned no loss tensor to differentiate")
-            loss.backward()
-            total = int(counter.get_total_flops())
-    finally:
-        for p, grad in zip(params, saved_grads):
-            p.grad = grad
-        with torch.no_grad():
-            for name, buf in pl_module.named_buffers():
-                if name in saved_buffers:
-                    buf.copy_(saved_buffers[name])
-    return forward, total - forward
+    def __init__(self, causal_attention: str) -> None:
+        super().__init__()
+        self.counter = TrainingFlopCounter(causal_attention=causal_attention)
+        self.error: str | None = None
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if self.error is None and not isinstance(func, torch._ops.HigherOrderOperator):
+            try:
+                self.counter._count_flops(func._overloadpacket, out, args, kwargs)
+            except Exception as err:  # noqa: BLE001 - the measurement is void; the user's op ran fine
+                self.error = f"counting {func} raised {type(err).__name__}: {err}"
+        return out
+
+    @property
+    def forward_flops(self) -> int:
+        return self.counter.forward_flops
+
+    @property
+    def backward_flops(self) -> int:
+        return self.counter.backward_flops
+
+
+def _shape_key(batch: Any) -> tuple[Any, Any, int, int]:
+    """(exact key, family key, batch size b, sequence length s) of a micro-batch. The family abstracts b and s
+    in every tensor's shape, so that batches of the same structure share one fitted formula."""
+    key = shape_signature(batch)
+    tokens = _first_tensor(batch)
+    if tokens is None or tokens.dim() == 0:
+        return key, key, 1, 1
+    b = int(tokens.shape[0])
+    s = int(tokens.shape[1]) if tokens.dim() >= 2 else 1
+    return key, _abstract(key, b, s), b, s
+
+
+def _abstract(signature: Any, b: int, s: int) -> Any:
+    if isinstance(signature, tuple) and len(signature) == 2 and isinstance(signature[0], tuple) \
+            and all(isinstance(d, int) for d in signature[0]) and isinstance(signature[1], str):
+        dims = signature[0]
+        named = tuple("b" if i == 0 and d == b else "s" if i > 0 and d == s else d for i, d in enumerate(dims))
+        return (named, signature[1])
+    if isinstance(signature, tuple):
+        return tuple(_abstract(part, b, s) for part in signature)
+    return signature
 
 
 @contextlib.contextmanager
@@ -377,4 +442,3 @@ def _device_name(trainer: Trainer) -> str:
     if device.type == "cuda" and torch.cuda.is_available():
         return torch.cuda.get_device_name(device)
     return str(device)
-

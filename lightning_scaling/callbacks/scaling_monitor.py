@@ -10,38 +10,12 @@ from typing import Any
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from typing_extensions import override
 
+from lightning_scaling.callbacks._base import LedgerCallback, should_log_now
 from lightning_scaling.callbacks._common import TokensFn
 
 REPORT_FILE = "scaling_report.json"
-
-# Every Lightning callback hook that ScalingMonitor forwards to its parts, in the order they run.
-_FORWARDED_HOOKS = (
-    "setup",
-    "on_fit_start",
-    "on_sanity_check_start",
-    "on_sanity_check_end",
-    "on_train_start",
-    "on_train_epoch_start",
-    "on_train_batch_start",
-    "on_before_backward",
-    "on_after_backward",
-    "on_before_optimizer_step",
-    "on_before_zero_grad",
-    "on_train_batch_end",
-    "on_train_epoch_end",
-    "on_validation_start",
-    "on_validation_epoch_start",
-    "on_validation_batch_start",
-    "on_validation_batch_end",
-    "on_validation_epoch_end",
-    "on_validation_end",
-    "on_save_checkpoint",
-    "on_load_checkpoint",
-    "on_train_end",
-    "on_exception",
-    "teardown",
-)
 
 
 class ScalingMonitor(Callback):
@@ -49,7 +23,7 @@ class ScalingMonitor(Callback):
 
     ``Trainer(callbacks=[ScalingMonitor()])`` runs :class:`FlopCounter`, :class:`TokenBudget`,
     :class:`GradientNoiseScale` and :class:`DataRepetition` with one shared configuration, logs all their
-    ``scaling/*`` metrics, and at the end of fit prints a report (a table, rank zero) and writes it as JSON
+    ``scaling/*`` metrics (in one ``log_dict`` call at the trainer's logging interval), and at the end of fit prints a report (a table, rank zero) and writes it as JSON
     (``scaling_report.json``) beside the logger's files (``trainer.log_dir``, else ``default_root_dir``).
 
     Args:
@@ -88,11 +62,16 @@ class ScalingMonitor(Callback):
             "noise_scale": (GradientNoiseScale, noise_scale, {"tokens_fn": tokens_fn}),
             "repetition": (DataRepetition, repetition, {"tokens_fn": tokens_fn, "unique_tokens": unique_tokens}),
         }
-        self.parts: dict[str, Callback] = {}
+        if not isinstance(report, bool):
+            raise ValueError(f"report must be True or False, got {report!r}")
+        self.parts: dict[str, LedgerCallback] = {}
+        self._metrics: dict[str, float] = {}
         for name, (cls, options, defaults) in shared.items():
             if options is not False:
-                self.parts[name] = cls(**{**defaults, **_options(name, options, cls)})
-        self.report_enabled = bool(report)
+                part = cls(**{**defaults, **_options(name, options, cls)})
+                part.metrics_sink = self._metrics  # one log call for all parts (on_train_batch_end)
+                self.parts[name] = part
+        self.report_enabled = report
         self.report: dict[str, Any] | None = None
         self.report_path: str | None = None
 
@@ -103,6 +82,68 @@ class ScalingMonitor(Callback):
             return parts[name]
         raise AttributeError(f"{type(self).__name__!s} has no attribute {name!r}")
 
+    # ------------------------------------------------------------------------- hooks, in the order they run
+    @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        for part in self.parts.values():
+            part.setup(trainer, pl_module, stage)
+
+    @override
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        for part in self.parts.values():
+            part.on_fit_start(trainer, pl_module)
+
+    @override
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        for part in self.parts.values():
+            part.on_train_start(trainer, pl_module)
+
+    @override
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        for part in self.parts.values():
+            part.on_train_epoch_start(trainer, pl_module)
+
+    @override
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        for part in self.parts.values():
+            part.on_train_batch_start(trainer, pl_module, batch, batch_idx)
+
+    @override
+    def on_after_backward(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        for part in self.parts.values():
+            part.on_after_backward(trainer, pl_module)
+
+    @override
+    def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
+        for part in self.parts.values():
+            part.on_before_optimizer_step(trainer, pl_module, optimizer)
+
+    @override
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        for part in self.parts.values():
+            part.on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if self._metrics:
+            if should_log_now(trainer):
+                pl_module.log_dict(dict(self._metrics), on_step=True, on_epoch=False, sync_dist=False, batch_size=1)
+            self._metrics.clear()
+
+    @override
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        for part in self.parts.values():
+            part.on_validation_end(trainer, pl_module)
+
+    @override
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        for part in self.parts.values():
+            part.on_train_end(trainer, pl_module)
+
+    @override
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        for part in self.parts.values():
+            part.on_exception(trainer, pl_module, exception)
+
+    @override
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         for part in self.parts.values():
             part.on_fit_end(trainer, pl_module)
@@ -111,9 +152,16 @@ class ScalingMonitor(Callback):
             # trainer.log_dir broadcasts from rank zero: every rank must ask for it.
             self._write_report(trainer.log_dir or trainer.default_root_dir)
 
+    @override
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        for part in self.parts.values():
+            part.teardown(trainer, pl_module, stage)
+
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {name: part.state_dict() for name, part in self.parts.items()}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         for name, part in self.parts.items():
             if name in state_dict:
@@ -160,20 +208,6 @@ def _options(name: str, value: dict[str, Any] | bool, cls: type) -> dict[str, An
     if unknown:
         raise ValueError(f"{name} has no option {', '.join(map(repr, unknown))}; {cls.__name__} takes {', '.join(allowed)}")
     return value
-
-
-def _forward(hook: str) -> Any:
-    def method(self: ScalingMonitor, *args: Any, **kwargs: Any) -> None:
-        for part in self.parts.values():
-            getattr(part, hook)(*args, **kwargs)
-
-    method.__name__ = hook
-    method.__doc__ = f"Forward ``{hook}`` to every part."
-    return method
-
-
-for _hook in _FORWARDED_HOOKS:
-    setattr(ScalingMonitor, _hook, _forward(_hook))
 
 
 def _jsonable(value: Any) -> Any:

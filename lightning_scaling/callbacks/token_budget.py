@@ -6,22 +6,23 @@ import math
 import time
 from typing import Any
 
-from lightning.pytorch import Callback, LightningModule, Trainer
-from torch.utils.data import default_collate
+from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
+from torch.utils.data import default_collate
+from typing_extensions import override
 
+from lightning_scaling.callbacks._base import LedgerCallback
 from lightning_scaling.callbacks._common import (
-    OptimizerSteps,
     TokensFn,
-    WarnOnce,
     count_tokens,
-    global_sum,
     guarded,
     planned_optimizer_steps,
+    remaining_micro_batches,
 )
+from lightning_scaling.callbacks._ledger import MICRO_BATCHES, StepRecord
 
 
-class TokenBudget(Callback):
+class TokenBudget(LedgerCallback):
     r"""Count training tokens and compare the run with the compute-optimal allocation.
 
     Tokens are the non-padding tokens of a batch's ``attention_mask`` when it has one, else the element count
@@ -29,7 +30,7 @@ class TokenBudget(Callback):
     trainable and frozen parameters (tied weights once; full shapes under FSDP: counted before sharding), or
     the non-embedding ones with ``non_embedding=True`` (Kaplan's convention).
 
-    Logged on each optimizer step (totals over data-parallel ranks):
+    Logged at the trainer's logging interval (``log_every_n_steps``; totals over data-parallel ranks):
 
     - ``scaling/tokens``: training tokens so far
     - ``scaling/params``: parameters counted (constant)
@@ -71,10 +72,13 @@ class TokenBudget(Callback):
     ) -> None:
         from lightning_scaling._validation import non_negative_float, positive_float, positive_int
 
+        super().__init__()
         if tokens_fn is not None and not callable(tokens_fn):
             raise ValueError(f"tokens_fn must be a callable taking a batch, got {tokens_fn!r}")
         self.tokens_fn = tokens_fn
-        self.non_embedding = bool(non_embedding)
+        if not isinstance(non_embedding, bool):
+            raise ValueError(f"non_embedding must be True or False, got {non_embedding!r}")
+        self.non_embedding = non_embedding
         self.law = _resolve_law(law)
         self.tokens_per_param = positive_float("tokens_per_param", tokens_per_param)
         self.overhead_threshold = non_negative_float("overhead_threshold", overhead_threshold)
@@ -82,31 +86,31 @@ class TokenBudget(Callback):
         self.inference_tokens = None if inference_tokens is None else positive_float("inference_tokens", inference_tokens)
         self.params_override = None if params is None else positive_int("params", params)
         self.projection_warmup_steps = positive_int("projection_warmup_steps", projection_warmup_steps)
-        self.enabled = True
-        self._warn = WarnOnce("TokenBudget")
         # checkpointed (global over ranks)
         self.tokens = 0
         self.optimizer_steps = 0
         self.warned: list[str] = []
         # this fit only
         self.params: int | None = None
-        self._step_tokens = 0
-        self._steps = OptimizerSteps()
+        self._rule = "tokens"
         self._fit_start_tokens = 0
+        self._fit_micro_batches = 0
+        self._batches_done_in_epoch = 0
         self._fit_start_steps = 0
         self._fit_start_time: float | None = None
         self.projected_tokens: float | None = None
         self.compute_overhead: float | None = None
         self.projected_seconds: float | None = None
 
-    # ----------------------------------------------------------------------------------------------- hooks
-
-    @guarded
-    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+    # ------------------------------------------------------------------------- hooks, in the order they run
+    @override
+    def _on_setup_fit(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        assert self.ledger is not None
+        self._rule = self.ledger.token_rule(self.tokens_fn)
         # Before the strategy wraps or shards the model, so FSDP counts full shapes.
-        if stage == "fit":
-            self.params = self._count_params(pl_module)
+        self.params = self._count_params(pl_module)
 
+    @override
     @guarded
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not self.params:  # layers built in configure_model: count now (DTensor numel is the full shape)
@@ -118,47 +122,34 @@ class TokenBudget(Callback):
         for key in self.warned:
             self._warn.seen.add(key)
 
-    @guarded
-    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._steps.anchor(trainer)
+    @override
+    def _on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._fit_start_tokens = self.tokens
         self._fit_start_steps = trainer.global_step
+        self._fit_micro_batches = 0
         self._fit_start_time = time.perf_counter()
         self._preflight(trainer)
 
-    @guarded
-    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
-        try:
-            tokens = count_tokens(batch, self.tokens_fn, lazy=True)  # read once per optimizer step
-        except Exception as err:  # noqa: BLE001 - the user's tokens_fn failed: say so, count nothing
-            self._warn.warn(
-                "tokens-fn-failed",
-                f"tokens_fn raised {type(err).__name__}: {err}; tokens of such batches are not counted.",
-            )
-            return
-        if tokens is None:
+    @override
+    def _on_micro_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        self._batches_done_in_epoch = batch_idx + 1
+
+    @override
+    def _on_step(self, trainer: Trainer, pl_module: LightningModule, record: StepRecord) -> dict[str, float] | None:
+        if record[f"{self._rule}/uncountable"] and f"{self._rule}/error" not in record.errors:
             self._warn.warn(
                 "uncountable",
-                f"cannot count the tokens of a batch of type {type(batch).__name__}; pass "
-                "TokenBudget(tokens_fn=...) that returns the number of training tokens in a batch.",
+                f"cannot count the tokens of a batch of type {record.errors.get(f'{self._rule}/uncountable_type')}; "
+                f"pass {type(self).__name__}(tokens_fn=...) that returns "
+                "the number of training tokens in a batch.",
             )
-            return
-        self._step_tokens += tokens
-
-    @guarded
-    def on_train_batch_end(
-        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
-        if self._steps.completed(trainer) is None:
-            return  # still accumulating
-        (step_tokens,) = global_sum(trainer, [self._step_tokens], owner=self)
-        if not self.enabled:
-            return
-        self._step_tokens = 0
-        self.tokens += step_tokens
-        self.optimizer_steps += 1
+        self.tokens += int(record.tokens(self._rule))
+        self._fit_micro_batches += int(record[MICRO_BATCHES])
+        if record.steps == 0:
+            return None
+        self.optimizer_steps += record.steps
         if not self.params:
-            return
+            return None
         metrics = {
             "scaling/tokens": float(self.tokens),
             "scaling/params": float(self.params),
@@ -172,12 +163,13 @@ class TokenBudget(Callback):
             if self.compute_overhead is not None:
                 metrics["scaling/compute_overhead"] = self.compute_overhead
             self._advise()
-        for name, value in metrics.items():
-            pl_module.log(name, value, on_step=True, on_epoch=False, sync_dist=False)
+        return metrics
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {"tokens": self.tokens, "optimizer_steps": self.optimizer_steps, "warned": list(self.warned)}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.tokens = int(state_dict.get("tokens", 0))
         self.optimizer_steps = int(state_dict.get("optimizer_steps", 0))
@@ -209,11 +201,12 @@ class TokenBudget(Callback):
 
     def _project(self, trainer: Trainer, steps_this_fit: int) -> None:
         planned = planned_optimizer_steps(trainer)
-        if planned is None or steps_this_fit <= 0:
+        micro_left = remaining_micro_batches(trainer, self._batches_done_in_epoch)
+        if planned is None or micro_left is None or steps_this_fit <= 0 or self._fit_micro_batches <= 0:
             return
-        tokens_per_step = (self.tokens - self._fit_start_tokens) / steps_this_fit
+        tokens_per_micro_batch = (self.tokens - self._fit_start_tokens) / self._fit_micro_batches
         remaining = max(planned - trainer.global_step, 0)
-        self.projected_tokens = self.tokens + tokens_per_step * remaining
+        self.projected_tokens = self.tokens + tokens_per_micro_batch * micro_left
         if self._fit_start_time is not None:
             seconds_per_step = (time.perf_counter() - self._fit_start_time) / steps_this_fit
             self.projected_seconds = seconds_per_step * remaining

@@ -1,0 +1,190 @@
+"""LedgerCallback: the base of the four lightning-scaling callbacks.
+
+It drives the shared :class:`~lightning_scaling.callbacks._ledger.StepLedger` from Lightning's hooks, hands each
+part the per-step record, logs the part's metrics at the trainer's logging interval in one call, and keeps the
+promise that our bookkeeping never stops the user's run: an error in a part warns once and switches that part off
+(on every rank together under DDP, so that no rank is left waiting in the ledger's all-reduce).
+
+A part overrides the ``_on_*`` methods below, each guarded; it never calls the ledger's life-cycle methods itself.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+from lightning.pytorch import Callback, LightningModule, Trainer
+from typing_extensions import override
+
+from lightning_scaling.callbacks._common import WarnOnce
+from lightning_scaling.callbacks._ledger import StepLedger, StepRecord
+
+
+class LedgerCallback(Callback):
+    """Base class: the ledger's hooks, guarded part hooks, once-only warnings and interval logging."""
+
+    def __init__(self) -> None:
+        self.enabled = True
+        self._warn = WarnOnce(type(self).__name__)
+        self._local_failure: str | None = None
+        self.ledger: StepLedger | None = None
+        self._rule: str | None = None  # the ledger slot of this part's token count, when it counts tokens
+        # ScalingMonitor sets this to a dict: the part's metrics then go there, for one log call of the monitor's
+        self.metrics_sink: dict[str, float] | None = None
+
+    @property
+    def _failure_slot(self) -> str:
+        return f"failed/{type(self).__name__}"
+
+    # ------------------------------------------------------------------------------ Lightning hooks, in order
+    @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        self.ledger = StepLedger.attach(trainer)
+        self.ledger.declare(self._failure_slot)
+        self._guard(self._on_setup_fit, trainer, pl_module)
+
+    @override
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.ledger is None:
+            return
+        self.ledger.anchor(trainer)
+        self._guard(self._on_train_start, trainer, pl_module)
+
+    @override
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        if self.ledger is None:
+            return
+        self.ledger.begin(trainer, batch, batch_idx)
+        self._guard(self._on_micro_batch_start, trainer, pl_module, batch, batch_idx)
+
+    @override
+    def on_after_backward(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.ledger is None or not self.ledger.in_micro_batch:
+            return
+        self.ledger.backward_done()
+        self._guard(self._on_after_backward, trainer, pl_module)
+
+    @override
+    def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
+        if self.ledger is None:
+            return
+        self._guard(self._on_before_optimizer_step, trainer, pl_module, optimizer)
+
+    @override
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if self.ledger is None:
+            return
+        self._guard(self._on_micro_batch_end, trainer, pl_module, outputs, batch)
+        record = self.ledger.end(trainer, pl_module, batch, outputs)
+        if record is not None:
+            self._take(trainer, pl_module, record)
+
+    @override
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.ledger is None:
+            return
+        record = self.ledger.finish(trainer)
+        if record is not None:
+            self._take(trainer, pl_module, record)
+        self._guard(self._on_train_end, trainer, pl_module)
+
+    @override
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage == "fit":
+            StepLedger.detach(trainer)
+            self.ledger = None
+
+    # -------------------------------------------------------------------------- what the parts override
+    def _on_setup_fit(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """``setup("fit")``, after the ledger is attached: declare slots and token rules here."""
+
+    def _on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """``on_train_start`` (``global_step`` is restored from a checkpoint by now)."""
+
+    def _on_micro_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        """A micro-batch begins (the ledger has counted its tokens and samples)."""
+
+    def _on_after_backward(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """The micro-batch's backward pass is done."""
+
+    def _on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
+        """Gradients are complete (unscaled under AMP, not yet clipped): add step-level numbers here."""
+
+    def _on_micro_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any) -> None:
+        """The micro-batch ends, before the ledger builds the step's record (last chance to add to it)."""
+
+    def _on_step(self, trainer: Trainer, pl_module: LightningModule, record: StepRecord) -> dict[str, float] | None:
+        """An optimizer step completed (``record.steps >= 1``), or training ended with micro-batches no step
+        followed (``record.steps == 0``): update the totals and return the metrics to log (or None)."""
+        return None
+
+    def _on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """``on_train_end``, after the last record."""
+
+    # -------------------------------------------------------------------------------------------- helpers
+    def fail(self, trainer: Any, message: str) -> None:
+        """Our bookkeeping failed. One process: warn once and switch this part off. Several: warn on this rank,
+        keep taking part in the ledger's all-reduce, and let the next record switch the part off on every rank."""
+        if getattr(trainer, "world_size", 1) > 1 and self.ledger is not None:
+            if self._local_failure is None:
+                self._local_failure = message
+                self.ledger.add_to_step(self._failure_slot, 1)
+                warnings.warn(f"{self._warn.prefix} (rank {trainer.global_rank}): {message}", stacklevel=2)
+            return
+        self.enabled = False
+        self._warn.warn("internal-error", f"switched off after an {message}. Training continues; please report this.")
+
+    def _guard(self, method: Any, trainer: Any, *args: Any) -> Any:
+        if not self.enabled:
+            return None
+        try:
+            return method(trainer, *args)
+        except Exception as err:  # noqa: BLE001 - never crash the user's run over our bookkeeping
+            self.fail(trainer, f"error in {method.__name__.lstrip('_')}: {type(err).__name__}: {err}")
+            return None
+
+    def _take(self, trainer: Trainer, pl_module: LightningModule, record: StepRecord) -> None:
+        failed = record.values.get(self._failure_slot, 0)
+        if failed > 0 and self.enabled:
+            self.enabled = False
+            self._warn.warn("internal-error", f"switched off on every rank after an error on {int(failed)} rank(s); "
+                                              "training continues.")
+            return
+        error = record.errors.get(f"{self._rule}/error") if self._rule else None
+        if error:
+            self._warn.warn("tokens-fn-failed", f"{error}; the tokens of such batches are not counted.")
+        metrics = self._guard(self._on_step, trainer, pl_module, record)
+        if metrics and record.steps > 0 and self._should_log(trainer):
+            self._log(pl_module, metrics)
+
+    def _should_log(self, trainer: Trainer) -> bool:
+        """Log at the trainer's logging interval (``log_every_n_steps``) and at the last step."""
+        if self.metrics_sink is not None:
+            return True  # the monitor decides
+        return should_log_now(trainer)
+
+    def _log(self, pl_module: LightningModule, metrics: dict[str, float]) -> None:
+        if self.metrics_sink is not None:
+            self.metrics_sink.update(metrics)
+            return
+        pl_module.log_dict(metrics, on_step=True, on_epoch=False, sync_dist=False, batch_size=1)
+
+
+def should_log_now(trainer: Trainer) -> bool:
+    """Whether Lightning writes step metrics to the loggers after this batch (its ``log_every_n_steps``), or the
+    run is at its last step."""
+    every = int(getattr(trainer, "log_every_n_steps", 50) or 0)
+    if every <= 0:
+        return False
+    connector = getattr(trainer, "_logger_connector", None)
+    should = getattr(connector, "should_update_logs", None)
+    if isinstance(should, bool):
+        if should:
+            return True
+    elif trainer.global_step % every == 0:
+        return True
+    max_steps = int(getattr(trainer, "max_steps", -1) or -1)
+    return 0 < max_steps <= trainer.global_step

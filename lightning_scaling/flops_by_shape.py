@@ -1,0 +1,136 @@
+"""Training FLOPs of a micro-batch from its shape: measured for a few shapes, predicted for the rest.
+
+Measuring FLOPs (torch's ``FlopCounterMode`` around the real forward and backward) slows the step it watches, so
+``FlopCounter`` measures only a few shapes. For a batch of ``b`` sequences of length ``s`` a transformer's training
+FLOPs are exactly
+
+    F(b, s) = p·b + q·b·s + r·b·s²
+
+(per-sample work such as a classification head; every matmul over the tokens; the attention scores, quadratic in
+the sequence length), so three measured shapes of one *family* (the same batch structure with other batch sizes
+and sequence lengths) determine the rest. A prediction is trusted only after it has predicted a measured shape
+within ``tolerance`` (validation); until then new shapes are measured, up to ``max_measured`` in all. A shape whose
+features lie outside what the measurements determine (say a new sequence length when every measurement had the
+same one) is measured, never extrapolated, while measurements are left.
+
+Pure Python and numpy: no torch, no Lightning. Units: FLOPs (a multiply-add is 2), per micro-batch on one rank.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Hashable
+
+import numpy as np
+
+__all__ = ["FlopsByShape", "ShapeFamily"]
+
+
+def _features(batch_size: int, seq_len: int) -> np.ndarray:
+    b, s = float(batch_size), float(seq_len)
+    return np.array([b, b * s, b * s * s])
+
+
+@dataclass
+class ShapeFamily:
+    """The measured shapes of one batch structure and the formula fitted to them (model and hardware FLOPs)."""
+
+    points: list[tuple[int, int, int, int]] = field(default_factory=list)  # (b, s, model, hardware)
+    validated: bool = False
+    worst_error: float = 0.0  # largest relative error of a prediction checked against a measurement
+    _coef: np.ndarray | None = None  # [2, 3]: model and hardware coefficients
+    _basis: np.ndarray | None = None  # orthonormal basis of the measured features' row space
+    _scale: np.ndarray | None = None  # feature scaling used by the fit
+
+    def fit(self) -> None:
+        x = np.stack([_features(b, s) for b, s, _, _ in self.points])
+        y = np.array([[m, h] for _, _, m, h in self.points], dtype=float)
+        scale = np.abs(x).max(axis=0)
+        scale[scale == 0] = 1.0
+        coef, *_ = np.linalg.lstsq(x / scale, y, rcond=None)
+        self._coef = (coef / scale[:, None]).T
+        _, sv, vt = np.linalg.svd(x / scale, full_matrices=False)
+        rank = int((sv > sv[0] * 1e-9).sum()) if sv.size and sv[0] > 0 else 0
+        self._basis = vt[:rank]
+        self._scale = scale
+
+    def determined(self, batch_size: int, seq_len: int) -> bool:
+        """Whether the measurements determine F at this shape (its features lie in their span)."""
+        if self._basis is None or self._scale is None or not len(self._basis):
+            return False
+        f = _features(batch_size, seq_len) / self._scale
+        residual = f - self._basis.T @ (self._basis @ f)
+        return float(np.linalg.norm(residual)) <= 1e-7 * float(np.linalg.norm(f))
+
+    def predict(self, batch_size: int, seq_len: int) -> tuple[int, int]:
+        assert self._coef is not None
+        model, hardware = self._coef @ _features(batch_size, seq_len)
+        return max(int(round(model)), 0), max(int(round(hardware)), 0)
+
+
+class FlopsByShape:
+    """Measured FLOPs by exact shape, and a fitted formula per shape family (see the module docstring).
+
+    Args:
+        max_measured: shapes measured at most, over all families (each measurement slows one step).
+        tolerance: a prediction within this relative error of a measurement validates its family's formula.
+    """
+
+    def __init__(self, max_measured: int = 8, tolerance: float = 0.002) -> None:
+        if isinstance(max_measured, bool) or not isinstance(max_measured, int) or max_measured < 1:
+            raise ValueError(f"max_measured must be a whole number >= 1, got {max_measured!r}")
+        if not (isinstance(tolerance, (int, float)) and 0 < tolerance < 1):
+            raise ValueError(f"tolerance must be a fraction in (0, 1), got {tolerance!r}")
+        self.max_measured = max_measured
+        self.tolerance = float(tolerance)
+        self.exact: dict[Hashable, tuple[int, int]] = {}
+        self.families: dict[Hashable, ShapeFamily] = {}
+        self.measured = 0
+        self.predicted_shapes = 0
+
+    def lookup(self, key: Hashable, family: Hashable, batch_size: int, seq_len: int) -> tuple[int, int] | None:
+        """(model, hardware) FLOPs of this shape when measured before or predictable with trust; else None
+        (measure it, or see :meth:`fallback` when no measurement is left)."""
+        if key in self.exact:
+            return self.exact[key]
+        fam = self.families.get(family)
+        if fam is not None and fam.validated and fam.determined(batch_size, seq_len):
+            self.predicted_shapes += 1
+            return fam.predict(batch_size, seq_len)
+        return None
+
+    def should_measure(self) -> bool:
+        return self.measured < self.max_measured
+
+    def fallback(self, family: Hashable, batch_size: int, seq_len: int) -> tuple[int, int] | None:
+        """Best estimate once no measurement is left: the family's formula where it is determined, else scaled
+        per token from the family's nearest measured shape; None when the family was never measured."""
+        fam = self.families.get(family)
+        if fam is None or not fam.points:
+            return None
+        self.predicted_shapes += 1
+        if fam.determined(batch_size, seq_len):
+            return fam.predict(batch_size, seq_len)
+        tokens = batch_size * seq_len
+        b, s, model, hardware = min(fam.points, key=lambda p: abs(p[0] * p[1] - tokens))
+        ratio = tokens / max(b * s, 1)
+        return int(model * ratio), int(hardware * ratio)
+
+    def record(self, key: Hashable, family: Hashable, batch_size: int, seq_len: int, model: int,
+               hardware: int) -> float | None:
+        """Add a measurement. Returns the relative error of the family's prediction for it (None when the
+        family could not predict it yet); a small error validates the family, a large one un-validates it."""
+        self.exact[key] = (int(model), int(hardware))
+        self.measured += 1
+        fam = self.families.setdefault(family, ShapeFamily())
+        error = None
+        if fam.points and fam.determined(batch_size, seq_len):
+            predicted = fam.predict(batch_size, seq_len)[0]
+            error = abs(predicted - model) / max(abs(model), 1)
+            fam.worst_error = max(fam.worst_error, error)
+            fam.validated = error <= self.tolerance
+        else:  # a shape the formula could not reach: the fit gains a dimension, which must be checked afresh
+            fam.validated = False
+        fam.points.append((int(batch_size), int(seq_len), int(model), int(hardware)))
+        fam.fit()
+        return error
