@@ -1,40 +1,126 @@
-"""Per-step overhead of ScalingMonitor on the example GPT, side by side in one run.
+"""What adding ScalingMonitor costs a user: whole fits, all parts on vs off, side by side in one process.
 
-Three configurations train the same model on the same batches, interleaved over several repeats:
+Each configuration trains the same model on the same batches twice per repeat, without and with
+``ScalingMonitor()`` (defaults), in alternating order, so that drift in machine load hits both alike. A row
+reports, over the repeats:
 
-- ``none``: no callback
-- ``monitor``: ``ScalingMonitor`` (every part on)
-- ``flopcounter_every_step``: torch's ``FlopCounterMode`` around every training step (what counting without a
-  cache costs)
+- ``whole fit``: the ratio of ``trainer.fit`` wall times (first steps, the FLOP measurement and Lightning's own
+  setup included), min–median–max over the repeats, each repeat's ratio taken within its pair;
+- ``steady``: the same ratio over the steps after the first ``--warmup`` ones (median step time);
+- ``hooks ms/step``: time spent inside the monitor's hooks and its gradient hooks per optimizer step, measured in
+  the same run (what the bookkeeping costs, free of machine noise);
+- ``measured`` / ``shapes``: input shapes counted under the FLOP counter / distinct input shapes the run saw (a
+  benchmark that measured nothing says 0);
+- ``peak mem``: peak resident memory of a fit with the monitor over one without, each fit in a fresh process
+  (``--memory``; CPU: resident set size; CUDA: ``torch.cuda.max_memory_allocated``).
 
-The median step time of each (warm-up steps dropped) and its ratio to ``none`` are printed as a table.
-Goal: ScalingMonitor <= 1.03x no callbacks.
+Configurations: the example GPT (4 layers, d_model 128, seq 128, micro-batch 16) with accumulation 2 and 1; a
+Hugging Face ``LlamaForCausalLM`` built from a tiny config (4 layers, hidden 128, 4 heads, 2 key/value heads;
+random init, nothing downloaded) on fixed shapes, and on pad-to-longest batches (attention mask, labels -100 at
+the padding) with 10, 30 and 64 distinct lengths.
 
-    python benchmarks/callback_overhead.py             # CPU, about 2 minutes on 2 cores
+    python benchmarks/callback_overhead.py                      # CPU, one thread, about 10 minutes
+    python benchmarks/callback_overhead.py --quick              # 2 repeats of short fits, for a look
     python benchmarks/callback_overhead.py --device cuda --steps 60
+    python benchmarks/callback_overhead.py --only gpt-acc2 --repeats 5 --markdown
+
+Goal (CPU): whole fit <= 1.03x in every row, peak memory <= 1.05x, bookkeeping <= 2 ms per optimizer step.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import importlib.util
+import json
+import os
 import statistics
+import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-
-import lightning as L  # noqa: E402
-from gpt import GPTConfig, GPTLightningModule, make_dataloaders  # noqa: E402
-from lightning.pytorch import Callback  # noqa: E402
-from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
-
-from lightning_scaling.callbacks import ScalingMonitor  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ("gpt-acc2", "gpt-acc1", "llama-fixed", "llama-pad10", "llama-pad30", "llama-pad64")
 
 
-class StepTimer(Callback):
+def _example_gpt() -> Any:
+    """The example's gpt module, loaded by file path (the examples folder is not a package)."""
+    spec = importlib.util.spec_from_file_location("lightning_scaling_example_gpt", ROOT / "examples" / "gpt.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+# --------------------------------------------------------------------------------------------- workloads
+def _gpt_workload(args: argparse.Namespace) -> tuple[Any, Any]:
+    gpt = _example_gpt()
+    from torch.utils.data import DataLoader
+
+    cfg = gpt.GPTConfig(n_layer=4, d_model=128, n_head=4, seq_len=128, d_ff=512)
+    g = torch.Generator().manual_seed(0)
+    rows = torch.randint(0, 256, (args.steps * 2 * 16, 129), generator=g)
+    return (lambda: gpt.GPTLightningModule(cfg, use_kernels=False)), DataLoader(rows, batch_size=16)
+
+
+def _llama_workload(args: argparse.Namespace, distinct: int | None) -> tuple[Any, Any]:
+    import lightning as L
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=344, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+
+    class LlamaModule(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = LlamaForCausalLM(config)
+            self.config = config
+
+        def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+            loss = self.model(**batch).loss
+            self.log("train/loss", loss)
+            return loss
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.AdamW(self.parameters(), lr=1e-3)
+
+    g = torch.Generator().manual_seed(0)
+    batches = []
+    lengths = [128] if distinct is None else torch.linspace(16, 128, distinct).round().int().tolist()
+    for i in range(args.steps):
+        longest = lengths[int(torch.randint(0, len(lengths), (1,), generator=g))] if distinct else 128
+        rows = torch.randint(1, 512, (16, longest), generator=g)
+        mask = torch.ones_like(rows)
+        if distinct:  # pad to the longest row: other rows are shorter, their tails are padding
+            for r in range(1, 16):
+                keep = int(torch.randint(8, longest + 1, (1,), generator=g))
+                mask[r, keep:] = 0
+            rows = rows * mask
+        labels = rows.masked_fill(mask == 0, -100)
+        batches.append({"input_ids": rows, "attention_mask": mask, "labels": labels})
+    from torch.utils.data import DataLoader
+
+    return LlamaModule, DataLoader(batches, batch_size=None)
+
+
+def workload(name: str, args: argparse.Namespace) -> tuple[Any, Any, int]:
+    """(module factory, train loader, accumulate_grad_batches) of one configuration."""
+    if name.startswith("gpt"):
+        make, loader = _gpt_workload(args)
+        return make, loader, 2 if name == "gpt-acc2" else 1
+    distinct = None if name == "llama-fixed" else int(name.removeprefix("llama-pad"))
+    make, loader = _llama_workload(args, distinct)
+    return make, loader, 1
+
+
+# ------------------------------------------------------------------------------------------ measurement
+class StepClock:
     """Wall-clock time of each optimizer step (all its micro-batches), synchronised on CUDA."""
 
     def __init__(self) -> None:
@@ -42,86 +128,192 @@ class StepTimer(Callback):
         self._start: float | None = None
         self._step = -1
 
-    def _sync(self, trainer) -> None:
+    def _sync(self, trainer: Any) -> None:
         if trainer.strategy.root_device.type == "cuda":
             torch.cuda.synchronize()
 
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+    def on_train_batch_start(self, trainer: Any, *args: Any) -> None:
         if self._start is None:
             self._sync(trainer)
-            self._start = time.perf_counter()
-            self._step = trainer.global_step
+            self._start, self._step = time.perf_counter(), trainer.global_step
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+    def on_train_batch_end(self, trainer: Any, *args: Any) -> None:
         if trainer.global_step != self._step:
             self._sync(trainer)
             self.times.append(time.perf_counter() - self._start)
             self._start = None
 
 
-class FlopCounterEveryStep(Callback):
-    """The naive approach: torch's FlopCounterMode around every forward and backward."""
+def _timed_monitor(tokens_fn: Any = None) -> tuple[Any, list[float]]:
+    """A ScalingMonitor whose hooks (and gradient hooks) add their own run time to a counter."""
+    from lightning.pytorch import Callback
 
-    def __init__(self) -> None:
-        self.mode: FlopCounterMode | None = None
+    from lightning_scaling.callbacks import ScalingMonitor
+    from lightning_scaling.callbacks.gradient_noise_scale import GradientNoiseScale
 
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self.mode = FlopCounterMode(display=False)
-        self.mode.__enter__()
+    spent = [0.0]
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if self.mode is not None:
-            self.mode.__exit__(None, None, None)
-            self.mode = None
+    def timed(fn: Any) -> Any:
+        @functools.wraps(fn)
+        def wrapper(*a: Any, **k: Any) -> Any:
+            t = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                spent[0] += time.perf_counter() - t
+
+        return wrapper
+
+    monitor = ScalingMonitor(tokens_fn=tokens_fn, report=False)
+    for name in dir(Callback):
+        if (name.startswith("on_") or name in ("setup", "teardown")) and name in type(monitor).__dict__:
+            setattr(monitor, name, timed(getattr(monitor, name)))
+    gns = monitor.parts.get("noise_scale")
+    if isinstance(gns, GradientNoiseScale):
+        make_hook = gns._make_hook
+        gns._make_hook = lambda: timed(make_hook())  # type: ignore[method-assign]
+    return monitor, spent
 
 
-def target_tokens(batch: torch.Tensor) -> int:
-    return batch[:, 1:].numel()
+def fit_once(name: str, with_monitor: bool, args: argparse.Namespace) -> dict[str, Any]:
+    import lightning as L
 
-
-def run(config: str, args: argparse.Namespace, train) -> list[float]:
+    make, loader, accumulate = workload(name, args)
     L.seed_everything(0, verbose=False)
-    timer = StepTimer()
-    extra = {"none": [], "monitor": [ScalingMonitor(tokens_fn=target_tokens, report=False)],
-             "flopcounter_every_step": [FlopCounterEveryStep()]}[config]
-    model = GPTLightningModule(GPTConfig(n_layer=args.n_layer, d_model=args.d_model, n_head=4, seq_len=args.seq_len),
-                               use_kernels=False)
-    trainer = L.Trainer(
-        accelerator=args.device, devices=1, max_steps=args.steps, accumulate_grad_batches=args.accumulate,
-        gradient_clip_val=1.0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, limit_val_batches=0, callbacks=[timer, *extra],
-    )
-    trainer.fit(model, train)
-    return timer.times[args.warmup:]
+    clock = StepClock()
+    callbacks: list[Any] = [_callback(clock)]
+    spent = [0.0]
+    monitor = None
+    if with_monitor:
+        monitor, spent = _timed_monitor()
+        callbacks.append(monitor)
+    trainer = L.Trainer(accelerator=args.device, devices=1, max_steps=args.steps // accumulate,
+                        accumulate_grad_batches=accumulate,
+                        gradient_clip_val=1.0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=0, log_every_n_steps=10,
+                        precision="bf16-mixed" if args.device == "cuda" else "32-true", callbacks=callbacks)
+    module = make()
+    if args.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    started = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(module, loader)
+    if args.device == "cuda":
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - started
+    steps = max(trainer.global_step, 1)
+    shapes = {_shape(b) for b in loader}
+    return {
+        "wall": wall,
+        "steady": statistics.median(clock.times[args.warmup:]) if len(clock.times) > args.warmup else float("nan"),
+        "hooks_ms_per_step": 1e3 * spent[0] / steps,
+        "measured": monitor.flops.measured_shapes if monitor else 0,
+        "shapes": len(shapes),
+        "cuda_peak": torch.cuda.max_memory_allocated() if args.device == "cuda" else None,
+    }
+
+
+def _callback(clock: StepClock) -> Any:
+    from lightning.pytorch import Callback
+
+    class Clock(Callback):
+        def on_train_batch_start(self, trainer: Any, *a: Any) -> None:
+            clock.on_train_batch_start(trainer)
+
+        def on_train_batch_end(self, trainer: Any, *a: Any) -> None:
+            clock.on_train_batch_end(trainer)
+
+    return Clock()
+
+
+def _shape(batch: Any) -> tuple:
+    if isinstance(batch, dict):
+        return tuple(batch["input_ids"].shape)
+    return tuple(batch.shape)
+
+
+def peak_memory_ratio(name: str, args: argparse.Namespace) -> float | None:
+    """Peak memory with the monitor over without, each fit in a fresh process."""
+    peaks = []
+    for with_monitor in (False, True):
+        cmd = [sys.executable, __file__, "--child", name, "--steps", str(args.steps), "--device", args.device,
+               "--threads", str(args.threads)] + (["--with-monitor"] if with_monitor else [])
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        out, _ = proc.communicate()
+        result = json.loads(out.strip().splitlines()[-1])
+        peaks.append(result["cuda_peak"] if args.device == "cuda" else result["max_rss_kib"])
+    return peaks[1] / peaks[0] if peaks[0] else None
+
+
+def _child(args: argparse.Namespace) -> int:
+    import resource
+
+    result = fit_once(args.child, args.with_monitor, args)
+    result["max_rss_kib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps(result))
+    return 0
+
+
+def _spread(values: list[float]) -> str:
+    return f"{statistics.median(values):.3f} [{min(values):.3f}–{max(values):.3f}]"
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--warmup", type=int, default=5, help="steps dropped from each run (counting pass, warm-up)")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--accumulate", type=int, default=2)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--n-layer", type=int, default=4)
-    p.add_argument("--d-model", type=int, default=128)
+    p.add_argument("--steps", type=int, default=80, help="micro-batches per fit (optimizer steps x accumulation)")
+    p.add_argument("--warmup", type=int, default=5, help="steps left out of the steady-state figure")
+    p.add_argument("--repeats", type=int, default=4, help="pairs (off, on) per configuration")
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (stated in the output)")
+    p.add_argument("--only", default=",".join(CONFIGS), help=f"comma-separated configurations of {CONFIGS}")
+    p.add_argument("--memory", action="store_true", help="also measure peak memory (fresh processes)")
+    p.add_argument("--quick", action="store_true", help="2 repeats of 30-step fits")
+    p.add_argument("--markdown", action="store_true", help="print the table as Markdown")
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--with-monitor", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.quick:
+        args.repeats, args.steps = 2, 30
+    torch.set_num_threads(args.threads)
+    if args.child:
+        return _child(args)
+    names = [n for n in args.only.split(",") if n]
+    unknown = [n for n in names if n not in CONFIGS]
+    if unknown:
+        p.error(f"--only: unknown configuration(s) {unknown}; choose from {', '.join(CONFIGS)}")
+
+    import lightning as L
+
     import lightning_scaling
 
-    print(f"device={args.device} torch={torch.__version__} lightning={L.__version__} "
-          f"lightning_scaling={lightning_scaling.__version__} threads={torch.get_num_threads()}")
-    train, _ = make_dataloaders(args.seq_len, args.batch_size, max_bytes=2_000_000)
-    configs = ["none", "monitor", "flopcounter_every_step"]
-    samples: dict[str, list[float]] = {c: [] for c in configs}
-    for repeat in range(args.repeats):
-        for config in configs:  # interleaved, so drift in machine load hits every configuration alike
-            samples[config] += run(config, args, train)
-    base = statistics.median(samples["none"])
-    print(f"\n{'configuration':<26}{'median step (ms)':>18}{'ratio to none':>15}{'steps timed':>13}")
-    for config in configs:
-        med = statistics.median(samples[config])
-        print(f"{config:<26}{med * 1e3:>18.1f}{med / base:>15.3f}{len(samples[config]):>13}")
+    device = torch.cuda.get_device_name() if args.device == "cuda" else f"cpu ({os.cpu_count()} cores)"
+    print(f"device={device} threads={torch.get_num_threads()} torch={torch.__version__} lightning={L.__version__} "
+          f"lightning_scaling={lightning_scaling.__version__} date={time.strftime('%Y-%m-%d')} "
+          f"repeats={args.repeats} micro-batches/fit={args.steps}", flush=True)
+    rows = []
+    for name in names:
+        fit_once(name, False, args)  # warm this configuration's code paths once, untimed
+        whole, steady, hooks, measured, shapes = [], [], [], 0, 0
+        for repeat in range(args.repeats):
+            order = (False, True) if repeat % 2 == 0 else (True, False)
+            pair = {flag: fit_once(name, flag, args) for flag in order}
+            whole.append(pair[True]["wall"] / pair[False]["wall"])
+            steady.append(pair[True]["steady"] / pair[False]["steady"])
+            hooks.append(pair[True]["hooks_ms_per_step"])
+            measured, shapes = pair[True]["measured"], pair[True]["shapes"]
+        memory = peak_memory_ratio(name, args) if args.memory else None
+        rows.append([name, _spread(whole), _spread(steady), f"{statistics.median(hooks):.2f}",
+                     f"{measured}/{shapes}", "-" if memory is None else f"{memory:.3f}"])
+        print(f"  {name}: whole {rows[-1][1]}", file=sys.stderr, flush=True)
+
+    spec = importlib.util.spec_from_file_location("benchmark_table", Path(__file__).resolve().parent / "_table.py")
+    assert spec and spec.loader
+    table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(table)
+    print()
+    table.print_table(["configuration", "whole fit on/off", "steady on/off", "hooks ms/step", "measured/shapes",
+                 "peak mem on/off"], rows, args.markdown)
     return 0
 
 

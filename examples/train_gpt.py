@@ -1,6 +1,7 @@
 """Train a small byte-level GPT on the Python standard library's source with every lightning-scaling callback on.
 
-    python examples/train_gpt.py                 # about 2 minutes on 2 CPU cores
+    python examples/train_gpt.py                 # a few minutes on 2 CPU cores (torch's default threads;
+                                                 # OMP_NUM_THREADS=1 is faster on a busy machine)
     python examples/train_gpt.py --steps 50      # a quick look
     python examples/train_gpt.py --device cuda   # CUDA, with our Triton kernels when they load
 
@@ -10,7 +11,6 @@ The corpus ships with every Python installation: nothing is downloaded.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -56,8 +56,6 @@ def main(argv: list[str] | None = None) -> dict:
     use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is available")
-    if not use_cuda:
-        torch.set_num_threads(max(1, os.cpu_count() or 1))
     config = GPTConfig(seq_len=args.seq_len, n_layer=args.n_layer, n_head=args.n_head, d_model=args.d_model,
                        d_ff=4 * args.d_model)
     use_kernels = use_cuda and not args.no_kernels and kernels_available()

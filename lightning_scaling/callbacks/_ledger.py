@@ -27,7 +27,13 @@ from typing import Any
 
 import torch
 
-from lightning_scaling.callbacks._common import TokensFn, count_samples, count_tokens, unwrap_loss
+from lightning_scaling.callbacks._common import (
+    TokensFn,
+    count_samples,
+    count_tokens,
+    planned_optimizer_steps,
+    unwrap_loss,
+)
 
 # Slots every ledger has, filled by the ledger itself.
 SAMPLES = "samples"  # samples (sequences) trained on, all ranks
@@ -47,7 +53,8 @@ class StepRecord:
 
     ``values`` holds every slot summed over the step's micro-batches and over the data-parallel ranks.
     ``steps`` is how far ``trainer.global_step`` advanced (1 normally, 0 for trailing micro-batches that no
-    optimizer step followed). ``global_step`` is the trainer's step after it. ``errors`` maps a problem (for
+    optimizer step followed). ``global_step`` is the trainer's step after it. ``log_now``: metrics are due to the
+    loggers after this step (Lightning's ``log_every_n_steps``, and the run's last step). ``errors`` maps a problem (for
     example a ``tokens_fn`` that raised) to its first message on this rank.
     """
 
@@ -56,6 +63,7 @@ class StepRecord:
     global_step: int
     world_size: int
     errors: dict[str, str] = field(default_factory=dict)
+    log_now: bool = False  # the trainer's logging interval is due (or this is the run's last step)
 
     def __getitem__(self, name: str) -> float:
         return self.values[name]
@@ -94,6 +102,7 @@ class StepLedger:
         self._record: StepRecord | None = None
         self._record_key: Any = None
         self.errors: dict[str, str] = {}
+        self.planned_steps: int | None = None  # optimizer steps of the whole run, when bounded
         self._pending_micro = 0  # micro-batches closed since the last record (host count, equal on every rank)
         self._serial = 0  # micro-batches begun: the key of a record is the serial of the micro-batch that built it
         self.records = 0  # records built (one per optimizer step): what tests count
@@ -142,6 +151,7 @@ class StepLedger:
         after Lightning restored it from a checkpoint)."""
         if self._last_step is None:
             self._last_step = int(trainer.global_step)
+            self.planned_steps = planned_optimizer_steps(trainer)
 
     def begin(self, trainer: Any, batch: Any, batch_idx: int) -> bool:
         """Open a micro-batch and count its samples and tokens (lazily: mask sums stay on the device).
@@ -264,7 +274,22 @@ class StepLedger:
             read = packed.tolist()
         self.records += 1
         return StepRecord(values=dict(zip(names, read)), steps=steps, global_step=int(trainer.global_step),
-                          world_size=world, errors=dict(self.errors))
+                          world_size=world, errors=dict(self.errors),
+                          log_now=steps > 0 and _logging_due(trainer, self.planned_steps))
+
+
+def _logging_due(trainer: Any, planned_steps: int | None) -> bool:
+    """Whether Lightning writes step metrics to the loggers after this batch (``log_every_n_steps``, or the run
+    stopping), or this is the run's last optimizer step."""
+    if planned_steps is not None and trainer.global_step >= planned_steps:
+        return True
+    every = int(getattr(trainer, "log_every_n_steps", 50) or 0)
+    if every <= 0:
+        return False
+    should = getattr(getattr(trainer, "_logger_connector", None), "should_update_logs", None)
+    if isinstance(should, bool):
+        return should
+    return trainer.global_step % every == 0
 
 
 def _read_back(values: list[Any]) -> list[float]:

@@ -132,6 +132,7 @@ class DataRepetition(LedgerCallback):
         self._batches_done_in_epoch = 0
         self._fit_tokens = 0  # tokens and micro-batches of this fit (a resumed run projects from its own pace)
         self._fit_micro_batches = 0
+        self._law_values_stale = False
         # latest numbers (see summary())
         self.unique_tokens: float | None = None
         self.epochs: float | None = None
@@ -219,7 +220,11 @@ class DataRepetition(LedgerCallback):
         if record.steps == 0:
             return None
         self._check_warnings(trainer)
-        return self._metrics()
+        return self._metrics() if record.log_now else None
+
+    @override
+    def _on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._update_law_values()
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -265,6 +270,7 @@ class DataRepetition(LedgerCallback):
         ``effective_tokens`` (D', tokens), ``effective_tokens_per_param``, ``repetition_value``,
         ``projected_tokens``/``projected_epochs`` (end of run), ``distinct_samples`` and ``distinct_fraction``
         (sketch), ``params``, and ``warned`` (threshold -> the optimizer step where it was crossed)."""
+        self._update_law_values()
         return {
             "tokens": self.tokens,
             "samples": self.samples,
@@ -352,7 +358,14 @@ class DataRepetition(LedgerCallback):
         else:
             self.projected_tokens, self.projected_unique_tokens = float(self.tokens), unique
         self.projected_epochs = self.projected_tokens / self.projected_unique_tokens
-        law = self.law
+        self._law_values_stale = True
+
+    def _update_law_values(self) -> None:
+        """D' and the value of a repeat, under the law (a few numpy calls: at logging steps and for the report)."""
+        if not self._law_values_stale or self.unique_tokens is None:
+            return
+        self._law_values_stale = False
+        law, unique = self.law, self.unique_tokens
         # Muennighoff 2023, eq. 5: D' = U + U·R*_D·(1 − exp(−R_D/R*_D)), R_D = epochs − 1
         self.effective_tokens = float(law.effective_tokens(self.tokens, unique))
         # Muennighoff 2023, derivative of eq. 5: dD'/dD = exp(−R_D/R*_D)
@@ -405,6 +418,7 @@ class DataRepetition(LedgerCallback):
         return text + " To do better: add unique data, or move the model size toward that optimum."
 
     def _metrics(self) -> dict[str, float]:
+        self._update_law_values()
         metrics = {
             "scaling/epochs": self.epochs,
             "scaling/effective_tokens": self.effective_tokens,

@@ -12,7 +12,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from typing_extensions import override
 
-from lightning_scaling.callbacks._base import LedgerCallback, should_log_now
+from lightning_scaling.callbacks._base import LedgerCallback, publish_metrics
 from lightning_scaling.callbacks._common import TokensFn
 
 REPORT_FILE = "scaling_report.json"
@@ -23,7 +23,7 @@ class ScalingMonitor(Callback):
 
     ``Trainer(callbacks=[ScalingMonitor()])`` runs :class:`FlopCounter`, :class:`TokenBudget`,
     :class:`GradientNoiseScale` and :class:`DataRepetition` with one shared configuration, logs all their
-    ``scaling/*`` metrics (in one ``log_dict`` call at the trainer's logging interval), and at the end of fit prints a report (a table, rank zero) and writes it as JSON
+    ``scaling/*`` metrics (to every logger, at the trainer's logging interval), and at the end of fit prints a report (a table, rank zero) and writes it as JSON
     (``scaling_report.json``) beside the logger's files (``trainer.log_dir``, else ``default_root_dir``).
 
     Args:
@@ -123,9 +123,8 @@ class ScalingMonitor(Callback):
                            batch_idx: int) -> None:
         for part in self.parts.values():
             part.on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-        if self._metrics:
-            if should_log_now(trainer):
-                pl_module.log_dict(dict(self._metrics), on_step=True, on_epoch=False, sync_dist=False, batch_size=1)
+        if self._metrics:  # the parts filled it only if logging is due (StepRecord.log_now)
+            publish_metrics(trainer, dict(self._metrics))
             self._metrics.clear()
 
     @override

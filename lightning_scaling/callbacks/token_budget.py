@@ -156,7 +156,8 @@ class TokenBudget(LedgerCallback):
             "scaling/tokens_per_param": self.tokens / self.params,
         }
         steps_this_fit = trainer.global_step - self._fit_start_steps
-        if steps_this_fit >= min(self.projection_warmup_steps, planned_optimizer_steps(trainer) or 1):
+        due = self.projected_tokens is None or record.log_now  # first chance, then at each log interval
+        if due and steps_this_fit >= min(self.projection_warmup_steps, planned_optimizer_steps(trainer) or 1):
             self._project(trainer, steps_this_fit)
             if self.projected_tokens is not None:
                 metrics["scaling/projected_tokens_per_param"] = self.projected_tokens / self.params
