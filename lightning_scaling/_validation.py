@@ -77,3 +77,13 @@ def one_of(name: str, value: Any, allowed: tuple[str, ...] | list[str]) -> str:
     if value not in allowed:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
     return value
+
+
+def boolean(name: str, value: Any) -> bool:
+    """Return ``value`` after checking it is a real boolean: ``True``/``False`` (or a numpy bool).
+
+    Strings such as ``"no"``, numbers such as ``0`` and ``None`` are refused: each is truthy or falsy in a way
+    that silently flips the option it was meant to set."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    raise ValueError(f"{name} must be True or False, got {value!r}")

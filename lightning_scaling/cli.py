@@ -4,6 +4,8 @@ dependencies (torch, lightning, scipy) only when it runs, so ``lightning-scaling
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
 from typing import Sequence
 
@@ -33,16 +35,37 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _stdout_gone() -> int:
+    """The reader of our output went away (``... | head``): stop quietly, as ``cat`` would.
+
+    Python would otherwise print a BrokenPipeError traceback, and another one when it flushes stdout at exit;
+    pointing stdout at /dev/null avoids the second. The status is 128 + SIGPIPE, what a shell reports for a
+    tool that SIGPIPE ended (1 where there is no SIGPIPE)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout is not a file descriptor (an in-process caller's buffer)
+        pass
+    return 128 + signal.SIGPIPE if hasattr(signal, "SIGPIPE") else 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``lightning-scaling``; returns the exit status (0 ok, 2 bad input, 141 when stdout was closed)."""
     import importlib
 
-    parser = build_parser()
-    args = parser.parse_args(argv)
     try:
-        return int(importlib.import_module(args._module).run(args) or 0)
-    except ValueError as err:  # bad input: one line naming the argument, exit 2
-        print(f"lightning-scaling {args.command}: error: {err}", file=sys.stderr)
-        return 2
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        try:
+            status = int(importlib.import_module(args._module).run(args) or 0)
+        except ValueError as err:  # bad input: one line naming the argument, exit 2
+            message = " ".join(str(err).split())
+            print(f"lightning-scaling {args.command}: error: {message}", file=sys.stderr)
+            return 2
+        sys.stdout.flush()  # a closed pipe shows up here for output still buffered
+        return status
+    except BrokenPipeError:
+        return _stdout_gone()
 
 
 if __name__ == "__main__":

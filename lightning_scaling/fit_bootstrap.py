@@ -1,10 +1,10 @@
-"""Bootstrap over runs for :mod:`lightning_scaling.fit` (SPEC.md §3): resample runs with replacement,
-refit, percentile intervals. :func:`bootstrap` and :class:`BootstrapResult` are re-exported by
-:mod:`lightning_scaling.fit`.
+"""Bootstrap over runs for :mod:`lightning_scaling.fit`: resample whole runs with replacement, refit, and
+report percentile intervals (Efron & Tibshirani 1993, ch. 13). :func:`bootstrap` and :class:`BootstrapResult`
+are re-exported by :mod:`lightning_scaling.fit`.
 
 The fitters and result types live in :mod:`lightning_scaling.fit`, which imports this module; they are
-imported inside the functions here so that either module can be imported first. Pure numpy/scipy: imports
-neither lightning, torch nor triton.
+imported inside the functions here so that either module can be imported first. Pure numpy: imports
+neither scipy, lightning, torch nor triton.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from lightning_scaling._batched_lbfgs import batched_lbfgs
+from lightning_scaling._batched_lbfgs import batched_bfgs, batched_newton, distinct_best
 from lightning_scaling._validation import fraction, one_of, positive_float, positive_int
 
 if TYPE_CHECKING:
@@ -80,9 +80,10 @@ def bootstrap(points: ScalingPoints, approach: str = "3", n_resamples: int = 200
               **fit_kwargs: Any) -> BootstrapResult:
     """Resample runs with replacement ``n_resamples`` times, refit, and report percentile intervals.
 
-    For approach 3 and Kaplan all resamples are refitted together in one batched L-BFGS (each resample a
-    weighted objective), started from the distinct local minima the full-data fit found (``fit``, computed
-    when not given) and polished with scipy. ``budget`` (FLOPs) is where the optimum is reported; default:
+    For approach 3 and Kaplan all resamples are refitted together in one batched minimisation (each
+    resample a weighted objective), started from the best distinct optima the full-data fit found (``fit``,
+    computed when not given); a resample whose fit the full fit would reject as undetermined counts as
+    failed. ``budget`` (FLOPs) is where the optimum is reported; default:
     the largest budget in the data.
     """
     from lightning_scaling.fit import APPROACHES, HUBER_DELTA, fit_approach1, fit_approach2, fit_approach3, fit_kaplan
@@ -119,43 +120,66 @@ def bootstrap(points: ScalingPoints, approach: str = "3", n_resamples: int = 200
 
 def _bootstrap_law(points: ScalingPoints, fit: LawFit, counts: np.ndarray, budget: float, delta: float
                    ) -> tuple[list[dict[str, float]], int]:
-    from lightning_scaling.fit import LawFit, _approach3_objective, _kaplan_objective, frontier_exponents
+    """Refit approach 3 or Kaplan on every resample at once: one row per (resample, start), the resample's
+    multiplicities as point weights. Approach 3 runs Newton's method (its exact Hessian); Kaplan runs BFGS. A
+    resample whose best fit the full fit would reject (fewer distinct model sizes or token counts than the
+    fit needs, an exponent outside (0, MAX_EXPONENT], a term below the Huber threshold) counts as failed."""
+    from lightning_scaling.fit import (
+        LawFit,
+        _approach3_hessian,
+        _approach3_objective,
+        _distinct,
+        _effect_problem,
+        _exponent_problem,
+        _kaplan_objective,
+        frontier_exponents,
+    )
     from lightning_scaling.laws import ChinchillaLaw, KaplanLaw
 
     log_n, log_d, log_l = np.log(points.params), np.log(points.tokens), np.log(points.loss)
-    if fit.approach == "3":
-        fun = _approach3_objective(log_n, log_d, log_l, delta)
-    else:
-        fun = _kaplan_objective(log_n, log_d, log_l, delta)
     starts = fit.local_minima if fit.local_minima is not None else fit.theta[None, :]
-    starts = np.vstack([fit.theta[None, :], starts])[:4]
+    starts = np.vstack([fit.theta[None, :], starts])
+    starts = starts[distinct_best(starts, np.zeros(starts.shape[0]), 4, decimals=6)]
     k = starts.shape[0]
     x0 = np.repeat(starts[None, :, :], counts.shape[0], axis=0).reshape(-1, starts.shape[1])
     weights = np.repeat(counts, k, axis=0)
-    x, f, _ = batched_lbfgs(fun, x0, weights=weights)
+    if fit.approach == "3":
+        fun = _approach3_objective(log_n, log_d, log_l, delta)
+        x, f, _ = batched_newton(fun, _approach3_hessian(log_n, log_d, log_l, delta), x0, weights=weights)
+        need = 3
+    else:
+        fun = _kaplan_objective(log_n, log_d, log_l, delta)
+        x, f, *_ = batched_bfgs(fun, x0, weights=weights, ftol=1e-12)
+        need = 2
     x, f = x.reshape(counts.shape[0], k, -1), f.reshape(counts.shape[0], k)
     out, failed = [], 0
     for s in range(counts.shape[0]):
         theta = x[s, int(np.argmin(f[s]))]
-        if not np.all(np.isfinite(theta)):
+        sample = points.subset(np.flatnonzero(counts[s] > 0))
+        if not (np.all(np.isfinite(theta)) and np.all(np.abs(theta[:3]) < 700)
+                and _distinct(sample.params).size >= need and _distinct(sample.tokens).size >= need):
             failed += 1
             continue
         if fit.approach == "3":
             a_, b_, e_, alpha, beta = (float(v) for v in theta)
-            if alpha <= 0 or beta <= 0:
-                failed += 1
-                continue
-            law = ChinchillaLaw(E=math.exp(e_), A=math.exp(a_), B=math.exp(b_), alpha=alpha, beta=beta)
+            exponents = {"alpha": alpha, "beta": beta}
+        else:
+            an, ad, lnc, ldc = (float(v) for v in theta)
+            exponents = {"alpha_n": an, "alpha_d": ad}
+        if _exponent_problem("bootstrap", exponents) is not None:
+            failed += 1
+            continue
+        if fit.approach == "3":
+            law: Any = ChinchillaLaw(E=math.exp(e_), A=math.exp(a_), B=math.exp(b_), alpha=alpha, beta=beta)
             params = {"E": law.E, "A": law.A, "B": law.B, "alpha": alpha, "beta": beta}
             a, b = beta / (alpha + beta), alpha / (alpha + beta)  # Hoffmann 2022 eq. 4
         else:
-            an, ad, lnc, ldc = (float(v) for v in theta)
-            if an <= 0 or ad <= 0:
-                failed += 1
-                continue
             law = KaplanLaw(alpha_n=an, n_c=math.exp(lnc), alpha_d=ad, d_c=math.exp(ldc))
             params = {"alpha_n": an, "alpha_d": ad, "n_c": law.n_c, "d_c": law.d_c}
             a, b = frontier_exponents(law.loss, float(points.flops.min()), float(points.flops.max()))
+        if _effect_problem("bootstrap", law.loss, sample, delta) is not None:
+            failed += 1
+            continue
         refit = LawFit(fit.approach, law, float(f[s].min()), np.zeros(0), theta, len(points), k, a, b, params)
         out.append(_summary(refit, budget))
     return out, failed

@@ -37,7 +37,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from lightning_scaling._validation import one_of, positive_int
+from lightning_scaling._validation import boolean, one_of, positive_int
 
 CAUSAL_ATTENTION_CONVENTIONS: tuple[str, ...] = ("half", "full")
 DEFAULT_CAUSAL_ATTENTION: str = "half"
@@ -61,9 +61,7 @@ __all__ = [
 
 
 def _check_bool(name: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError(f"{name} must be True or False, got {value!r}")
-    return value
+    return boolean(name, value)
 
 
 def causal_attention_factor(causal: bool, causal_attention: str = DEFAULT_CAUSAL_ATTENTION) -> float:

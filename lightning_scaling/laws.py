@@ -4,7 +4,12 @@ Units everywhere: ``params`` are parameters (total, unless a law says non-embedd
 tokens, ``flops`` are training FLOPs (C = 6·N·D unless stated), ``loss`` is nats per token.
 
 Every function is vectorised over numpy arrays (arguments broadcast together) and returns plain floats for
-scalar arguments. Bad input raises ``ValueError`` naming the argument; no result is ever NaN.
+scalar arguments. Bad input raises ``ValueError`` naming the argument; no result is ever NaN, and no returned
+``Allocation`` holds inf (a ``ValueError`` naming the inputs instead).
+
+The laws are formulas: they answer for any positive input, also far outside the runs they were fitted on.
+``fitted_range(law)`` says where a preset was fitted (``FittedRange``, with the paper); ``lightning_scaling.plan``
+warns outside it and refuses advice of under one parameter or one token per parameter.
 Pure numpy: this module imports neither torch, Lightning, Triton nor scipy.
 """
 
@@ -13,13 +18,16 @@ from __future__ import annotations
 import functools
 import json
 import math
+import numbers
+import os
+import warnings
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, TypeVar, Union
 
 import numpy as np
 
-from lightning_scaling._validation import non_negative_float, one_of, positive_array, positive_float
+from lightning_scaling._validation import fraction, non_negative_float, one_of, positive_array, positive_float
 
 ArrayLike = Union[float, np.ndarray]
 _F = TypeVar("_F", bound=Callable[..., Any])
@@ -76,14 +84,24 @@ class Allocation:
         return {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in out.items()}
 
 
+def _check_name(name: Any) -> None:
+    if not isinstance(name, str):
+        raise ValueError(f"name must be a string (the law's label in messages), got {name!r}")
+
+
 def _allocation(params: np.ndarray, tokens: np.ndarray, loss: np.ndarray, blame: str, **extra: np.ndarray) -> Allocation:
-    """An Allocation of finite, positive params and tokens; else a ValueError blaming the input ``blame``."""
+    """An Allocation of finite, positive params, tokens, FLOPs and ``extra``; else a ValueError blaming ``blame``."""
     for value in (params, tokens):
         if not (np.all(np.isfinite(value)) and np.all(value > 0)):
             raise ValueError(f"{blame} out of range: the optimal parameters or tokens leave the floating-point range")
+    for key, value in extra.items():
+        if not (np.all(np.isfinite(value)) and np.all(value > 0)):
+            raise ValueError(f"{blame} out of range: the optimum's {key} leave the floating-point range")
     # Chinchilla's compute approximation C = 6·N·D (Hoffmann 2022, §3 / Kaplan 2020, Table 1)
-    with np.errstate(over="ignore"):  # astronomically large runs: inf FLOPs, never NaN
+    with np.errstate(over="ignore"):
         flops = 6.0 * params * tokens
+    if not np.all(np.isfinite(flops)):
+        raise ValueError(f"{blame} out of range: the optimum's FLOPs (6·N·D) leave the floating-point range")
     return Allocation(
         params=_out(params),
         tokens=_out(tokens),
@@ -113,7 +131,7 @@ class ChinchillaLaw:
         object.__setattr__(self, "E", non_negative_float("E", self.E))
         for key in ("A", "B", "alpha", "beta"):
             object.__setattr__(self, key, positive_float(key, getattr(self, key)))
-        object.__setattr__(self, "name", str(self.name))
+        _check_name(self.name)
 
     # --- frontier constants --------------------------------------------------------------------------
     @property
@@ -223,36 +241,189 @@ class ChinchillaLaw:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ChinchillaLaw":
         """Build from ``to_dict()`` output; extra keys are ignored."""
-        return _from_dict(cls, "chinchilla", d, required=("E", "A", "B", "alpha", "beta"))
+        return _from_dict(cls, "chinchilla", d, required=_REQUIRED["chinchilla"])
 
 
-def _from_dict(cls: type, kind: str, d: Any, required: tuple[str, ...] = ()) -> Any:
+def _from_dict(cls: type, kind: str, d: Any, required: tuple[str, ...] = (), where: str = "d") -> Any:
+    """``cls`` from a dict of its fields; ``where`` names the dict in messages ("d", "the file")."""
     if not isinstance(d, dict):
-        raise ValueError(f"d must be a dict (the output of to_dict()), got {type(d).__name__}")
+        raise ValueError(f"{where} must be a dict (a JSON object) of a law's constants, the output of to_dict(); "
+                         f"got {_json_type(d)}")
     if "kind" in d and d["kind"] != kind:
-        raise ValueError(f"d['kind'] must be {kind!r} for {cls.__name__}, got {d['kind']!r}")
+        raise ValueError(f"{where}['kind'] must be {kind!r} for {cls.__name__}, got {d['kind']!r}")
     missing = [k for k in required if k not in d]
     if missing:
-        raise ValueError(f"d lacks the key(s) {', '.join(missing)} needed by {cls.__name__}")
-    return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
+        raise ValueError(f"{where} lacks the key(s) {', '.join(map(repr, missing))} that a {cls.__name__} needs")
+    values = {f.name: d[f.name] for f in fields(cls) if f.name in d}
+    for key, value in values.items():
+        if key == "name":
+            if not isinstance(value, str):
+                raise ValueError(f"{where}['name'] must be a string, got {_json_type(value)} {value!r}")
+        elif isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise ValueError(f"{where}[{key!r}] must be a number, got {_json_type(value)} {value!r}")
+    return cls(**values)
+
+
+def _json_type(value: Any) -> str:
+    """How a JSON reader would call ``value``'s type: object, array, string, number, boolean or null."""
+    names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", type(None): "null"}
+    for kind, name in names.items():
+        if isinstance(value, kind):
+            return name
+    return "a number" if isinstance(value, numbers.Real) else type(value).__name__
 
 
 # Hoffmann et al. 2022, eq. 10 (approach 3, printed fit)
 HOFFMANN_2022 = ChinchillaLaw(E=1.69, A=406.4, B=410.7, alpha=0.34, beta=0.28, name="hoffmann")
 # Besiroglu et al. 2024 (arXiv 2404.10102), refit of approach 3 on Hoffmann's Figure 4: ~20 tokens/param
-BESIROGLU_2024 = ChinchillaLaw(E=1.8172, A=482.01, B=2085.43, alpha=0.3478, beta=0.3658, name="epoch")
+BESIROGLU_2024 = ChinchillaLaw(E=1.8172, A=482.01, B=2085.43, alpha=0.3478, beta=0.3658, name="besiroglu")
 # Muennighoff et al. 2023 (arXiv 2305.16264), App. A: single-epoch C4 fit
 MUENNIGHOFF_2023 = ChinchillaLaw(
     E=math.exp(0.6254804), A=math.exp(6.255414), B=math.exp(7.3049974), alpha=0.3526596, beta=0.3526596, name="muennighoff"
 )
 DEFAULT_LAW = BESIROGLU_2024
 
-LAWS: dict[str, ChinchillaLaw] = {"hoffmann": HOFFMANN_2022, "epoch": BESIROGLU_2024, "muennighoff": MUENNIGHOFF_2023}
+LAWS: dict[str, ChinchillaLaw] = {"hoffmann": HOFFMANN_2022, "besiroglu": BESIROGLU_2024, "muennighoff": MUENNIGHOFF_2023}
+
+# Old preset names that still work, with a FutureWarning (shown to end users by default, unlike a
+# DeprecationWarning, which Python hides unless the call comes from __main__). "epoch" (after Epoch AI, the
+# authors of Besiroglu et al. 2024) read like a training epoch in every message that named the law.
+DEPRECATED_LAW_NAMES: dict[str, str] = {"epoch": "besiroglu"}
+
+
+def deprecated_law_name_message(name: str, flag: str = "law") -> str:
+    """The deprecation notice for an old preset ``name`` given as argument ``flag``."""
+    new = DEPRECATED_LAW_NAMES[name]
+    return (f"{flag} {name!r} is deprecated and will be removed in a future release: the preset is now "
+            f"{new!r} (Besiroglu et al. 2024); use {flag} {new!r}")
 
 
 def get_law(name: str) -> ChinchillaLaw:
-    """A preset by name: "hoffmann" (Hoffmann 2022), "epoch" (Besiroglu 2024, the default), "muennighoff"."""
-    return LAWS[one_of("law", str(name).strip().lower() if isinstance(name, str) else name, tuple(LAWS))]
+    """A preset by name (case-insensitive): "hoffmann" (Hoffmann 2022), "besiroglu" (Besiroglu 2024, the
+    default), "muennighoff" (Muennighoff 2023). The old name "epoch" still gives "besiroglu", with a FutureWarning."""
+    key = name.strip().lower() if isinstance(name, str) else name
+    if isinstance(key, str) and key in DEPRECATED_LAW_NAMES:
+        warnings.warn(deprecated_law_name_message(key), FutureWarning, stacklevel=2)
+        key = DEPRECATED_LAW_NAMES[key]
+    return LAWS[one_of("law", key, tuple(LAWS))]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Where the presets were fitted
+# ----------------------------------------------------------------------------------------------------------
+
+# How far past its fitted range a law is used before ``lightning_scaling.plan`` warns: one decade either side.
+# Hoffmann et al. 2022 (§4) checked their law with Chinchilla itself, 70B parameters on 1.4T tokens, about 4x
+# past their largest fitted run; a decade leaves room for a step of that kind and flags anything further.
+EXTRAPOLATION_MARGIN = 10.0
+
+
+class ExtrapolationWarning(UserWarning):
+    """A law answered outside the range of runs it was fitted on (its numbers are extrapolations)."""
+
+
+@dataclass(frozen=True)
+class FittedRange:
+    """The runs a law was fitted on: ``params`` (parameters) and ``tokens`` (training tokens), each a
+    (smallest, largest) pair; a bound the source does not give is None. ``source`` says where it comes from."""
+
+    params: tuple[float | None, float | None]
+    tokens: tuple[float | None, float | None]
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        for key in ("params", "tokens"):
+            pair = getattr(self, key)
+            if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
+                raise ValueError(f"{key} must be a (smallest, largest) pair, got {pair!r}")
+            lo, hi = (None if v is None else positive_float(key, v) for v in pair)
+            if lo is not None and hi is not None and lo > hi:
+                raise ValueError(f"{key} must be (smallest, largest), got {pair!r}")
+            object.__setattr__(self, key, (lo, hi))
+        if not isinstance(self.source, str):
+            raise ValueError(f"source must be a string, got {self.source!r}")
+
+    def describe(self) -> str:
+        """E.g. "70M to 16B parameters and 5B to 500B tokens"."""
+        def span(pair: tuple[float | None, float | None], unit: str) -> str:
+            lo, hi = pair
+            if lo is None and hi is None:
+                return f"any number of {unit}"
+            if lo is None:
+                return f"up to {_si(hi)} {unit}"
+            return f"at least {_si(lo)} {unit}" if hi is None else f"{_si(lo)} to {_si(hi)} {unit}"
+
+        return f"{span(self.params, 'parameters')} and {span(self.tokens, 'tokens')}"
+
+    def outside(self, params: float, tokens: float, margin: float = EXTRAPOLATION_MARGIN) -> list[str]:
+        """What of (``params``, ``tokens``) lies more than ``margin`` times beyond the range, as phrases
+        ("2.8e+11 parameters, over 10x the largest fitted (16B)"); empty when both lie within."""
+        params, tokens = positive_float("params", params), positive_float("tokens", tokens)
+        margin = positive_float("margin", margin)
+        found = []
+        for value, pair, unit in ((params, self.params, "parameters"), (tokens, self.tokens, "tokens")):
+            lo, hi = pair
+            unit = unit[:-1] if f"{value:.3g}" == "1" else unit
+            if lo is not None and value < lo / margin:
+                found.append(f"{value:.3g} {unit}, under 1/{margin:g} of the smallest fitted ({_si(lo)})")
+            elif hi is not None and value > hi * margin:
+                found.append(f"{value:.3g} {unit}, over {margin:g}x the largest fitted ({_si(hi)})")
+        return found
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able: {"params": [lo, hi], "tokens": [lo, hi], "source": ...}."""
+        return {"params": list(self.params), "tokens": list(self.tokens), "source": self.source}
+
+    @classmethod
+    def from_dict(cls, d: Any) -> "FittedRange":
+        """Build from ``to_dict()`` output."""
+        if not isinstance(d, dict) or "params" not in d or "tokens" not in d:
+            raise ValueError(f"d must be a dict with 'params' and 'tokens' pairs, got {d!r}")
+        return cls(params=tuple(d["params"]), tokens=tuple(d["tokens"]), source=d.get("source", ""))
+
+
+def _si(value: float | None) -> str:
+    """1.6e10 -> "16B", 7e7 -> "70M", 5e11 -> "500B" (K, M, B, T: thousand, million, billion, trillion)."""
+    if value is None:
+        return "?"
+    for scale, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if abs(value) >= scale:
+            return f"{value / scale:.3g}{suffix}"
+    return f"{value:.3g}"
+
+
+# Hoffmann et al. 2022 (arXiv 2203.15556), abstract and §3: over 400 models of 70M to over 16B parameters,
+# trained on 5B to 500B tokens. Approach 3 (the printed law) fits the final losses of those runs.
+HOFFMANN_2022_FITTED_RANGE = FittedRange(
+    params=(7e7, 1.6e10), tokens=(5e9, 5e11),
+    source="Hoffmann et al. 2022, abstract")
+# Besiroglu et al. 2024 (arXiv 2404.10102), §2: a refit on data extracted from Hoffmann et al.'s Figure 4, a
+# subset of the same runs, so the same range at most.
+BESIROGLU_2024_FITTED_RANGE = FittedRange(
+    params=(7e7, 1.6e10), tokens=(5e9, 5e11),
+    source="Besiroglu et al. 2024 refit the runs of Hoffmann et al. 2022, abstract")
+# Muennighoff et al. 2023 (arXiv 2305.16264), abstract: runs of up to 9B parameters and 900B training tokens
+# (the smallest are not stated there, so no lower bound).
+MUENNIGHOFF_2023_FITTED_RANGE = FittedRange(
+    params=(None, 9e9), tokens=(None, 9e11),
+    source="Muennighoff et al. 2023, abstract")
+
+_PRESET_RANGES = ((HOFFMANN_2022, HOFFMANN_2022_FITTED_RANGE), (BESIROGLU_2024, BESIROGLU_2024_FITTED_RANGE),
+                  (MUENNIGHOFF_2023, MUENNIGHOFF_2023_FITTED_RANGE))
+
+
+def fitted_range(law: Any) -> FittedRange | None:
+    """Where a preset law was fitted (matched by its constants, whatever its ``name``); None for any other law.
+    A ``DataConstrainedLaw`` gets the range of its single-epoch constants."""
+    if isinstance(law, DataConstrainedLaw):
+        law = law.base_law
+    if not isinstance(law, ChinchillaLaw):
+        return None
+    constants = (law.E, law.A, law.B, law.alpha, law.beta)
+    for preset, found in _PRESET_RANGES:
+        if constants == (preset.E, preset.A, preset.B, preset.alpha, preset.beta):
+            return found
+    return None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -290,7 +461,7 @@ class KaplanLaw:
         for f in fields(self):
             if f.name != "name":
                 object.__setattr__(self, f.name, positive_float(f.name, getattr(self, f.name)))
-        object.__setattr__(self, "name", str(self.name))
+        _check_name(self.name)
 
     @_no_overflow_warnings
     def loss(self, params: ArrayLike, tokens: ArrayLike) -> ArrayLike:
@@ -364,7 +535,7 @@ class DataConstrainedLaw:
             object.__setattr__(self, key, getattr(checked, key))
         for key in ("r_star_d", "r_star_n"):
             object.__setattr__(self, key, positive_float(key, getattr(self, key)))
-        object.__setattr__(self, "name", str(self.name))
+        _check_name(self.name)
 
     @classmethod
     def from_chinchilla(cls, law: ChinchillaLaw, r_star_d: float = 15.387756, r_star_n: float = 5.309743) -> "DataConstrainedLaw":
@@ -410,6 +581,12 @@ class DataConstrainedLaw:
         ``unique_tokens`` unique ones: dD'/dD = exp(−R_D/R*_D) (1 during the first epoch)."""
         d, u = _broadcast(tokens=positive_array("tokens", tokens), unique_tokens=positive_array("unique_tokens", unique_tokens))
         return _out(np.exp(-np.maximum(d / u - 1.0, 0.0) / self.r_star_d))  # derivative of Muennighoff 2023, eq. 5
+
+    def epochs_at_value(self, value: float) -> float:
+        """Epochs after which a repeated token is worth less than ``value`` (in (0, 1)) of a fresh one:
+        1 + R*_D·ln(1/value), from dD'/dD = exp(−R_D/R*_D) (Muennighoff 2023, eq. 5). At 0.01 (about 72
+        epochs with R*_D = 15.39) D' has reached 99% of its ceiling U·(1 + R*_D): more epochs change nothing."""
+        return 1.0 + self.r_star_d * math.log(1.0 / fraction("value", value, inclusive_high=False))
 
     def _loss(self, n: np.ndarray, d: np.ndarray, u: np.ndarray) -> np.ndarray:
         # Muennighoff 2023, eq. 7: L = E + A/N'^α + B/D'^β
@@ -511,26 +688,73 @@ def inference_optimal(law: ChinchillaLaw, loss: ArrayLike, inference_tokens: Arr
 # ----------------------------------------------------------------------------------------------------------
 
 _KINDS: dict[str, type] = {"chinchilla": ChinchillaLaw, "kaplan": KaplanLaw, "data_constrained": DataConstrainedLaw}
+_REQUIRED: dict[str, tuple[str, ...]] = {"chinchilla": ("E", "A", "B", "alpha", "beta")}
+
+
+def _law_from_dict(d: Any, where: str) -> ChinchillaLaw | KaplanLaw | DataConstrainedLaw:
+    if not isinstance(d, dict):
+        raise ValueError(f"{where} must be a dict (a JSON object) of a law's constants, the output of to_dict(); "
+                         f"got {_json_type(d)}")
+    kind = d.get("kind", "chinchilla")
+    if not isinstance(kind, str) or kind not in _KINDS:
+        raise ValueError(f"{where}['kind'] must be one of {', '.join(map(repr, _KINDS))}, got {kind!r}")
+    return _from_dict(_KINDS[kind], kind, d, _REQUIRED.get(kind, ()), where)
 
 
 def law_from_dict(d: dict[str, Any]) -> ChinchillaLaw | KaplanLaw | DataConstrainedLaw:
     """Any law from its ``to_dict()`` output, by its ``kind`` key (a Chinchilla law when ``kind`` is absent)."""
-    if not isinstance(d, dict):
-        raise ValueError(f"d must be a dict (the output of to_dict()), got {type(d).__name__}")
-    kind = d.get("kind", "chinchilla")
-    one_of("kind", kind, tuple(_KINDS))
-    return _KINDS[kind].from_dict(d)
+    return _law_from_dict(d, "d")
 
 
-def load_law(path: str | Path) -> ChinchillaLaw | KaplanLaw | DataConstrainedLaw:
+_LAW_FILE_HINT = "a law file is the JSON that `lightning-scaling fit --out` or a law's to_dict() writes"
+
+
+def _read_law_json(path: str | os.PathLike[str]) -> Any:
+    """The parsed JSON of a law file; ValueError naming the file and the problem."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise ValueError(f"path must be a str or os.PathLike naming a law file, got {path!r}")
+    where = f"law file {os.fspath(path)!r}"
+    try:
+        raw = Path(path).read_bytes()
+    except (OSError, ValueError) as err:  # ValueError: a NUL byte in the path
+        reason = getattr(err, "strerror", None) or str(err)
+        raise ValueError(f"{where} cannot be read: {reason}") from None
+    if not raw.strip():
+        raise ValueError(f"{where} is empty; {_LAW_FILE_HINT}")
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{where} is not UTF-8 text (byte {raw[err.start]:#04x} at offset {err.start}); "
+                         f"{_LAW_FILE_HINT}") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{where} is not JSON ({err.msg} at line {err.lineno}, column {err.colno}); "
+                         f"{_LAW_FILE_HINT}") from None
+    except (ValueError, RecursionError) as err:  # an integer too long to read, or nesting too deep
+        raise ValueError(f"{where} is not JSON a law can come from ({type(err).__name__}: {err})") from None
+
+
+def load_law(path: str | os.PathLike[str]) -> ChinchillaLaw | KaplanLaw | DataConstrainedLaw:
     """Read a law from a JSON file holding a law's ``to_dict()`` (extra keys, such as a fit's report, are
-    ignored). Raises ``ValueError`` naming the file when it cannot be read or holds no valid law."""
+    ignored). Raises ``ValueError`` naming the file and the problem when it cannot be read (missing, not
+    UTF-8, empty, not JSON) or holds no valid law (not an object, unknown ``kind``, missing keys, a constant
+    that is not a number, or is NaN, inf or out of range)."""
+    data = _read_law_json(path)
     try:
-        text = Path(path).read_text()
-    except (OSError, TypeError) as err:
-        raise ValueError(f"law file {str(path)!r} cannot be read: {err}") from None
+        return _law_from_dict(data, "the file")
+    except ValueError as err:
+        raise ValueError(f"law file {os.fspath(path)!r} holds no valid law: {err}") from None
+
+
+def load_fitted_range(path: str | os.PathLike[str]) -> FittedRange | None:
+    """The range of runs recorded in a law file written by ``lightning-scaling fit --out`` (its
+    ``fit.fitted_range``), or None when the file records none. ValueError naming the file as ``load_law``."""
+    data = _read_law_json(path)
+    recorded = data.get("fit", {}).get("fitted_range") if isinstance(data, dict) and isinstance(data.get("fit"), dict) else None
+    if recorded is None:
+        return None
     try:
-        data = json.loads(text)
-        return law_from_dict(data)
-    except (ValueError, TypeError) as err:
-        raise ValueError(f"law file {str(path)!r} holds no valid law: {err}") from None
+        return FittedRange.from_dict(recorded)
+    except ValueError as err:
+        raise ValueError(f"law file {os.fspath(path)!r} records no valid fitted range: {err}") from None

@@ -26,19 +26,43 @@ Fields of the returned dict (always present unless marked "or None"):
   ``num_gpus``, ``mfu``, ``achieved_flops_per_second``, ``wall_clock_hours``, ``gpu_hours``.
 - ``batch`` (or None, needs ``batch_size`` and ``seq_len``): ``batch_size`` (sequences), ``seq_len``,
   ``tokens_per_step``, ``steps``, ``seconds_per_step`` (or None without hardware).
+- ``warnings``: sentences for a person (a list, empty when all is well): the run or an optimum lies more than
+  ``EXTRAPOLATION_MARGIN`` times outside the runs the law was fitted on (``laws.fitted_range``; a law file
+  written by ``lightning-scaling fit --out`` records its own), repeated data past the point where the law
+  is saturated (``REPETITION_VALUE_FLOOR``), or a deprecated preset name. From Python they are also issued as
+  ``laws.ExtrapolationWarning`` (``FutureWarning`` for the preset name).
+
+What the planner refuses (``ValueError`` naming the inputs): any advice (the law's optimum for the inputs, the
+same-loss, data-constrained and inference-aware optima) of fewer than ``MIN_PARAMS`` parameters or fewer than
+``MIN_TOKENS_PER_PARAM`` training tokens per parameter, a run of under one parameter or one token, and any
+number that would be inf or NaN.
 """
 
 from __future__ import annotations
 
 import math
+import os
+import warnings
 from typing import Any, Callable
 
 from lightning_scaling import laws as _laws
-from lightning_scaling._validation import fraction, one_of, positive_float, positive_int
+from lightning_scaling._validation import boolean, fraction, one_of, positive_float, positive_int
 
 _SHAPE = ("n_layer", "d_model", "n_head", "vocab_size")
 FLOPS_CONVENTIONS = ("chinchilla", "kaplan", "palm")
 DTYPES = ("bf16", "fp16", "tf32", "fp32", "fp8")
+
+# What is never advice, whatever the law's formula gives. A model has at least one parameter. A compute-optimal
+# run trains each parameter on at least one token: the optima of the presets from 1e18 to 1e26 FLOPs lie
+# between 16 and 153 tokens per parameter (Hoffmann et al. 2022, Table 3: about 20), so an "optimum" under one
+# token per parameter is the formula far outside its data, not a run to train.
+MIN_PARAMS = 1.0
+MIN_TOKENS_PER_PARAM = 1.0
+# Past the epochs at which a repeated token is worth under 1% of a fresh one (about 72 epochs: 1 + R*_D·ln 100,
+# Muennighoff et al. 2023, eq. 5) the repeated-data law is saturated: D' sits at 99% of its ceiling, its
+# optimum is flat and ill-determined, and the planner says so.
+REPETITION_VALUE_FLOOR = 0.01
+EXTRAPOLATION_MARGIN = _laws.EXTRAPOLATION_MARGIN
 
 
 def _count(name: str, value: Any) -> float:
@@ -49,26 +73,79 @@ def _count(name: str, value: Any) -> float:
     return out
 
 
+class _Notes:
+    """The plan's warnings: sentences for the result, each with the Python warning category it is issued as."""
+
+    def __init__(self) -> None:
+        self.items: list[tuple[type[Warning], str]] = []
+
+    def add(self, message: str, category: type[Warning] = _laws.ExtrapolationWarning) -> None:
+        self.items.append((category, message))
+
+    @property
+    def messages(self) -> list[str]:
+        return [message for _, message in self.items]
+
+
+def _many(count: float, unit: str) -> str:
+    """"0.155 parameters", "1 parameter", "just under 1 parameter" (never a rounded 1 that hides a refusal)."""
+    text = f"{count:.3g}"
+    if text == "1" and count < 1:
+        return f"just under 1 {unit}"
+    return f"{text} {unit}" if text == "1" else f"{text} {unit}s"
+
+
+def _trainable(what: str, n: float, d: float, blame: str, hint: str = "") -> None:
+    """Refuse advice of under MIN_PARAMS parameters or MIN_TOKENS_PER_PARAM tokens per parameter."""
+    if n >= MIN_PARAMS and d >= MIN_TOKENS_PER_PARAM * n:
+        return
+    raise ValueError(f"{blame}: {what} would be {_many(n, 'parameter')} on {_many(d, 'token')} ({d / n:.3g} per "
+                     f"parameter), and a plan needs at least {MIN_PARAMS:g} parameter and {MIN_TOKENS_PER_PARAM:g} "
+                     f"training token per parameter{hint}")
+
+
+def _solve(fn: Callable[[], Any], blame: str, what: str) -> Any:
+    """A law's optimum; its out-of-range ValueError re-worded to blame the inputs as the user gave them."""
+    try:
+        return fn()
+    except ValueError:
+        raise ValueError(f"{blame}: {what} leaves the floating-point range") from None
+
+
 def _arg_namer(cli_names: bool) -> Callable[[str], str]:
     """How messages name an argument: ``unique_tokens`` (Python) or ``--unique-tokens`` (command line)."""
     return (lambda name: "--" + name.replace("_", "-")) if cli_names else (lambda name: name)
 
 
-def _resolve_law(law: str | None, law_file: str | None, arg: Callable[[str], str]) -> tuple[Any, Any, str]:
-    """(Chinchilla law, data-constrained law, source) from a preset name or a law file."""
+def _resolve_law(law: Any, law_file: Any, arg: Callable[[str], str],
+                 notes: _Notes) -> tuple[Any, Any, str, Any]:
+    """(Chinchilla law, data-constrained law, source, fitted range or None) from a preset name or a law file."""
     if law is not None and law_file is not None:
         raise ValueError(f"{arg('law')} and {arg('law_file')} are mutually exclusive: give a preset name or a file, not both")
     if law_file is None:
-        chinchilla = _laws.DEFAULT_LAW if law is None else _laws.LAWS[one_of(arg("law"), law, tuple(_laws.LAWS))]
-        return chinchilla, _laws.DataConstrainedLaw.from_chinchilla(chinchilla), "preset"
+        if law is None:
+            chinchilla = _laws.DEFAULT_LAW
+        else:
+            if not isinstance(law, str):
+                raise ValueError(f"{arg('law')} must be a preset name, one of {', '.join(map(repr, _laws.LAWS))}, got {law!r}")
+            key = law.strip().lower()
+            if key in _laws.DEPRECATED_LAW_NAMES:
+                notes.add(_laws.deprecated_law_name_message(key, arg("law")), FutureWarning)
+                key = _laws.DEPRECATED_LAW_NAMES[key]
+            chinchilla = _laws.LAWS[one_of(arg("law"), key, tuple(_laws.LAWS))]
+        return chinchilla, _laws.DataConstrainedLaw.from_chinchilla(chinchilla), "preset", _laws.fitted_range(chinchilla)
+    if not isinstance(law_file, (str, os.PathLike)):
+        raise ValueError(f"{arg('law_file')} must be the path of a law file, got {law_file!r}")
     try:
         loaded = _laws.load_law(law_file)
+        recorded = _laws.load_fitted_range(law_file)
     except ValueError as err:
         raise ValueError(f"{arg('law_file')}: {err}") from None
+    fitted = recorded or _laws.fitted_range(loaded)
     if isinstance(loaded, _laws.DataConstrainedLaw):
-        return loaded.base_law, loaded, str(law_file)
+        return loaded.base_law, loaded, str(law_file), fitted
     if isinstance(loaded, _laws.ChinchillaLaw):
-        return loaded, _laws.DataConstrainedLaw.from_chinchilla(loaded), str(law_file)
+        return loaded, _laws.DataConstrainedLaw.from_chinchilla(loaded), str(law_file), fitted
     raise ValueError(f"{arg('law_file')} {str(law_file)!r} holds a {type(loaded).__name__}; plan needs a Chinchilla-form law")
 
 
@@ -161,8 +238,19 @@ def _hardware(flops: float, gpu: str | None, num_gpus: int | None, mfu: float | 
     }
 
 
-def _data(data_law: Any, n: float, d: float, flops: float, unique: float) -> dict[str, Any]:
-    optimum = data_law.compute_optimal(flops, unique)
+def _data(data_law: Any, n: float, d: float, flops: float, unique: float, arg: Callable[[str], str],
+          notes: _Notes) -> dict[str, Any]:
+    blame = f"{arg('unique_tokens')} {unique:g} with {flops:.3g} training FLOPs"
+    optimum = _solve(lambda: data_law.compute_optimal(flops, unique), blame, "the repeated-data optimum")
+    _trainable("the repeated-data optimum (Muennighoff et al. 2023)", optimum.params, optimum.tokens, blame)
+    saturated = data_law.epochs_at_value(REPETITION_VALUE_FLOOR)
+    beyond = [f"{label} ({epochs:.3g} epochs)" for label, epochs in
+              (("the planned run", d / unique), ("the repeated-data optimum", optimum.epochs)) if epochs > saturated]
+    if beyond:
+        notes.add(f"{' and '.join(beyond)} over {arg('unique_tokens')} {unique:g} lie past {saturated:.0f} epochs, "
+                  f"where a repeated token is worth under {REPETITION_VALUE_FLOOR:.0%} of a fresh one (Muennighoff et "
+                  f"al. 2023, eq. 5): the law is saturated there and its optimum ill-determined; more unique data, "
+                  f"not more compute, is what lowers the loss")
     return {
         "unique_tokens": unique,
         "epochs": d / unique,
@@ -178,7 +266,9 @@ def _inference(law: Any, n: float, d: float, loss: float, inference_tokens: floa
                arg: Callable[[str], str]) -> dict[str, Any]:
     if not loss > law.E:
         raise ValueError(f"{arg('inference_tokens')}: the run is so large that its predicted loss equals the law's E")
-    alt = _laws.inference_optimal(law, loss, inference_tokens)
+    blame = f"{arg('inference_tokens')} {inference_tokens:g}"
+    alt = _solve(lambda: _laws.inference_optimal(law, loss, inference_tokens), blame, "the inference-aware optimum")
+    _trainable("the inference-aware optimum (Sardana et al. 2023)", alt.params, alt.tokens, blame)
 
     def side(pn: float, pd: float) -> dict[str, float]:
         # Sardana et al. 2023, §3: total = 6·N·D_train + 2·N·D_inference
@@ -192,13 +282,31 @@ def _inference(law: Any, n: float, d: float, loss: float, inference_tokens: floa
             "saved_flops": saved, "saved_fraction": saved / planned["total_flops"]}
 
 
+def _extrapolation(law_label: str, fitted: Any, runs: list[tuple[str, float, float]]) -> str | None:
+    """A warning when any of ``runs`` (label, params, tokens) lies EXTRAPOLATION_MARGIN times past ``fitted``."""
+    if fitted is None:
+        return None
+    found = [f"{label}: {'; '.join(where)}" for label, n, d in runs if (where := fitted.outside(n, d))]
+    if not found:
+        return None
+    source = f" ({fitted.source})" if fitted.source else ""
+    return (f"{'; '.join(found)}. The law {law_label} was fitted on {fitted.describe()}{source}, so these numbers "
+            f"are extrapolations more than {EXTRAPOLATION_MARGIN:g}x beyond its runs")
+
+
+# the inputs behind each section of the result, blamed when a number in it overflows
+_SECTION_INPUTS = {"inference": ("inference_tokens",), "data": ("unique_tokens",),
+                   "hardware": ("peak_flops", "num_gpus", "mfu"), "batch": ("batch_size", "seq_len")}
+
+
 def _check_finite(value: Any, arg: Callable[[str], str], path: str = "") -> None:
     if isinstance(value, dict):
         for key, item in value.items():
             _check_finite(item, arg, f"{path}.{key}" if path else key)
     elif isinstance(value, float) and not math.isfinite(value):
-        inputs = ", ".join(arg(k) for k in ("flops", "params", "tokens"))
-        raise ValueError(f"the result {path!r} overflowed: {inputs} are out of range")
+        names = _SECTION_INPUTS.get(path.split(".")[0], ("flops", "params", "tokens"))
+        inputs = ", ".join(arg(k) for k in names[:-1]) + (" or " if len(names) > 1 else "") + arg(names[-1])
+        raise ValueError(f"{inputs} out of range: the plan's {path.replace('.', ' ')} overflows the floating-point range")
 
 
 def plan(
@@ -238,13 +346,17 @@ def plan(
     ``vocab_size``, ``seq_len``; optional ``d_ff``, ``gated_mlp``, ``n_kv_head`` (grouped-query attention),
     ``head_dim``) in place of ``params``, whose FLOPs per token
     are then counted analytically (``flops_convention``: chinchilla, kaplan or palm) instead of 6·params.
-    What is missing is taken at the law's optimum. ``law`` ("hoffmann", "epoch" (default), "muennighoff")
-    or ``law_file`` (JSON of a law's ``to_dict()``) picks the law. Optional sections: ``unique_tokens``
+    What is missing is taken at the law's optimum. ``law`` ("hoffmann", "besiroglu" (default), "muennighoff";
+    the old name "epoch" still works, with a warning) or ``law_file`` (JSON of a law's ``to_dict()``) picks the
+    law. Optional sections: ``unique_tokens``
     (repeated data, Muennighoff 2023), ``inference_tokens`` (Sardana 2023), ``gpu``/``peak_flops`` with
     ``num_gpus``, ``mfu`` (default 0.4), ``dtype`` (default bf16) for wall-clock, ``batch_size`` (sequences,
     with ``seq_len``) for steps. Messages name arguments as Python names, or as ``--flags`` when ``cli_names``.
+    The result's ``warnings`` are also issued as Python warnings, except with ``cli_names`` (the command prints them).
     """
+    cli_names = boolean("cli_names", cli_names)
     arg = _arg_namer(cli_names)
+    notes = _Notes()
 
     def optional(check: Callable[[str, Any], Any], name: str, value: Any) -> Any:
         return None if value is None else check(arg(name), value)
@@ -253,22 +365,26 @@ def plan(
     params = optional(_count, "params", params)
     tokens = optional(_count, "tokens", tokens)
     target_loss = optional(positive_float, "target_loss", target_loss)
-    shape = {k: optional(positive_int, k, v) for k, v in zip(_SHAPE, (n_layer, d_model, n_head, vocab_size))}
+    shape = {k: optional(positive_int, k, v) for k, v in zip(_SHAPE, (n_layer, d_model, n_head, vocab_size), strict=True)}
     seq_len = optional(positive_int, "seq_len", seq_len)
     d_ff = optional(positive_int, "d_ff", d_ff)
     n_kv_head = optional(positive_int, "n_kv_head", n_kv_head)
     head_dim = optional(positive_int, "head_dim", head_dim)
-    unique_tokens = optional(positive_float, "unique_tokens", unique_tokens)
-    inference_tokens = optional(positive_float, "inference_tokens", inference_tokens)
+    unique_tokens = optional(_count, "unique_tokens", unique_tokens)
+    inference_tokens = optional(_count, "inference_tokens", inference_tokens)
     num_gpus = optional(positive_int, "num_gpus", num_gpus)
     mfu = optional(fraction, "mfu", mfu)
     peak_flops = optional(positive_float, "peak_flops", peak_flops)
     batch_size = optional(positive_int, "batch_size", batch_size)
-    for name, value in (("gated_mlp", gated_mlp), ("tied_embeddings", tied_embeddings), ("non_embedding", non_embedding)):
-        if not isinstance(value, bool):
-            raise ValueError(f"{arg(name)} must be True or False, got {value!r}")
+    gated_mlp = boolean(arg("gated_mlp"), gated_mlp)
+    tied_embeddings = boolean(arg("tied_embeddings"), tied_embeddings)
+    non_embedding = boolean(arg("non_embedding"), non_embedding)
+    for name, value in (("flops_convention", flops_convention), ("gpu", gpu), ("dtype", dtype)):
+        if value is not None and not isinstance(value, str):
+            raise ValueError(f"{arg(name)} must be a name (a string), got {value!r}")
 
-    chinchilla, data_law, source = _resolve_law(law, law_file, arg)
+    chinchilla, data_law, source, fitted = _resolve_law(law, law_file, arg, notes)
+    law_label = chinchilla.name or ("from " + arg("law_file") if law_file is not None else "given")
 
     # --- the model: a shape, or a parameter count ----------------------------------------------------------
     model = None
@@ -282,8 +398,8 @@ def plan(
         extras = {"d_ff": d_ff is not None, "gated_mlp": gated_mlp, "n_kv_head": n_kv_head is not None,
                   "head_dim": head_dim is not None, "tied_embeddings": not tied_embeddings,
                   "non_embedding": non_embedding, "flops_convention": flops_convention is not None}
-        for name, given in extras.items():
-            if given:
+        for name, is_set in extras.items():
+            if is_set:
                 raise ValueError(f"{arg(name)} needs a model shape ({', '.join(map(arg, (*_SHAPE, 'seq_len')))})")
         if seq_len is not None and batch_size is None:
             raise ValueError(f"{arg('seq_len')} needs {arg('batch_size')} or a model shape: alone it changes nothing")
@@ -291,13 +407,29 @@ def plan(
 
     # --- the run: (params, tokens, flops) --------------------------------------------------------------------
     given = [k for k, v in (("flops", flops), ("params", params), ("tokens", tokens)) if v is not None]
+    values = {"flops": flops, "params": params, "tokens": tokens, "target_loss": target_loss}
+
+    def said(name: str) -> str:
+        if name == "params" and model is not None:
+            dims = ", ".join(f"{arg(k)} {model[k]}" for k in (*_SHAPE, "seq_len"))
+            return f"the model shape ({dims}: {params:.4g} parameters)"
+        return f"{arg(name)} {values[name]:g}"
+
     if target_loss is not None:
         if given:
             raise ValueError(f"{arg('target_loss')} and {arg(given[0])} are mutually exclusive: a target loss fixes the whole run")
         if not target_loss > chinchilla.E:
             raise ValueError(f"{arg('target_loss')} must be > {chinchilla.E:g} (the law's irreducible loss E): the law cannot reach {target_loss:g}")
-        opt = chinchilla.optimal_for_loss(target_loss)
+        # Hoffmann 2022 (eq. 2 on the eq. 4 frontier): N_opt(ℓ) = (A(1+α/β)/(ℓ−E))^(1/α) is 1 at ℓ = E + A(1+α/β)
+        one_param_loss = chinchilla.E + chinchilla.A * (1.0 + chinchilla.alpha / chinchilla.beta)
+        if target_loss > one_param_loss:
+            raise ValueError(f"{arg('target_loss')} must be below {one_param_loss:.4g} nats/token, the loss that a "
+                             f"compute-optimal model of {MIN_PARAMS:g} parameter reaches under {law_label}: any "
+                             f"higher target is met by less than one parameter; got {target_loss:g}")
+        blame = said("target_loss")
+        opt = _solve(lambda: chinchilla.optimal_for_loss(target_loss), blame, "the cheapest run reaching it")
         n, d = opt.params, opt.tokens
+        _trainable("the cheapest run reaching it", n, d, blame)
         mode = "target_loss"
     elif len(given) == 3:
         raise ValueError(f"{arg('flops')}, {arg('params')} and {arg('tokens')}: give at most two, the third follows (a model shape counts as {arg('params')})")
@@ -305,26 +437,52 @@ def plan(
         raise ValueError(f"nothing to plan: give {arg('flops')}, {arg('params')}, {arg('tokens')}, {arg('target_loss')} or a model shape")
     else:
         mode = "+".join(given)
+        blame = " and ".join(said(k) for k in given)
         if given == ["flops"]:
-            opt = chinchilla.compute_optimal(flops)
+            opt = _solve(lambda: chinchilla.compute_optimal(flops), blame, "the compute-optimal run")
             n, d = opt.params, opt.tokens
+            # Hoffmann 2022, eq. 4: N_opt = G·(C/6)^a is one parameter at C = 6·G^(−1/a)
+            one_param = 6.0 * math.exp(min(-chinchilla.log_G / chinchilla.params_exponent, 700.0))
+            hint = f" (under {law_label}, at least {one_param:.3g} FLOPs for one parameter)" if n < MIN_PARAMS else ""
+            _trainable("the compute-optimal run", n, d, blame, hint)
         elif given == ["params"]:
-            n, d = params, chinchilla.optimal_for_params(params).tokens
+            n = params
+            d = _solve(lambda: chinchilla.optimal_for_params(params), blame, "the compute-optimal run").tokens
+            _trainable("the compute-optimal run for that model", n, d, blame)
         elif given == ["tokens"]:
-            n, d = chinchilla.optimal_for_tokens(tokens).params, tokens
+            n = _solve(lambda: chinchilla.optimal_for_tokens(tokens), blame, "the compute-optimal run").params
+            d = tokens
+            _trainable("the model for which those tokens are compute-optimal", n, d, blame)
         elif given == ["params", "tokens"]:
             n, d = params, tokens
         elif given == ["flops", "params"]:
             n, d = params, flops / (fpt or 6.0 * params)
+            if d < 1:
+                raise ValueError(f"{blame}: the budget buys {_many(d, 'training token')} for that model; give more "
+                                 f"{arg('flops')} or a smaller model")
         else:  # flops + tokens
             n, d = flops / (6.0 * tokens), tokens
+            if n < MIN_PARAMS:
+                raise ValueError(f"{blame}: the budget leaves a model of {_many(n, 'parameter')} for those tokens; give "
+                                 f"more {arg('flops')} or fewer {arg('tokens')}")
     fpt = fpt or 6.0 * n  # Kaplan 2020, Table 1: C ≈ 6N per training token
     total_flops = flops if flops is not None else fpt * d
     _check_finite({"params": n, "tokens": d, "flops": total_flops}, arg)
 
     loss = chinchilla.loss(n, d)
-    same_loss = chinchilla.optimal_for_loss(loss) if loss > chinchilla.E else None
-    best = chinchilla.compute_optimal(total_flops)
+    same_loss = None
+    if loss > chinchilla.E:
+        same_loss = _solve(lambda: chinchilla.optimal_for_loss(loss), blame, "the compute-optimal run for the same loss")
+        _trainable(f"the compute-optimal run reaching the same loss ({loss:.4g} nats/token)", same_loss.params,
+                   same_loss.tokens, blame)
+    best = _solve(lambda: chinchilla.compute_optimal(total_flops), blame, "the compute-optimal run")
+    _trainable(f"the compute-optimal run for the same {total_flops:.3g} FLOPs", best.params, best.tokens, blame)
+    runs = [("the planned run", n, d)]
+    if abs(best.params / n - 1.0) > 1e-6:
+        runs.append(("the compute optimum for its FLOPs", best.params, best.tokens))
+    extrapolated = _extrapolation(law_label, fitted, runs)
+    if extrapolated:
+        notes.add(extrapolated)
     result: dict[str, Any] = {
         "mode": mode,
         "law": {**chinchilla.to_dict(), "source": source},
@@ -335,10 +493,11 @@ def plan(
         "same_loss_optimum": _run(same_loss.params, same_loss.tokens, same_loss.loss) if same_loss else None,
         "compute_optimum": _run(best.params, best.tokens, best.loss, total_flops),
         "model": model,
-        "data": _data(data_law, n, d, total_flops, unique_tokens) if unique_tokens is not None else None,
+        "data": _data(data_law, n, d, total_flops, unique_tokens, arg, notes) if unique_tokens is not None else None,
         "inference": _inference(chinchilla, n, d, loss, inference_tokens, arg) if inference_tokens is not None else None,
         "hardware": _hardware(total_flops, gpu, num_gpus, mfu, peak_flops, dtype, arg),
         "batch": None,
+        "warnings": notes.messages,
     }
     if batch_size is not None:
         if seq_len is None:
@@ -354,4 +513,7 @@ def plan(
             "seconds_per_step": hardware["wall_clock_hours"] * 3600.0 / steps if hardware else None,
         }
     _check_finite(result, arg)
+    if not cli_names:  # the command line prints result["warnings"] itself
+        for category, message in notes.items:
+            warnings.warn(message, category, stacklevel=2)
     return result

@@ -10,15 +10,24 @@ from hypothesis import strategies as st
 
 from lightning_scaling.laws import (
     BESIROGLU_2024,
+    BESIROGLU_2024_FITTED_RANGE,
     DEFAULT_LAW,
+    EXTRAPOLATION_MARGIN,
     HOFFMANN_2022,
+    HOFFMANN_2022_FITTED_RANGE,
+    LAWS,
     MUENNIGHOFF_2023,
+    MUENNIGHOFF_2023_FITTED_RANGE,
     Allocation,
     ChinchillaLaw,
     DataConstrainedLaw,
+    FittedRange,
     KaplanLaw,
+    fitted_range,
     get_law,
     inference_optimal,
+    law_from_dict,
+    load_fitted_range,
     load_law,
 )
 
@@ -70,7 +79,7 @@ def test_sardana_reference_loss():
 
 def test_default_law_is_twenty_tokens_per_param():
     assert DEFAULT_LAW is BESIROGLU_2024
-    assert get_law("epoch") is BESIROGLU_2024
+    assert get_law("besiroglu") is BESIROGLU_2024 and get_law(" Besiroglu ") is BESIROGLU_2024
     # Hoffmann 2022, Table 3 (approach 1): params, FLOPs
     table3 = [(400e6, 1.92e19), (1e9, 1.21e20), (10e9, 1.23e22), (67e9, 5.76e23), (175e9, 3.85e24),
               (280e9, 9.90e24), (520e9, 3.43e25), (1e12, 1.27e26), (10e12, 1.30e28)]
@@ -266,23 +275,170 @@ def test_load_law_round_trip_with_extra_keys(law, tmp_path):
     assert type(law).from_dict(law.to_dict()) == law
 
 
-@pytest.mark.parametrize(
-    "content, match",
-    [("not json", "holds no valid law"), ("[1, 2]", "holds no valid law"),
-     ('{"E": 1.7, "A": 400}', "B"), ('{"kind": "weird"}', "kind"),
-     ('{"E": 1.7, "A": -1, "B": 400, "alpha": 0.3, "beta": 0.3}', "A must be")],
-)
-def test_load_law_rejects_bad_files(content, match, tmp_path):
+LAW_FILE_PROBLEMS = [
+    (b"", "is empty"),
+    (b"  \n\t ", "is empty"),
+    (b"\xff\xfe{}", "is not UTF-8 text"),
+    ('{"E": 1.7, "name": "caf\u00e9"}'.encode("latin-1"), "is not UTF-8 text"),
+    (b"not json", "is not JSON"),
+    (b'{"E": 1.7,', "is not JSON"),
+    (b"[1, 2]", "must be a dict.*got an array"),
+    (b'"hoffmann"', "must be a dict.*got a string"),
+    (b"null", "must be a dict.*got null"),
+    (b'{"E": 1.7, "A": 400}', "lacks the key.*'B'"),
+    (b"{}", "lacks the key"),
+    (b'{"kind": "weird"}', r"\['kind'\] must be one of"),
+    (b'{"kind": 3}', r"\['kind'\] must be one of"),
+    (b'{"kind": "kaplan", "alpha_n": "0.076"}', r"\['alpha_n'\] must be a number, got a string"),
+    (b'{"E": 1.7, "A": "400", "B": 400, "alpha": 0.3, "beta": 0.3}', r"\['A'\] must be a number, got a string"),
+    (b'{"E": null, "A": 400, "B": 400, "alpha": 0.3, "beta": 0.3}', r"\['E'\] must be a number, got null"),
+    (b'{"E": 1.7, "A": 400, "B": 400, "alpha": true, "beta": 0.3}', r"\['alpha'\] must be a number, got a boolean"),
+    (b'{"E": 1.7, "A": 400, "B": [400], "alpha": 0.3, "beta": 0.3}', r"\['B'\] must be a number, got an array"),
+    (b'{"E": 1.7, "A": 400, "B": 400, "alpha": 0.3, "beta": 0.3, "name": 5}', r"\['name'\] must be a string"),
+    (b'{"E": NaN, "A": 400, "B": 400, "alpha": 0.3, "beta": 0.3}', "E must be a finite number"),
+    (b'{"E": 1.7, "A": Infinity, "B": 400, "alpha": 0.3, "beta": 0.3}', "A must be a finite number"),
+    (b'{"E": 1.7, "A": -1, "B": 400, "alpha": 0.3, "beta": 0.3}', "A must be a finite number > 0"),
+    (b'{"E": 1.7, "A": 1' + b"0" * 400 + b', "B": 400, "alpha": 0.3, "beta": 0.3}', "A must be a finite"),
+    (b"[" * 100_000 + b"]" * 100_000, "is not JSON"),
+    (b'{"kind": "data_constrained", "r_star_d": 0}', "r_star_d must be"),
+]
+
+
+@pytest.mark.parametrize("content, match", LAW_FILE_PROBLEMS, ids=range(len(LAW_FILE_PROBLEMS)))
+def test_load_law_names_the_file_and_the_problem(content, match, tmp_path):
     path = tmp_path / "bad.json"
-    path.write_text(content)
+    path.write_bytes(content)
     with pytest.raises(ValueError, match=match) as err:
         load_law(path)
-    assert "bad.json" in str(err.value)
+    message = str(err.value)
+    assert "bad.json" in message and "\n" not in message, message
+
+
+def test_load_law_on_a_non_utf8_file_is_a_value_error_not_unicode_decode_error(tmp_path):
+    # issue 14: read_text() raised a bare UnicodeDecodeError, though the docstring promised a ValueError naming
+    # the file (UnicodeDecodeError is a ValueError subclass, so check the class and the message both)
+    path = tmp_path / "latin1.json"
+    path.write_bytes(b'{"E": 1.7, "name": "caf\xe9"}')
+    with pytest.raises(ValueError) as err:
+        load_law(path)
+    assert type(err.value) is ValueError
+    assert "latin1.json" in str(err.value) and "UTF-8" in str(err.value) and "0xe9 at offset 23" in str(err.value)
+
+
+def test_load_law_accepts_a_byte_order_mark(tmp_path):
+    path = tmp_path / "bom.json"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps(HOFFMANN_2022.to_dict()).encode())
+    assert load_law(path) == HOFFMANN_2022
 
 
 def test_load_law_missing_file(tmp_path):
-    with pytest.raises(ValueError, match="missing.json"):
+    with pytest.raises(ValueError, match="missing.json.*cannot be read"):
         load_law(tmp_path / "missing.json")
+    with pytest.raises(ValueError, match="cannot be read"):
+        load_law(tmp_path)  # a directory
+    for bad in (None, 3, ["law.json"]):
+        with pytest.raises(ValueError, match="^path must be"):
+            load_law(bad)
+
+
+@pytest.mark.parametrize("bad, match", [
+    ([1], "d must be a dict"),
+    ({"kind": "chinchilla"}, "d lacks the key"),
+    ({"E": "1.7", "A": 1, "B": 1, "alpha": 0.3, "beta": 0.3}, r"d\['E'\] must be a number"),
+])
+def test_law_from_dict_names_d(bad, match):
+    with pytest.raises(ValueError, match=match):
+        law_from_dict(bad)
+    with pytest.raises(ValueError, match=match):
+        ChinchillaLaw.from_dict(bad)
+
+
+@pytest.mark.parametrize("cls", [ChinchillaLaw, KaplanLaw, DataConstrainedLaw])
+def test_law_name_must_be_a_string(cls):
+    constants = {"E": 1.7, "A": 400, "B": 400, "alpha": 0.3, "beta": 0.3} if cls is ChinchillaLaw else {}
+    with pytest.raises(ValueError, match="^name must be a string"):
+        cls(**constants, name=5)
+    assert cls(**constants, name="mine").name == "mine"
+
+
+# --- preset names -------------------------------------------------------------------------------------------
+
+
+def test_besiroglu_preset_has_a_name_no_one_reads_as_a_training_epoch():
+    assert BESIROGLU_2024.name == "besiroglu" and set(LAWS) == {"hoffmann", "besiroglu", "muennighoff"}
+    assert all(law.name == key for key, law in LAWS.items())
+
+
+def test_old_preset_name_epoch_still_works_with_a_future_warning():
+    # FutureWarning, not DeprecationWarning: Python shows it to the people running a script by default
+    with pytest.warns(FutureWarning, match="'epoch' is deprecated.*'besiroglu'"):
+        assert get_law("epoch") is BESIROGLU_2024
+    with pytest.warns(FutureWarning):
+        assert get_law("EPOCH") is BESIROGLU_2024
+
+
+def test_get_law_rejects_wrong_types_by_name():
+    for bad in (None, 3, ["hoffmann"], "kaplan"):
+        with pytest.raises(ValueError, match="^law must be one of"):
+            get_law(bad)
+
+
+# --- where the presets were fitted -------------------------------------------------------------------------
+
+
+def test_presets_know_where_they_were_fitted():
+    assert fitted_range(HOFFMANN_2022) is HOFFMANN_2022_FITTED_RANGE
+    assert fitted_range(BESIROGLU_2024) is BESIROGLU_2024_FITTED_RANGE
+    assert fitted_range(MUENNIGHOFF_2023) is MUENNIGHOFF_2023_FITTED_RANGE
+    assert fitted_range(DataConstrainedLaw.from_chinchilla(HOFFMANN_2022)) is HOFFMANN_2022_FITTED_RANGE
+    # matched by constants, whatever the name; any other law has no known range
+    copy = ChinchillaLaw(BESIROGLU_2024.E, BESIROGLU_2024.A, BESIROGLU_2024.B, BESIROGLU_2024.alpha,
+                         BESIROGLU_2024.beta, name="copy")
+    assert fitted_range(copy) is BESIROGLU_2024_FITTED_RANGE
+    assert fitted_range(ChinchillaLaw(E=1.7, A=400, B=400, alpha=0.3, beta=0.3)) is None
+    assert fitted_range(KaplanLaw()) is None and fitted_range("hoffmann") is None
+    # Hoffmann et al. 2022, abstract: 70M to 16B parameters on 5B to 500B tokens
+    assert HOFFMANN_2022_FITTED_RANGE.params == (7e7, 1.6e10) and HOFFMANN_2022_FITTED_RANGE.tokens == (5e9, 5e11)
+    assert HOFFMANN_2022_FITTED_RANGE.describe() == "70M to 16B parameters and 5B to 500B tokens"
+    assert MUENNIGHOFF_2023_FITTED_RANGE.describe() == "up to 9B parameters and up to 900B tokens"
+
+
+def test_fitted_range_outside_uses_the_margin():
+    fitted = HOFFMANN_2022_FITTED_RANGE
+    assert EXTRAPOLATION_MARGIN == 10
+    assert fitted.outside(1.6e11, 5e12) == []  # exactly 10x: still inside
+    assert fitted.outside(7e6, 5e8) == []
+    far = fitted.outside(1.7e11, 4.9e8)
+    assert len(far) == 2 and "over 10x the largest fitted (16B)" in far[0] and "under 1/10" in far[1]
+    assert fitted.outside(1e12, 1e9, margin=1000) == []
+    with pytest.raises(ValueError, match="margin"):
+        fitted.outside(1e9, 1e9, margin=0)
+    assert FittedRange.from_dict(fitted.to_dict()) == fitted
+    for bad in ({"params": (1, 2)}, {"params": (2, 1), "tokens": (1, 2)}, {"params": (1, 2, 3), "tokens": (1, 2)},
+                {"params": (-1, 2), "tokens": (1, 2)}):
+        with pytest.raises(ValueError, match="params|tokens"):
+            FittedRange.from_dict(bad)
+
+
+def test_load_fitted_range_reads_what_fit_out_records(tmp_path):
+    path = tmp_path / "fitted.json"
+    path.write_text(json.dumps({**HOFFMANN_2022.to_dict(), "fit": {"fitted_range": {"params": [1e6, 1e8],
+                                                                                     "tokens": [1e7, 1e9]}}}))
+    assert load_fitted_range(path) == FittedRange(params=(1e6, 1e8), tokens=(1e7, 1e9))
+    path.write_text(json.dumps(HOFFMANN_2022.to_dict()))
+    assert load_fitted_range(path) is None
+    path.write_text(json.dumps({**HOFFMANN_2022.to_dict(), "fit": {"fitted_range": {"params": "x"}}}))
+    with pytest.raises(ValueError, match="fitted.json.*fitted range"):
+        load_fitted_range(path)
+
+
+def test_epochs_at_value_follows_muennighoff_eq5():
+    law = DataConstrainedLaw()
+    assert law.epochs_at_value(0.01) == pytest.approx(1 + 15.387756 * math.log(100))
+    assert law.repetition_value(1e9 * law.epochs_at_value(0.01), 1e9) == pytest.approx(0.01)
+    for bad in (0, 1, 1.5, float("nan"), "x"):
+        with pytest.raises(ValueError, match="value"):
+            law.epochs_at_value(bad)
 
 
 # --- bad input ---------------------------------------------------------------------------------------------
@@ -336,7 +492,6 @@ def test_allocation_is_frozen():
         lambda: DEFAULT_LAW.compute_optimal(5e-324),
         lambda: DEFAULT_LAW.compute_optimal(1e308),
         lambda: DataConstrainedLaw().compute_optimal(5e-324, 1.0),
-        lambda: DataConstrainedLaw().compute_optimal(1e308, 5e-324),
         lambda: DataConstrainedLaw().compute_optimal(5e-324, 5e-324),
         lambda: DEFAULT_LAW.optimal_for_params(5e-324),
         lambda: inference_optimal(DEFAULT_LAW, 1.8172 + 1e-12, 1e30),
@@ -346,6 +501,24 @@ def test_extreme_inputs_give_no_nan(call):
     alloc = call()
     for value in (alloc.params, alloc.tokens, alloc.loss, alloc.tokens_per_param):
         assert not math.isnan(value) and value > 0
+
+
+def test_data_constrained_optimum_never_returns_infinite_epochs():
+    # issue 14: epochs = tokens / unique_tokens overflowed to inf and came back as a valid answer
+    with pytest.raises(ValueError, match="^flops and unique_tokens out of range.*epochs"):
+        DataConstrainedLaw().compute_optimal(1e21, 1e-300)
+    with pytest.raises(ValueError, match="^flops and unique_tokens out of range"):
+        DataConstrainedLaw().compute_optimal([1e21, 1e20], [1e10, 1e-300])
+    with pytest.raises(ValueError, match="^flops and unique_tokens out of range"):
+        DataConstrainedLaw().compute_optimal(1e308, 5e-324)
+
+
+def test_no_allocation_holds_infinite_flops():
+    # N and D both fit a float but 6·N·D does not: an Allocation with flops=inf used to come back
+    with pytest.raises(ValueError, match="^tokens out of range.*FLOPs"):
+        BESIROGLU_2024.optimal_for_tokens(6.06e150)
+    with pytest.raises(ValueError, match="^params out of range.*FLOPs"):
+        BESIROGLU_2024.optimal_for_params(1e150)
 
 
 def test_allocation_out_of_float_range_is_a_value_error():

@@ -14,8 +14,15 @@ from hypothesis import strategies as st
 
 from lightning_scaling import cli
 from lightning_scaling.flops import transformer_flops, transformer_params
-from lightning_scaling.laws import BESIROGLU_2024, HOFFMANN_2022, DataConstrainedLaw, KaplanLaw, inference_optimal
-from lightning_scaling.planner import plan
+from lightning_scaling.laws import (
+    BESIROGLU_2024,
+    HOFFMANN_2022,
+    DataConstrainedLaw,
+    ExtrapolationWarning,
+    KaplanLaw,
+    inference_optimal,
+)
+from lightning_scaling.planner import MIN_PARAMS, MIN_TOKENS_PER_PARAM, plan
 
 GPT2 = ["--n-layer", "12", "--d-model", "768", "--n-head", "12", "--vocab-size", "50257", "--seq-len", "1024"]
 
@@ -42,7 +49,8 @@ def plan_json(main, capsys):
 def test_flops_mode(plan_json):
     out = plan_json("--flops", "1e21")
     opt = BESIROGLU_2024.compute_optimal(1e21)
-    assert out["mode"] == "flops" and out["law"]["name"] == "epoch"
+    assert out["mode"] == "flops" and out["law"]["name"] == "besiroglu"
+    assert out["warnings"] == []
     assert out["params"] == pytest.approx(opt.params) and out["tokens"] == pytest.approx(opt.tokens)
     assert 6 * out["params"] * out["tokens"] == pytest.approx(1e21)
     assert 18 < out["tokens_per_param"] < 25
@@ -239,6 +247,7 @@ POSITIVE_OR_BAD = st.one_of(
 PLAN_ARGS = ("flops", "params", "tokens", "unique_tokens", "inference_tokens", "mfu", "peak_flops", "target_loss")
 
 
+@pytest.mark.filterwarnings("ignore::lightning_scaling.laws.ExtrapolationWarning")
 @settings(max_examples=120, deadline=None)
 @given(values=st.fixed_dictionaries({k: POSITIVE_OR_BAD for k in PLAN_ARGS}))
 def test_property_plan_rejects_by_name_or_answers_finite(values):
@@ -253,15 +262,21 @@ def test_property_plan_rejects_by_name_or_answers_finite(values):
 
 @settings(max_examples=60, deadline=None)
 @given(
-    flops=st.floats(1, 1e35),  # a budget under one FLOP is rejected (test below)
-    unique_tokens=st.one_of(st.none(), st.floats(1e-5, 1e35)),
-    inference_tokens=st.one_of(st.none(), st.floats(1e-5, 1e35)),
-    law=st.sampled_from(["hoffmann", "epoch", "muennighoff"]),
+    flops=st.floats(1e4, 1e35),  # under every preset's optimum of 1 parameter and 1 token each (tests below)
+    unique_tokens=st.one_of(st.none(), st.floats(1, 1e35)),
+    inference_tokens=st.one_of(st.none(), st.floats(1, 1e35)),
+    law=st.sampled_from(["hoffmann", "besiroglu", "muennighoff"]),
 )
 def test_property_valid_budgets_give_finite_plans(flops, unique_tokens, inference_tokens, law):
-    result = plan(flops=flops, unique_tokens=unique_tokens, inference_tokens=inference_tokens, law=law,
-                  gpu="h100", batch_size=8, seq_len=512)
+    try:
+        result = plan(flops=flops, unique_tokens=unique_tokens, inference_tokens=inference_tokens, law=law,
+                      gpu="h100", batch_size=8, seq_len=512, cli_names=True)
+    except ValueError as err:  # only an optimum under one parameter, blamed on the input that asked for it
+        assert str(err).startswith(("--inference-tokens", "--unique-tokens")), str(err)
+        assert "a plan needs at least 1 parameter" in str(err)
+        return
     json.dumps(result, allow_nan=False)
+    assert_advice_is_trainable(result)
     assert result["flops"] == flops and result["compute_overhead"] == pytest.approx(0, abs=1e-9)
     if unique_tokens is not None:
         assert result["data"]["optimum"]["loss"] <= result["data"]["loss"] * (1 + 1e-12)
@@ -325,3 +340,176 @@ def test_plan_bad_grouped_query_flags(capsys, extra, message):
 def test_counts_below_one_are_rejected_by_name(name):
     with pytest.raises(ValueError, match=f"{name} must be at least 1"):
         plan(**{name: 0.5})
+
+
+# --- absurd answers, out-of-range laws, deprecated names (issue 14, issue 15 item 4) ---------------------------
+
+
+def assert_advice_is_trainable(result):
+    """Every optimum the plan offers is at least one parameter trained on at least one token per parameter."""
+    advice = [result["compute_optimum"], result["same_loss_optimum"]]
+    if result["mode"] in ("flops", "params", "tokens", "target_loss"):
+        advice.append(result)  # the law chose the run itself
+    if result["data"]:
+        advice.append(result["data"]["optimum"])
+    if result["inference"]:
+        advice.append(result["inference"]["optimum"])
+    for run in filter(None, advice):
+        assert run["params"] >= MIN_PARAMS and run["tokens"] >= MIN_TOKENS_PER_PARAM * run["params"], run
+
+
+def _one_line_error(main, capsys, argv):
+    assert _exit_code(main, ["plan", *argv]) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and captured.out == "", captured
+    return lines[0]
+
+
+def test_budget_too_small_for_one_parameter_is_refused_not_answered(main, capsys):
+    # issue 14: `plan --flops 10` answered 0.155 parameters
+    line = _one_line_error(main, capsys, ["--flops", "10"])
+    assert line.startswith("lightning-scaling plan: error: --flops 10:")
+    assert "0.155 parameters" in line and "at least 1 parameter" in line and "378 FLOPs" in line
+    assert _exit_code(main, ["plan", "--flops", "400"]) == 0  # one parameter and up: an answer
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["--target-loss", "1e308"], "--target-loss"),  # issue 14: the message said "loss"
+    (["--target-loss", "943"], "--target-loss"),
+    (["--target-loss", "1.8172000000001"], "--target-loss"),  # so close to E that the run overflows
+    (["--flops", "1e3", "--law", "hoffmann"], "--flops"),  # 13.6 parameters but 0.91 tokens per parameter
+    (["--params", "1", "--law", "hoffmann"], "--params"),  # 0.52 tokens per parameter
+    (["--tokens", "2"], "--tokens"),
+    (["--params", "1", "--tokens", "1"], "--params 1 and --tokens 1"),
+    (["--params", "1e9", "--tokens", "1"], "--params 1e+09 and --tokens 1"),
+    (["--flops", "1e6", "--params", "1e9"], "--flops 1e+06 and --params 1e+09"),
+    (["--flops", "1e6", "--tokens", "1e9"], "--flops 1e+06 and --tokens 1e+09"),
+    (["--flops", "1e21", "--unique-tokens", "0.5"], "--unique-tokens"),
+    (["--flops", "1e21", "--inference-tokens", "0.5"], "--inference-tokens"),
+])
+def test_every_error_names_the_flag_as_typed(main, capsys, argv, flag):
+    line = _one_line_error(main, capsys, argv)
+    assert line.startswith(f"lightning-scaling plan: error: {flag}"), line
+    assert "inf" not in line.split() and "nan" not in line.lower().split()
+
+
+def test_few_unique_tokens_warn_that_the_repetition_law_is_saturated(main, capsys):
+    # issue 14: `--flops 1e21 --unique-tokens 1` recommended 2.4 parameters for 6.95e19 epochs without a word
+    assert main(["plan", "--flops", "1e21", "--unique-tokens", "1", "--json"]) == 0
+    captured = capsys.readouterr()
+    result = json.loads(captured.out)
+    warned = captured.err.strip().splitlines()
+    assert len(warned) == 1 and warned[0].startswith("lightning-scaling plan: warning: ")
+    assert "6.95e+19 epochs" in warned[0] and "past 72 epochs" in warned[0] and "Muennighoff" in warned[0]
+    assert result["warnings"] == [warned[0].removeprefix("lightning-scaling plan: warning: ")]
+    assert_advice_is_trainable(result)
+    # a few epochs: no word
+    assert main(["plan", "--flops", "1e22", "--unique-tokens", "5e10"]) == 0
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("argv, part", [
+    (["--flops", "1e25"], "3.12e+11 parameters, over 10x the largest fitted (16B)"),
+    (["--flops", "1e14"], "under 1/10 of the smallest fitted (70M)"),
+    (["--params", "7e9", "--tokens", "1e14"], "1e+14 tokens, over 10x the largest fitted (500B)"),
+    (["--flops", "1e21", "--params", "1e12"], "the planned run: 1e+12 parameters"),
+    (["--flops", "1e24", "--law", "muennighoff"], "up to 9B parameters and up to 900B tokens"),
+])
+def test_plans_outside_the_fitted_range_say_so(main, capsys, argv, part):
+    assert main(["plan", *argv]) == 0
+    captured = capsys.readouterr()
+    assert part in captured.err and "extrapolations" in captured.err, captured.err
+    assert captured.err.count("\n") == 1 and captured.out  # one warning line; the table still prints
+
+
+def test_plans_inside_the_fitted_range_print_no_warning(main, capsys):
+    for argv in (["--flops", "1e21"], ["--params", "7e9", "--tokens", "2e12"], ["--flops", "1e24"]):
+        assert main(["plan", *argv]) == 0
+        assert capsys.readouterr().err == "", argv
+
+
+def test_old_law_name_epoch_still_works_with_a_warning(main, capsys, plan_json):
+    out = plan_json("--flops", "1e21", "--law", "epoch")
+    assert out["law"]["name"] == "besiroglu" and out["params"] == pytest.approx(BESIROGLU_2024.compute_optimal(1e21).params)
+    assert out["warnings"] == ["--law 'epoch' is deprecated and will be removed in a future release: the preset is "
+                               "now 'besiroglu' (Besiroglu et al. 2024); use --law 'besiroglu'"]
+    with pytest.warns(FutureWarning, match="law 'epoch' is deprecated"):
+        assert plan(flops=1e21, law="Epoch")["law"]["name"] == "besiroglu"
+    assert plan_json("--flops", "1e21", "--law", "Besiroglu")["law"]["name"] == "besiroglu"
+
+
+def test_python_api_issues_the_warnings_as_warnings():
+    with pytest.warns(ExtrapolationWarning, match="over 10x the largest fitted") as caught:
+        result = plan(flops=1e25)
+    assert [str(w.message) for w in caught] == result["warnings"]
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plan(flops=1e25, cli_names=True)  # the command prints them itself: no Python warning
+
+
+def test_plan_law_file_with_a_recorded_fitted_range_warns_beyond_it(main, capsys, tmp_path):
+    path = tmp_path / "fitted.json"
+    path.write_text(json.dumps({**HOFFMANN_2022.to_dict(), "name": "mine",
+                                "fit": {"fitted_range": {"params": [1e6, 1e8], "tokens": [2e7, 2e9]}}}))
+    assert main(["plan", "--flops", "1e18", "--law-file", str(path)]) == 0
+    assert capsys.readouterr().err == ""
+    assert main(["plan", "--flops", "1e23", "--law-file", str(path)]) == 0
+    err = capsys.readouterr().err
+    assert "over 10x the largest fitted (100M)" in err and "The law mine was fitted on 1M to 100M" in err
+
+
+@pytest.mark.parametrize("kwargs, name", [
+    ({"law": 3}, "law"), ({"law": ["hoffmann"]}, "law"), ({"law_file": 3}, "law_file"),
+    ({"gated_mlp": "no"}, "gated_mlp"), ({"non_embedding": 1}, "non_embedding"),
+    ({"tied_embeddings": None}, "tied_embeddings"), ({"cli_names": "yes"}, "cli_names"),
+    ({"gpu": 100}, "gpu"), ({"dtype": 16}, "dtype"), ({"flops_convention": ["palm"]}, "flops_convention"),
+])
+def test_python_api_rejects_wrong_types_by_name(kwargs, name):
+    with pytest.raises(ValueError, match=f"^{name} must be"):
+        plan(flops=1e21, **kwargs)
+
+
+# --- the command's output goes to a reader that may stop early --------------------------------------------------
+
+
+def _closed_pipe_run(argv, **kwargs):
+    """Run the console script writing to a pipe whose reader is already gone, as `... | head -0` leaves it."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        return subprocess.run([_console_script(), *argv], stdout=write_end, stderr=subprocess.PIPE, text=True,
+                              timeout=120, **kwargs)
+    finally:
+        os.close(write_end)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("argv, status", [
+    (["plan", "--flops", "1e21"], 141),  # 128 + SIGPIPE, what the shell reports for `cat` in the same place
+    (["plan", "--flops", "1e21", "--json"], 141),
+    (["plan", "--help"], 0),  # argparse itself ignores a closed stdout while printing help
+])
+def test_closed_stdout_exits_quietly_without_broken_pipe_traceback(argv, status):
+    # issue 15: `lightning-scaling fit --json | head -3` printed a BrokenPipeError traceback (plan did too)
+    done = _closed_pipe_run(argv)
+    assert "Traceback" not in done.stderr and "BrokenPipe" not in done.stderr, done.stderr
+    assert done.stderr == ""
+    assert done.returncode == status
+
+
+@pytest.mark.slow
+def test_plan_answers_well_under_two_seconds():
+    import time
+
+    script = _console_script()
+    subprocess.run([script, "plan", "--flops", "1e21"], capture_output=True, timeout=60)  # warm the file cache
+    start = time.perf_counter()
+    done = subprocess.run([script, "plan", "--flops", "1e21", "--unique-tokens", "1e10", "--inference-tokens",
+                           "1e12", "--gpu", "h100", "--batch-size", "256", "--seq-len", "4096"],
+                          capture_output=True, timeout=60)
+    elapsed = time.perf_counter() - start
+    assert done.returncode == 0 and elapsed < 2.0, (elapsed, done.stderr)

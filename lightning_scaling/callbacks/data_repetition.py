@@ -67,7 +67,7 @@ class DataRepetition(LedgerCallback):
             ``__len__``; True: always (also reports duplicates inside a map-style dataset as
             ``distinct_fraction``); False: never.
         sketch_precision: p; the sketch has 2**p one-byte registers, relative standard error 1.04/sqrt(2**p)
-            (0.81% at the default 14). Under DDP the registers are max-reduced (2**p bytes) once per step.
+            (0.81% at the default 14). Under DDP the registers are max-reduced (2**p bytes) every ``sketch_every_n_steps`` steps.
         sketch_every_n_steps: optimizer steps between sketch estimates; default ``trainer.log_every_n_steps``.
         warn_epochs: warn when the run is projected past this many epochs (default 4: diminishing returns).
         stop_epochs: warn when the run is projected past this many epochs (default 40: repeats worth little).

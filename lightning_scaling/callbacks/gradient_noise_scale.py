@@ -37,8 +37,8 @@ class GradientNoiseScale(LedgerCallback):
       micro-batch's gradient before it is summed into ``.grad``; the small batch is a micro-batch (b samples),
       the big one the optimizer step's gradient (k·b samples). Costs one norm per parameter per micro-batch.
     * DDP (``world_size = R > 1``): each rank's local gradient (hooks, before the all-reduce) against the
-      all-reduced ``.grad`` (R·b samples); with accumulation too, R·k micro-batches against R·k·b samples. One
-      all-reduce of 6 numbers per optimizer step.
+      all-reduced ``.grad`` (R·b samples); with accumulation too, R·k micro-batches against R·k·b samples. Its four
+      numbers ride in the step ledger's one all-reduce.
     * neither: there is only one batch size, so nothing is measured and nothing is logged; the callback says
       once what it needs (``accumulate_grad_batches >= 2`` or several devices). It never re-runs
       ``training_step``.

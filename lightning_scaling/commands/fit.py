@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -67,6 +68,109 @@ def _fit(args: argparse.Namespace, points: Any) -> Any:
     return F.fit_kaplan(points)
 
 
+def _sources(args: argparse.Namespace) -> str:
+    names = [str(p) for p in args.paths]
+    return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+
+def _columns_chosen(args: argparse.Namespace) -> str:
+    """" (with --loss-column 'x')" when the user picked columns: a fit that fails may owe it to that choice."""
+    chosen = [f"{flag} {value!r}" for flag, value in _column_flags(args) if value is not None]
+    return f" (with {', '.join(chosen)})" if chosen else ""
+
+
+def _column_flags(args: argparse.Namespace) -> list[tuple[str, str | None]]:
+    return [("--params-column", args.params_column), ("--tokens-column", args.tokens_column),
+            ("--flops-column", args.flops_column), ("--loss-column", args.loss_column),
+            ("--run-column", args.run_column)]
+
+
+def _check_flags(args: argparse.Namespace) -> None:
+    """Reject bad flags before reading or fitting anything (a fit can take seconds), naming each flag."""
+    from lightning_scaling._validation import fraction, positive_float
+
+    if args.bootstrap < 0:
+        raise ValueError(f"--bootstrap must be a whole number >= 0, got {args.bootstrap}")
+    if args.seed < 0:
+        raise ValueError(f"--seed must be a whole number >= 0, got {args.seed}")
+    if args.drop_highest_loss < 0:
+        raise ValueError(f"--drop-highest-loss must be a whole number >= 0, got {args.drop_highest_loss}")
+    fraction("--confidence", args.confidence, inclusive_high=False)
+    positive_float("--budget-tolerance", args.budget_tolerance)
+    if args.budget is not None:
+        positive_float("--budget", args.budget)
+    for flag, value in _column_flags(args):
+        if value is not None and not value.strip():
+            raise ValueError(f"{flag} must name a column, got an empty name")
+    if args.out and args.approach in ("1", "2"):
+        raise ValueError(f"--out needs a loss law; approach {args.approach} gives only the exponents a and b "
+                         "(use --approach 3 or kaplan)")
+    for flag, value in (("--out", args.out), ("--plot", args.plot)):
+        if value is None:
+            continue
+        target = Path(value)
+        if not value.strip() or target.is_dir():
+            raise ValueError(f"{flag} {value!r} must name a file to write, not a directory")
+        if not target.parent.is_dir():
+            raise ValueError(f"{flag} {value!r} cannot be written: the folder {str(target.parent)!r} does not exist")
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise ValueError("--plot needs matplotlib: pip install 'lightning-scaling[plot]'") from None
+
+
+def _read(args: argparse.Namespace, points_mode: str) -> Any:
+    """The runs, with a column error blamed on the --*-column flag that asked for the column."""
+    from lightning_scaling.fit_io import read_points
+
+    try:
+        return read_points(args.paths, params_column=args.params_column, tokens_column=args.tokens_column,
+                           flops_column=args.flops_column, loss_column=args.loss_column, run_column=args.run_column,
+                           points=points_mode)
+    except ValueError as err:
+        for flag, value in _column_flags(args):
+            if value is not None and f"{value!r}" in str(err):
+                raise ValueError(f"{flag} {value!r}: {err}") from None
+        raise
+
+
+def _budget_said(args: argparse.Namespace, budget: float) -> str:
+    if args.budget is not None:
+        return f"--budget {budget:g}"
+    return f"the largest budget in the runs ({budget:.3g} FLOPs; choose another with --budget)"
+
+
+def _check_budget(args: argparse.Namespace, points: Any, budget: float, optimum: dict[str, float]) -> list[str]:
+    """Refuse an optimum of under one parameter or one token per parameter; warn when --budget lies more than
+    EXTRAPOLATION_MARGIN times outside the FLOPs of the runs."""
+    from lightning_scaling.laws import EXTRAPOLATION_MARGIN
+    from lightning_scaling.planner import MIN_PARAMS, MIN_TOKENS_PER_PARAM
+
+    n, d = optimum.get("n_opt"), optimum.get("d_opt")
+    if n is not None and d is not None and not (n >= MIN_PARAMS and d >= MIN_TOKENS_PER_PARAM * n):
+        raise ValueError(f"{_budget_said(args, budget)}: the fitted optimum would be {n:.3g} parameters on "
+                         f"{d:.3g} tokens, and advice needs at least {MIN_PARAMS:g} parameter and {MIN_TOKENS_PER_PARAM:g} token per "
+                         f"parameter; give a --budget near the runs' FLOPs ({float(points.flops.min()):.3g} to "
+                         f"{float(points.flops.max()):.3g})")
+    lo, hi = float(points.flops.min()), float(points.flops.max())
+    if budget < lo / EXTRAPOLATION_MARGIN or budget > hi * EXTRAPOLATION_MARGIN:
+        return [f"--budget {budget:.3g} FLOPs lies more than {EXTRAPOLATION_MARGIN:g}x outside the runs' FLOPs "
+                f"({lo:.3g} to {hi:.3g}): the optimum there is an extrapolation of the fit"]
+    return []
+
+
+def _finite_or_none(value: Any) -> Any:
+    """The report with NaN and inf replaced by None (null), so that every JSON reader can read it."""
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_none(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
 def _report(args: argparse.Namespace, points: Any, result: Any, budget: float, boot: Any) -> dict[str, Any]:
     from lightning_scaling.fit import _optimum_of
 
@@ -108,47 +212,56 @@ def _print_table(report: dict[str, Any], approach: str) -> None:
 def run(args: argparse.Namespace) -> int:
     """Read the runs, fit, print; exit status 0, or ValueError (exit 2) on bad input."""
     from lightning_scaling import fit as F
-    from lightning_scaling._validation import fraction, non_negative_float, positive_float
-    from lightning_scaling.fit_io import read_points
 
-    if args.bootstrap < 0:
-        raise ValueError(f"--bootstrap must be a whole number >= 0, got {args.bootstrap}")
-    fraction("--confidence", args.confidence, inclusive_high=False)
-    positive_float("--budget-tolerance", args.budget_tolerance)
-    non_negative_float("--drop-highest-loss", args.drop_highest_loss)
-    if args.out and args.approach in ("1", "2"):
-        raise ValueError(f"--out needs a loss law; approach {args.approach} gives only the exponents a and b "
-                         "(use --approach 3 or kaplan)")
+    _check_flags(args)
     points_mode = args.points or ("all" if args.approach == "1" else "final")
-    points = read_points(args.paths, params_column=args.params_column, tokens_column=args.tokens_column,
-                         flops_column=args.flops_column, loss_column=args.loss_column, run_column=args.run_column,
-                         points=points_mode)
+    points = _read(args, points_mode)
+    if args.drop_highest_loss >= len(points):
+        raise ValueError(f"--drop-highest-loss {args.drop_highest_loss} would leave no points: there are {len(points)}")
     points = points.drop_highest_loss(args.drop_highest_loss)
-    budget = float(points.flops.max()) if args.budget is None else positive_float("--budget", args.budget)
-    result = _fit(args, points)
+    budget = float(points.flops.max()) if args.budget is None else float(args.budget)
+    try:  # degenerate runs (constant loss, one model size, ...) are the data's fault: exit 2, one line
+        result = _fit(args, points)
+    except ValueError as err:
+        raise ValueError(f"cannot fit {_sources(args)}{_columns_chosen(args)}: {err}") from None
     boot = None
     if args.bootstrap:
         kwargs = {"budget_tolerance": args.budget_tolerance} if args.approach == "2" else {}
-        boot = F.bootstrap(points, args.approach, args.bootstrap, budget=budget, confidence=args.confidence,
-                           seed=args.seed, fit=result, **kwargs)
-    report = _report(args, points, result, budget, boot)
+        try:
+            boot = F.bootstrap(points, args.approach, args.bootstrap, budget=budget, confidence=args.confidence,
+                               seed=args.seed, fit=result, **kwargs)
+        except ValueError as err:
+            raise ValueError(f"--bootstrap {args.bootstrap}: {err}") from None
+    try:
+        report = _report(args, points, result, budget, boot)
+    except ValueError as err:
+        raise ValueError(f"{_budget_said(args, budget)}: {err}") from None
+    report["warnings"] = _check_budget(args, points, budget, report["optimum"])
+    for message in report["warnings"]:
+        print(f"lightning-scaling fit: warning: {message}", file=sys.stderr)
     if args.out:
+        fitted_range = {"params": [float(points.params.min()), float(points.params.max())],
+                        "tokens": [float(points.tokens.min()), float(points.tokens.max())],
+                        "source": f"the runs in {_sources(args)}"}
         out = {**result.law.to_dict(), "fit": {**report["fit"], "sources": [str(p) for p in args.paths],
-                                                "budget": budget, "optimum": report["optimum"]}}
+                                                "budget": budget, "optimum": report["optimum"],
+                                                "fitted_range": fitted_range}}
         if boot is not None:
             out["fit"]["intervals"] = boot.to_dict()["intervals"]
             out["fit"]["confidence"] = boot.confidence
         try:
-            Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+            Path(args.out).write_text(json.dumps(_finite_or_none(out), indent=2, allow_nan=False) + "\n")
         except OSError as err:
-            raise ValueError(f"--out {args.out!r} cannot be written: {err}") from None
+            raise ValueError(f"--out {args.out!r} cannot be written: {err.strerror or err}") from None
     if args.plot:
         from lightning_scaling.plotting import plot_fit
 
-        plot_fit(points, result, args.plot, budget_tolerance=args.budget_tolerance)
+        try:
+            plot_fit(points, result, args.plot, budget_tolerance=args.budget_tolerance)
+        except ValueError as err:
+            raise ValueError(f"--plot {args.plot!r}: {err}") from None
     if args.json:
-        json.dump(report, sys.stdout, indent=2)
-        print()
+        print(json.dumps(_finite_or_none(report), indent=2, allow_nan=False))
     else:
         _print_table(report, args.approach)
         if args.out:

@@ -15,7 +15,9 @@ from lightning_scaling.planner import DTYPES, FLOPS_CONVENTIONS
 _EPILOG = """\
 Fix the run with --flops, --params, --tokens (any two), --target-loss alone, or a model shape
 (--n-layer --d-model --n-head --vocab-size --seq-len) in place of --params; the missing quantity is taken at
-the law's optimum. Contradictory flags, non-positive, NaN or infinite numbers exit with status 2.
+the law's optimum. Contradictory flags, non-positive, NaN or infinite numbers, and plans whose advice would be
+under one parameter or one token per parameter exit with status 2. A plan outside the runs the law was fitted
+on is printed with a warning on stderr.
 examples:
   lightning-scaling plan --flops 1e21
   lightning-scaling plan --params 7e9 --tokens 2e12 --unique-tokens 5e11 --inference-tokens 1e13
@@ -58,7 +60,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     extra = parser.add_argument_group("data, inference and the law")
     extra.add_argument("--unique-tokens", type=float, metavar="U", help="unique tokens available (repeated-data law)")
     extra.add_argument("--inference-tokens", type=float, metavar="T", help="tokens the model will serve after training")
-    extra.add_argument("--law", help="preset law: hoffmann, epoch (default), muennighoff")
+    extra.add_argument("--law", help="preset law: hoffmann (Hoffmann et al. 2022), besiroglu (Besiroglu et al. 2024, "
+                                     "the default), muennighoff (Muennighoff et al. 2023)")
     extra.add_argument("--law-file", metavar="PATH", help="JSON law written by `lightning-scaling fit`")
 
     hw = parser.add_argument_group("hardware (wall-clock and GPU-hours)")
@@ -147,6 +150,8 @@ def run(args: argparse.Namespace) -> int:
 
     kwargs = {key: getattr(args, key) for key in _PLAN_KEYS}
     result = plan(**kwargs, tied_embeddings=not args.untied_embeddings, cli_names=True)
+    for message in result["warnings"]:  # also in the JSON; on stderr so that a person sees them either way
+        print(f"lightning-scaling plan: warning: {message}", file=sys.stderr)
     if args.json:
         print(json.dumps(result, allow_nan=False))
     else:
