@@ -26,8 +26,8 @@ def positive_array(name: str, value: Any) -> np.ndarray:
 
 
 def positive_float(name: str, value: Any) -> float:
-    """Return ``value`` as a float after checking it is a finite number > 0."""
-    if isinstance(value, bool):
+    """Return ``value`` as a float after checking it is a finite number > 0 (a number, not text)."""
+    if isinstance(value, (bool, str, bytes)):
         raise ValueError(f"{name} must be a positive number, got {value!r}")
     try:
         out = float(value)
@@ -39,8 +39,8 @@ def positive_float(name: str, value: Any) -> float:
 
 
 def non_negative_float(name: str, value: Any) -> float:
-    """Return ``value`` as a float after checking it is a finite number >= 0."""
-    if isinstance(value, bool):
+    """Return ``value`` as a float after checking it is a finite number >= 0 (a number, not text)."""
+    if isinstance(value, (bool, str, bytes)):
         raise ValueError(f"{name} must be a non-negative number, got {value!r}")
     try:
         out = float(value)

@@ -92,7 +92,7 @@ class DataRepetition(LedgerCallback):
         if tokens_fn is not None and not callable(tokens_fn):
             raise ValueError(f"tokens_fn must be callable (batch -> tokens), got {tokens_fn!r}")
         self.tokens_fn = tokens_fn
-        if sketch not in (None, True, False):
+        if not (sketch is None or isinstance(sketch, bool)):
             raise ValueError(f"sketch must be None (auto), True or False, got {sketch!r}")
         self.sketch_arg = sketch
         self.sketch_precision = positive_int("sketch_precision", sketch_precision)
