@@ -36,17 +36,45 @@ def _first_tensor(batch: Any) -> torch.Tensor | None:
     return None
 
 
+IGNORE_INDEX = -100  # the label PyTorch's cross_entropy, Hugging Face and litgpt ignore
+
+# The token rules, in the words the pre-flight summary and the report use.
+RULE_TOKENS_FN = "tokens_fn(batch)"
+RULE_ATTENTION_MASK = "non-padding tokens of attention_mask"
+RULE_LABELS = "input tokens up to each row's last label that is not -100 (right padding marked in labels)"
+RULE_ALL = "every element of the integer token tensor (no padding marked)"
+
+
+def token_rule(batch: Any, tokens_fn: TokensFn | None = None) -> str | None:
+    """Which rule :func:`count_tokens` applies to this batch, in words (None: it cannot count it)."""
+    if tokens_fn is not None:
+        return getattr(tokens_fn, "rule", RULE_TOKENS_FN)
+    if isinstance(batch, Mapping) and isinstance(batch.get("attention_mask"), torch.Tensor):
+        return RULE_ATTENTION_MASK
+    tensor = _first_tensor(batch)
+    if tensor is None or tensor.is_floating_point() or tensor.is_complex():
+        return None
+    return RULE_LABELS if _padding_labels(batch, tensor) is not None else RULE_ALL
+
+
 def count_tokens(batch: Any, tokens_fn: TokensFn | None = None, *,
                  lazy: bool = False) -> int | torch.Tensor | None:
     """Training tokens in one batch (this rank, one micro-batch), or None when we cannot tell.
 
-    ``tokens_fn(batch)`` wins when given. Otherwise: the non-padding tokens of ``attention_mask`` when the
-    batch is a mapping that carries one; else the element count of the token tensor (``input_ids`` or the
-    first tensor of a tuple/list/dict) when it holds integer ids. A float tensor is not tokens: None.
+    A training token is a non-padding input token: what the model processes, the count that FLOPs and the
+    ~20 tokens-per-parameter rule use. In order:
 
-    A count summed from a tensor (a mask, or a tensor from ``tokens_fn``) is read back to the host, which waits
-    for the device. With ``lazy=True`` it stays a 0-dim tensor on the batch's device instead, for a caller that
-    adds counts up and reads them once per optimizer step (``global_sum`` takes such tensors).
+    1. ``tokens_fn(batch)`` when given (see :func:`non_padding_tokens` for a pad id);
+    2. the non-padding tokens of ``attention_mask`` when the batch is a mapping that carries one;
+    3. without a mask, right padding marked in ``labels`` (same shape as the token tensor): each row counts up
+       to its last label that is not -100; a prompt masked with -100 at the start is not padding. A row with no
+       label at all counts whole (nothing marks where it ends);
+    4. else every element of the token tensor (``input_ids`` or the first tensor of a tuple/list/dict) when it
+       holds integer ids. A float tensor is not tokens: None.
+
+    A count summed from a tensor is read back to the host, which waits for the device. With ``lazy=True`` it
+    stays a 0-dim tensor on the batch's device instead, for the step ledger that reads every count once per
+    optimizer step.
     """
     if tokens_fn is not None:
         value = tokens_fn(batch)
@@ -59,7 +87,57 @@ def count_tokens(batch: Any, tokens_fn: TokensFn | None = None, *,
     tensor = _first_tensor(batch)
     if tensor is None or tensor.is_floating_point() or tensor.is_complex():
         return None
+    labels = _padding_labels(batch, tensor)
+    if labels is not None:
+        count = _tokens_before_trailing_ignore(labels)
+        return count if lazy else int(count.item())
     return int(tensor.numel())
+
+
+def count_supervised_tokens(batch: Any) -> torch.Tensor | None:
+    """Tokens that carry a loss: labels that are not -100 (a 0-dim tensor on the batch's device), or None when
+    the batch has no ``labels`` tensor."""
+    labels = batch.get("labels") if isinstance(batch, Mapping) else None
+    if not isinstance(labels, torch.Tensor) or labels.is_floating_point():
+        return None
+    return (labels.detach() != IGNORE_INDEX).sum()
+
+
+def non_padding_tokens(pad_token_id: int) -> TokensFn:
+    """A ``tokens_fn`` that counts the token ids that are not ``pad_token_id`` (for batches that mark padding
+    with a pad id and carry neither an attention mask nor -100 labels)::
+
+        ScalingMonitor(tokens_fn=non_padding_tokens(tokenizer.pad_token_id))
+    """
+    if isinstance(pad_token_id, bool) or not isinstance(pad_token_id, int):
+        raise ValueError(f"pad_token_id must be a whole number (the tokenizer's pad id), got {pad_token_id!r}")
+
+    def count(batch: Any) -> torch.Tensor:
+        tensor = _first_tensor(batch)
+        if tensor is None or tensor.is_floating_point():
+            raise ValueError("the batch has no integer token tensor to count")
+        return (tensor.detach() != pad_token_id).sum()
+
+    count.rule = f"token ids other than the pad id {pad_token_id}"  # type: ignore[attr-defined]
+    return count
+
+
+def _padding_labels(batch: Any, tensor: torch.Tensor) -> torch.Tensor | None:
+    labels = batch.get("labels") if isinstance(batch, Mapping) else None
+    if not isinstance(labels, torch.Tensor) or labels is tensor or labels.shape != tensor.shape or tensor.dim() != 2:
+        return None
+    if labels.is_floating_point():
+        return None
+    return labels.detach()
+
+
+def _tokens_before_trailing_ignore(labels: torch.Tensor) -> torch.Tensor:
+    """Per row: the position after the last label that is not -100 (the whole row if there is none), summed."""
+    seq = labels.shape[1]
+    valid = labels != IGNORE_INDEX
+    positions = torch.arange(1, seq + 1, device=labels.device)
+    ends = (valid * positions).amax(dim=1)  # 0 for a row with no label
+    return torch.where(ends > 0, ends, torch.full_like(ends, seq)).sum()
 
 
 def count_samples(batch: Any) -> int | None:

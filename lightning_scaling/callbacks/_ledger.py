@@ -30,8 +30,10 @@ import torch
 from lightning_scaling.callbacks._common import (
     TokensFn,
     count_samples,
+    count_supervised_tokens,
     count_tokens,
     planned_optimizer_steps,
+    token_rule,
     unwrap_loss,
 )
 
@@ -42,7 +44,8 @@ SKIPPED = "skipped_micro_batches"  # micro-batches whose training_step returned 
 NO_SAMPLES = "uncountable_samples"  # micro-batches with no tensor to count samples in
 LOSS_SUM = "loss_sum"  # sum of the trained micro-batches' losses (not divided by accumulation)
 LOSS_COUNT = "loss_count"  # micro-batches whose loss was seen
-_BUILTIN = (SAMPLES, MICRO_BATCHES, SKIPPED, NO_SAMPLES, LOSS_SUM, LOSS_COUNT)
+SUPERVISED = "supervised_tokens"  # labels that are not -100, when batches carry labels
+_BUILTIN = (SAMPLES, MICRO_BATCHES, SKIPPED, NO_SAMPLES, LOSS_SUM, LOSS_COUNT, SUPERVISED)
 
 _LEDGERS: weakref.WeakKeyDictionary[Any, StepLedger] = weakref.WeakKeyDictionary()
 
@@ -103,6 +106,7 @@ class StepLedger:
         self._record_key: Any = None
         self.errors: dict[str, str] = {}
         self.planned_steps: int | None = None  # optimizer steps of the whole run, when bounded
+        self.rules_applied: dict[str, str] = {}  # token slot -> the rule its first counted batch used, in words
         self._pending_micro = 0  # micro-batches closed since the last record (host count, equal on every rank)
         self._serial = 0  # micro-batches begun: the key of a record is the serial of the micro-batch that built it
         self.records = 0  # records built (one per optimizer step): what tests count
@@ -170,7 +174,14 @@ class StepLedger:
             self.add(NO_SAMPLES, 1)
         else:
             self.add(SAMPLES, samples)
+        supervised = count_supervised_tokens(batch)
+        if supervised is not None:
+            self.add(SUPERVISED, supervised)
         for rule, fn in self._rules.items():
+            if rule not in self.rules_applied:
+                described = token_rule(batch, fn)
+                if described is not None:
+                    self.rules_applied[rule] = described
             try:
                 tokens = count_tokens(batch, fn, lazy=True)
             except Exception as err:  # noqa: BLE001 - the user's tokens_fn failed: the parts say so

@@ -6,6 +6,7 @@ import math
 import time
 from typing import Any
 
+import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import default_collate
@@ -15,11 +16,12 @@ from lightning_scaling.callbacks._base import LedgerCallback
 from lightning_scaling.callbacks._common import (
     TokensFn,
     count_tokens,
+    token_rule,
     guarded,
     planned_optimizer_steps,
     remaining_micro_batches,
 )
-from lightning_scaling.callbacks._ledger import MICRO_BATCHES, StepRecord
+from lightning_scaling.callbacks._ledger import MICRO_BATCHES, SUPERVISED, StepRecord
 
 
 class TokenBudget(LedgerCallback):
@@ -88,6 +90,8 @@ class TokenBudget(LedgerCallback):
         self.projection_warmup_steps = positive_int("projection_warmup_steps", projection_warmup_steps)
         # checkpointed (global over ranks)
         self.tokens = 0
+        self.supervised_tokens = 0  # labels that are not -100, when batches carry labels
+        self.token_rule: str | None = None  # how tokens are counted, in words (see count_tokens)
         self.optimizer_steps = 0
         self.warned: list[str] = []
         # this fit only
@@ -143,7 +147,10 @@ class TokenBudget(LedgerCallback):
                 f"pass {type(self).__name__}(tokens_fn=...) that returns "
                 "the number of training tokens in a batch.",
             )
+        assert self.ledger is not None
+        self.token_rule = self.ledger.rules_applied.get(self._rule, self.token_rule)
         self.tokens += int(record.tokens(self._rule))
+        self.supervised_tokens += int(record[SUPERVISED])
         self._fit_micro_batches += int(record[MICRO_BATCHES])
         if record.steps == 0:
             return None
@@ -155,6 +162,8 @@ class TokenBudget(LedgerCallback):
             "scaling/params": float(self.params),
             "scaling/tokens_per_param": self.tokens / self.params,
         }
+        if self.supervised_tokens:
+            metrics["scaling/supervised_tokens"] = float(self.supervised_tokens)
         steps_this_fit = trainer.global_step - self._fit_start_steps
         due = self.projected_tokens is None or record.log_now  # first chance, then at each log interval
         if due and steps_this_fit >= min(self.projection_warmup_steps, planned_optimizer_steps(trainer) or 1):
@@ -168,11 +177,13 @@ class TokenBudget(LedgerCallback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"tokens": self.tokens, "optimizer_steps": self.optimizer_steps, "warned": list(self.warned)}
+        return {"tokens": self.tokens, "supervised_tokens": self.supervised_tokens,
+                "optimizer_steps": self.optimizer_steps, "warned": list(self.warned)}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.tokens = int(state_dict.get("tokens", 0))
+        self.supervised_tokens = int(state_dict.get("supervised_tokens", 0))
         self.optimizer_steps = int(state_dict.get("optimizer_steps", 0))
         self.warned = list(state_dict.get("warned", []))
 
@@ -191,6 +202,8 @@ class TokenBudget(LedgerCallback):
             "compute_overhead": self.compute_overhead,
             "projected_wall_clock_hours": self.projected_seconds / 3600 if self.projected_seconds else None,
             "non_embedding": self.non_embedding,
+            "token_rule": self.token_rule,
+            "supervised_tokens": self.supervised_tokens or None,
         }
 
     def _count_params(self, pl_module: LightningModule) -> int:
@@ -278,22 +291,33 @@ class TokenBudget(LedgerCallback):
             flops = 6 * self.params * tokens  # C = 6ND
             optimum = self.law.compute_optimal(flops)
             lines += [
-                f"planned tokens: {_fmt(tokens)} ({_fmt(per_step)} per step)",
+                f"planned tokens: {_fmt(tokens)} ({_fmt(per_step)} per step, from 8 samples or fewer)",
                 f"planned tokens per parameter: {tokens / self.params:.3g} (rule of thumb: ~{self.tokens_per_param:g})",
                 f"planned training FLOPs (6ND): {_fmt(flops)}; compute-optimal for that budget "
                 f"({_law_name(self.law)}): {_fmt(optimum.params)} parameters on {_fmt(optimum.tokens)} tokens",
             ]
         else:
             lines.append("planned tokens: known after the first steps")
-        rank_zero_info("TokenBudget pre-flight:\n  " + "\n  ".join(lines))
+        lines.append(f"tokens counted as: {self.token_rule or 'known after the first batch'}")
+        rank_zero_info(f"{type(self).__name__} pre-flight:\n  " + "\n  ".join(lines))
 
     def _estimate_tokens_per_step(self, trainer: Trainer) -> float | None:
-        """Tokens per optimizer step from the dataloader's batch size and its first sample (no batch drawn)."""
+        """Tokens per optimizer step from the dataloader's batch size and up to 8 samples spread over the dataset
+        (each collated alone, as the loader would; no batch is drawn). Sets ``token_rule`` from them."""
         try:
             loader = trainer.train_dataloader
-            one = default_collate([loader.dataset[0]])  # a batch of one sample, as the loader would collate it
-            per_sample = count_tokens(one, self.tokens_fn)
-            batch_size = loader.batch_size
+            dataset, batch_size = loader.dataset, loader.batch_size
+            n = len(dataset)
+            picks = sorted({round(i * (n - 1) / 7) for i in range(8)}) if n > 1 else [0]
+            counts = []
+            for index in picks:
+                one = default_collate([dataset[index]])  # a batch of one sample
+                self.token_rule = self.token_rule or token_rule(one, self.tokens_fn)
+                count = count_tokens(one, self.tokens_fn, lazy=True)
+                if count is None:
+                    return None
+                counts.append(torch.as_tensor(count, dtype=torch.float64))
+            per_sample = float(torch.stack(counts).mean())  # one read of the device, not one per sample
         except Exception:  # noqa: BLE001 - iterable datasets, custom samplers: known after the first steps
             return None
         if not per_sample or not batch_size:

@@ -1,0 +1,112 @@
+"""Tokens are counted by a rule the user can see: a training token is a non-padding input token.
+
+attention_mask first; without one, right padding marked with -100 in ``labels`` (litgpt's SFT collate), or a pad
+id the user names; labels also give the supervised (loss) tokens. The pre-flight summary names the rule."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from gpt import GPTConfig, GPTLightningModule
+from helpers import quick_trainer
+from torch.utils.data import DataLoader
+
+from lightning_scaling.callbacks import ScalingMonitor, TokenBudget
+from lightning_scaling.callbacks._common import (
+    RULE_ALL,
+    RULE_ATTENTION_MASK,
+    RULE_LABELS,
+    count_supervised_tokens,
+    count_tokens,
+    non_padding_tokens,
+    token_rule,
+)
+
+CFG = GPTConfig(n_layer=1, d_model=32, n_head=2, seq_len=16, d_ff=64)
+
+
+def _sft_rows(n: int = 32, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    """litgpt-style supervised fine-tuning samples: a prompt (labels -100) then a response, unpadded."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(n):
+        prompt, response = int(torch.randint(2, 6, (1,), generator=g)), int(torch.randint(2, 10, (1,), generator=g))
+        ids = torch.randint(1, 256, (prompt + response,), generator=g)
+        labels = ids.clone()
+        labels[:prompt] = -100
+        rows.append({"input_ids": ids, "labels": labels})
+    return rows
+
+
+def sft_collate(rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Pads input_ids with 0 and labels with -100 to the longest row, with no attention mask (as litgpt does)."""
+    longest = max(len(r["input_ids"]) for r in rows)
+    ids = torch.zeros(len(rows), longest, dtype=torch.long)
+    labels = torch.full((len(rows), longest), -100, dtype=torch.long)
+    for i, r in enumerate(rows):
+        n = len(r["input_ids"])
+        ids[i, :n], labels[i, :n] = r["input_ids"], r["labels"]
+    return {"input_ids": ids, "labels": labels}
+
+
+class SFTModule(GPTLightningModule):
+    def training_step(self, batch, batch_idx):
+        logits = self(batch["input_ids"])
+        return F.cross_entropy(logits[:, :-1].reshape(-1, 256), batch["labels"][:, 1:].reshape(-1), ignore_index=-100)
+
+
+def test_right_padding_marked_in_labels_is_not_counted():
+    rows = _sft_rows(8)
+    batch = sft_collate(rows)
+    real = sum(len(r["input_ids"]) for r in rows)
+    assert batch["input_ids"].numel() > real  # the batch really is padded
+    assert count_tokens(batch) == real
+    assert token_rule(batch) == RULE_LABELS
+    # the prompt's -100 labels at the start are not padding: only the trailing run is
+    assert int(count_supervised_tokens(batch)) == sum(int((r["labels"] != -100).sum()) for r in rows)
+
+
+def test_mask_wins_and_no_marking_counts_every_element():
+    ids = torch.randint(1, 9, (2, 5))
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    assert count_tokens({"input_ids": ids, "attention_mask": mask, "labels": ids}) == 8
+    assert token_rule({"input_ids": ids, "attention_mask": mask}) == RULE_ATTENTION_MASK
+    assert count_tokens({"input_ids": ids}) == 10 and token_rule({"input_ids": ids}) == RULE_ALL
+
+
+def test_pad_id_rule():
+    ids = torch.tensor([[5, 6, 7, 0, 0], [1, 2, 3, 4, 5]])
+    fn = non_padding_tokens(0)
+    assert int(fn({"input_ids": ids})) == 8
+    assert "pad id 0" in token_rule({"input_ids": ids}, fn)
+    with pytest.raises(ValueError, match="pad_token_id"):
+        non_padding_tokens("0")
+
+
+def test_sft_run_counts_training_and_supervised_tokens_and_names_the_rule(tmp_path, caplog):
+    rows = _sft_rows(32)
+    loader = DataLoader(rows, batch_size=4, collate_fn=sft_collate, shuffle=False)
+    budget = TokenBudget()
+    with caplog.at_level(logging.INFO), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = quick_trainer(tmp_path, [budget], steps=8, log_every_n_steps=1)
+        trainer.fit(SFTModule(CFG), loader)
+    assert budget.tokens == sum(len(r["input_ids"]) for r in rows)  # not the padded 8 x 4 x longest
+    assert budget.supervised_tokens == sum(int((r["labels"] != -100).sum()) for r in rows)
+    assert budget.summary()["token_rule"] == RULE_LABELS
+    assert float(trainer.callback_metrics["scaling/supervised_tokens"]) == budget.supervised_tokens
+    preflight = next(r.getMessage() for r in caplog.records if "pre-flight" in r.getMessage())
+    assert f"tokens counted as: {RULE_LABELS}" in preflight
+
+
+def test_monitor_report_names_the_rule(tmp_path):
+    data = torch.randint(0, 256, (32, 17), generator=torch.Generator().manual_seed(0))
+    monitor = ScalingMonitor(noise_scale=False, repetition=False, flops=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        quick_trainer(tmp_path, [monitor], steps=2).fit(GPTLightningModule(CFG), DataLoader(data, batch_size=4))
+    assert monitor.report["tokens"]["token_rule"] == RULE_ALL
