@@ -15,14 +15,13 @@ from gpt import GPTConfig, GPTLightningModule
 from helpers import quick_trainer
 from torch.utils.data import DataLoader
 
-from lightning_scaling.callbacks import ScalingMonitor, TokenBudget
+from lightning_scaling.callbacks import ScalingMonitor, TokenBudget, non_padding_tokens
 from lightning_scaling.callbacks._common import (
     RULE_ALL,
     RULE_ATTENTION_MASK,
     RULE_LABELS,
     count_supervised_tokens,
     count_tokens,
-    non_padding_tokens,
     token_rule,
 )
 

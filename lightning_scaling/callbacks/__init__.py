@@ -11,6 +11,7 @@ _LAZY = {
     "GradientNoiseScale": "lightning_scaling.callbacks.gradient_noise_scale",
     "DataRepetition": "lightning_scaling.callbacks.data_repetition",
     "ScalingMonitor": "lightning_scaling.callbacks.scaling_monitor",
+    "non_padding_tokens": "lightning_scaling.callbacks._common",
 }
 
 __all__ = sorted(_LAZY)
