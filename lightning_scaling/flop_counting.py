@@ -3,8 +3,8 @@
 Torch (2.13) ``torch.utils.flop_counter.FlopCounterMode`` counts matmuls and convolutions by dispatching every
 aten op through a formula table. It counts CPU ``scaled_dot_product_attention`` as 0 (no formula for the CPU
 flash op), never halves causal attention, counts the fused attention backward as 2.5 × forward (recomputed
-scores included), misreads the [B, S, H, D] layout of the low-level flash/efficient ops, and cannot run eager
-``flex_attention`` at all. ``TrainingFlopCounter`` fixes these and keeps two counts of every op:
+scores included), misreads the [B, S, H, D] layout of the low-level flash/efficient ops, and refuses the
+``flex_attention`` operator. ``TrainingFlopCounter`` fixes these and keeps two counts of every op:
 
 Model FLOPs (``get_total_flops()``, ``forward_flops``, ``backward_flops``)
     What the model needs, whatever kernel runs it, under one causal-attention convention
@@ -21,7 +21,10 @@ Model FLOPs (``get_total_flops()``, ``forward_flops``, ``backward_flops``)
       matmul through elementwise ops to the softmax and on to the P·V matmul, whose probabilities are read:
       causal when every probability above the diagonal is exactly 0 (padded queries aside: rows that allow
       every key, or whose probabilities are all equal because every logit was the mask value);
-    - ``flex_attention``: its ``mask_mod`` evaluated on batch 0, head 0, and read like a mask.
+    - ``flex_attention``: its ``mask_mod`` evaluated on batch 0, head 0, and read like a mask. (torch 2.13 runs
+      eager ``flex_attention`` through ``torch.compile(fullgraph=True)``, which refuses to run under any
+      dispatch mode, this counter included: the operator reaches the counter only with
+      ``torch.nn.attention.flex_attention._FLEX_ATTENTION_DISABLE_COMPILE_DEBUG = True``.)
 
     Masks and probabilities are read with one host sync per check, at most ``MASK_CHECK_ELEMENTS`` values (whole
     rows, a strided sample beyond that). Not recognised, so counted in full: a mask on the meta device or inside
@@ -46,7 +49,6 @@ from __future__ import annotations
 
 import functools
 import math
-import weakref
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -334,7 +336,10 @@ class _EagerAttention:
     """One eager attention call: its score matmul, then the P·V matmul and the backward matmuls as they come."""
 
     matmuls: list[_MatmulCall]
-    probabilities: weakref.ref | None = None  # the softmax output (not kept alive), until P·V has read it
+    # The softmax output, held until the first matmul takes it (P·V, moments later; autograd saves it anyway).
+    # A recomputation under activation checkpointing hands on a different tensor object: a weak reference
+    # would be gone by then.
+    probabilities: torch.Tensor | None = None
     causal: bool | None = None
     consumers: int = 0
 
@@ -474,7 +479,7 @@ class TrainingFlopCounter(FlopCounterMode):
                                                            "backward": defaultdict(int)}
         self._attention_calls: dict[str, int] = defaultdict(int)
         self._tags: dict[int, tuple[StorageWeakRef, tuple[str, Any]]] = {}
-        self._mask_verdicts: dict[tuple, bool] = {}
+        self._mask_verdicts: dict[tuple, tuple[StorageWeakRef, bool]] = {}
         self._flex_verdicts: dict[tuple, bool] = {}
 
     # ------------------------------------------------------------------------------------------ public
@@ -583,13 +588,16 @@ class TrainingFlopCounter(FlopCounterMode):
         if not isinstance(mask, torch.Tensor):
             return False
         try:
-            key = (mask.data_ptr(), mask.storage_offset(), tuple(mask.shape), tuple(mask.stride()), mask.dtype,
-                   str(mask.device), mask._version, s_q, s_k)
-        except (RuntimeError, TypeError):  # no storage (a subclass, a fake tensor): unreadable anyway
+            storage = mask.untyped_storage()
+            key = (storage._cdata, mask.storage_offset(), tuple(mask.shape), tuple(mask.stride()), mask.dtype,
+                   mask._version, s_q, s_k)
+        except (RuntimeError, NotImplementedError, TypeError):  # no storage (a subclass, a fake tensor)
             return False
-        if key not in self._mask_verdicts:
-            self._mask_verdicts[key] = _mask_is_causal(mask, s_q, s_k)
-        return self._mask_verdicts[key]
+        cached = self._mask_verdicts.get(key)
+        if cached is None or cached[0].expired():  # expired: another tensor now lives at that address
+            cached = (StorageWeakRef(storage), _mask_is_causal(mask, s_q, s_k))
+            self._mask_verdicts[key] = cached
+        return cached[1]
 
     def _attention_counts(self, dims: tuple[int, int, int, int, int, int], flagged: bool, mask: Any,
                           backward: bool) -> tuple[int, int, str | None]:
@@ -759,8 +767,7 @@ class TrainingFlopCounter(FlopCounterMode):
                         # The first matmul to take the probabilities is P·V (or, in a recomputation that stops
                         # at the softmax, dV). The softmax output is read first (dropout has not touched it:
                         # padding rows are whole), then what P·V takes (a mask applied after the softmax).
-                        probabilities = attention.probabilities() if attention.probabilities else None
-                        attention.probabilities = None
+                        probabilities, attention.probabilities = attention.probabilities, None
                         causal = (probabilities is not None and _probabilities_are_causal(probabilities)) or (
                             position == 0 and _probabilities_are_causal(operand))
                         attention.causal = causal
@@ -778,7 +785,7 @@ class TrainingFlopCounter(FlopCounterMode):
             tag = self._tag_of(args[0])
             dim = args[1] if len(args) > 1 else kwargs.get("dim")
             if tag is not None and tag[0] == "scores" and isinstance(dim, int) and dim in (-1, args[0].dim() - 1):
-                probabilities = weakref.ref(out) if isinstance(out, torch.Tensor) else None
+                probabilities = out if isinstance(out, torch.Tensor) else None
                 self._set_tag(out, ("probs", _EagerAttention([tag[1]], probabilities)))
         elif packet is _aten._softmax_backward_data:
             tag = self._tag_of(args[1])  # the softmax output, saved for backward

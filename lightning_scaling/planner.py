@@ -411,7 +411,12 @@ def plan(
 
     def said(name: str) -> str:
         if name == "params" and model is not None:
-            dims = ", ".join(f"{arg(k)} {model[k]}" for k in (*_SHAPE, "seq_len"))
+            given_dims = {k: model[k] for k in (*_SHAPE, "seq_len", "d_ff")}
+            given_dims.update({k: v for k, v in (("n_kv_head", n_kv_head), ("head_dim", head_dim)) if v is not None})
+            switches = [arg(k) for k, on in (("gated_mlp", gated_mlp), ("non_embedding", non_embedding)) if on]
+            if not tied_embeddings:
+                switches.append("--untied-embeddings" if cli_names else "tied_embeddings=False")
+            dims = ", ".join([f"{arg(k)} {v}" for k, v in given_dims.items()] + switches)
             return f"the model shape ({dims}: {params:.4g} parameters)"
         return f"{arg(name)} {values[name]:g}"
 

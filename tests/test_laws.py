@@ -516,9 +516,9 @@ def test_data_constrained_optimum_never_returns_infinite_epochs():
 def test_no_allocation_holds_infinite_flops():
     # N and D both fit a float but 6·N·D does not: an Allocation with flops=inf used to come back
     with pytest.raises(ValueError, match="^tokens out of range.*FLOPs"):
-        BESIROGLU_2024.optimal_for_tokens(6.06e150)
+        BESIROGLU_2024.optimal_for_tokens(6.0606e150)  # 4.9e156 parameters: both finite, their product is not
     with pytest.raises(ValueError, match="^params out of range.*FLOPs"):
-        BESIROGLU_2024.optimal_for_params(1e150)
+        BESIROGLU_2024.optimal_for_params(1e160)
 
 
 def test_allocation_out_of_float_range_is_a_value_error():

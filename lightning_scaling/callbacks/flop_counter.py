@@ -117,6 +117,14 @@ class FlopCounter(LedgerCallback):
 
         self._shape = find_model_shape(pl_module, self.model_shape_arg)
         self._shapes = FlopsByShape(max_measured=self.max_measured_shapes)
+        if self.measure and _uses_flex_attention(pl_module):
+            # torch's eager flex attention refuses to run under any dispatch mode: measuring would break the step
+            self._counting_failed = True
+            self._warn.info(
+                "flex",
+                "the model uses flex attention, which cannot run under a FLOP counter; FLOPs are not measured "
+                "(the analytic count is logged when the model's shape is known).",
+            )
         peak = self.peak_flops_override
         if peak is None:
             from lightning_scaling.hardware import device_peak_flops
@@ -281,6 +289,11 @@ class FlopCounter(LedgerCallback):
             self.ledger.add(UNCOUNTED, 1)
             return
         model, hardware = result
+        attention = measuring.attention_calls
+        if attention:
+            paths = ", ".join(f"{n} x {path}" for path, n in sorted(attention.items()))
+            self._warn.info("attention", f"attention counted as {self.causal_attention!r} causal; layers recognised: "
+                                         f"{paths}.")
         error = self._shapes.record(measuring.key, measuring.family, measuring.batch_size, measuring.seq_len,
                                     model, hardware)
         if error is not None and error > self._shapes.tolerance:
@@ -328,6 +341,7 @@ class _Measurement:
     def __init__(self, key: Any, family: Any, batch_size: int, seq_len: int, causal_attention: str) -> None:
         self.key, self.family, self.batch_size, self.seq_len = key, family, batch_size, seq_len
         self.error: str | None = None
+        self.attention_calls: dict[str, int] = {}
         self._stack = contextlib.ExitStack()
         self._counter: _InStepCounter | None = _InStepCounter(causal_attention)
         try:
@@ -341,6 +355,8 @@ class _Measurement:
     def close(self) -> tuple[int, int] | None:
         """Stop counting; (model FLOPs, hardware FLOPs) of the micro-batch, or None if counting failed."""
         counter, self._counter = self._counter, None
+        if counter is not None:
+            self.attention_calls = counter.attention_calls
         if counter is None:
             return None
         try:
@@ -353,8 +369,9 @@ class _Measurement:
             return None
         forward, backward = counter.forward_flops, counter.backward_flops
         # Model FLOPs count the backward as at most 2x the forward; anything above that is recomputation
-        # (activation checkpointing), which only hardware FLOPs include (PaLM App. B: MFU vs HFU).
-        return int(forward + min(backward, 2 * forward)), int(forward + backward)
+        # (activation checkpointing), which only hardware FLOPs include (PaLM App. B: MFU vs HFU). Hardware
+        # FLOPs are what the kernels executed: the full square of a masked attention, recomputed scores.
+        return int(forward + min(backward, 2 * forward)), int(counter.hardware_flops)
 
 
 class _InStepCounter(TorchDispatchMode):
@@ -390,6 +407,23 @@ class _InStepCounter(TorchDispatchMode):
     @property
     def backward_flops(self) -> int:
         return self.counter.backward_flops
+
+    @property
+    def hardware_flops(self) -> int:
+        return self.counter.hardware_flops
+
+    @property
+    def attention_calls(self) -> dict[str, int]:
+        return self.counter.attention_calls
+
+
+def _uses_flex_attention(module: torch.nn.Module) -> bool:
+    """Whether a Hugging Face model inside ``module`` is configured for flex attention."""
+    for sub in module.modules():
+        config = getattr(sub, "config", None)
+        if getattr(config, "_attn_implementation", None) == "flex_attention":
+            return True
+    return False
 
 
 def _shape_key(batch: Any) -> tuple[Any, Any, int, int]:
