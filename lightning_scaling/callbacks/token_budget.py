@@ -326,7 +326,7 @@ class TokenBudget(LedgerCallback):
 
 
 def _resolve_law(law: Any) -> Any:
-    """A law object, a preset name ("hoffmann", "epoch", "muennighoff") or None (the default law)."""
+    """A law object, a preset name ("besiroglu", "hoffmann", "muennighoff") or None (the default law)."""
     if law is None:
         return None
     if isinstance(law, str):
@@ -336,7 +336,7 @@ def _resolve_law(law: Any) -> Any:
     if not all(callable(getattr(law, name, None)) for name in ("loss", "compute_optimal", "compute_overhead")):
         raise ValueError(
             f"law must be a ChinchillaLaw (a preset such as lightning_scaling.laws.DEFAULT_LAW, a name such as "
-            f"'epoch', or a fitted law from load_law), got {law!r}"
+            f"'besiroglu', or a fitted law from load_law), got {law!r}"
         )
     return law
 
