@@ -237,3 +237,35 @@ def test_pad_to_longest_measures_a_few_shapes_and_predicts_the_rest_within_1_per
                 for b in list(loader)[:40])
     assert counter.measured_shapes <= 5
     assert counter.total_flops == pytest.approx(every, rel=0.01)
+
+
+class RandomCrops(torch.utils.data.Dataset):
+    """A dataset that draws from the global RNGs in __getitem__ (random crops), read in the main process."""
+
+    def __init__(self) -> None:
+        self.data = torch.randint(0, 256, (64, 40), generator=torch.Generator().manual_seed(0))
+
+    def __len__(self) -> int:
+        return 64
+
+    def __getitem__(self, i):
+        start = int(torch.randint(0, 20, (1,))) + random.randint(0, 1) + int(np.random.randint(0, 2))
+        return {"input_ids": self.data[i, start:start + 17].clone()}
+
+
+def test_our_look_at_the_dataset_draws_nothing_from_the_users_generators(tmp_path):
+    """The pre-flight reads a few dataset items; a dataset that draws random numbers must not notice."""
+
+    def run(callbacks):
+        L.seed_everything(3, verbose=False)
+        module = UserModule()
+        trainer = quick_trainer(tmp_path, callbacks, steps=6, logger=False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            trainer.fit(module, DataLoader(RandomCrops(), batch_size=4, shuffle=True))
+        return [p.detach().clone() for p in module.parameters()], torch.get_rng_state()
+
+    plain, plain_rng = run([])
+    watched, watched_rng = run([ScalingMonitor()])
+    assert all(torch.equal(a, b) for a, b in zip(watched, plain))
+    assert torch.equal(watched_rng, plain_rng)

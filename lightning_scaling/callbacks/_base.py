@@ -45,6 +45,12 @@ class LedgerCallback(Callback):
             return
         self.ledger = StepLedger.attach(trainer)
         self.ledger.declare(self._failure_slot)
+        if not self.ledger.claim(self):
+            # a second FlopCounter (say) beside ScalingMonitor's would add every number twice to the shared books
+            self.enabled = False
+            self._warn.warn("duplicate", f"another {type(self).__name__} is already on this Trainer (ScalingMonitor "
+                                         "includes one of each part); this one is switched off.")
+            return
         self._guard(self._on_setup_fit, trainer, pl_module)
 
     @override
@@ -92,6 +98,12 @@ class LedgerCallback(Callback):
         if record is not None:
             self._take(trainer, pl_module, record)
         self._guard(self._on_train_end, trainer, pl_module)
+
+    @override
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        # Lightning skips teardown after an exception: forget the books, so that a retried fit starts afresh
+        StepLedger.detach(trainer)
+        self.ledger = None
 
     @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:

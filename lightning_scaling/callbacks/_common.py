@@ -3,8 +3,9 @@ and never letting our own bookkeeping crash a user's training run."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Callable, TypeVar
 
 import torch
@@ -240,3 +241,20 @@ def remaining_micro_batches(trainer: Any, batches_done_in_epoch: int) -> float |
         left_in_epoch = steps_per_epoch  # at an epoch's end: the next epoch starts afresh
     ends = 0 if steps_left < left_in_epoch else 1 + (steps_left - left_in_epoch) // steps_per_epoch
     return float(steps_left * k - ends * short)
+
+
+@contextlib.contextmanager
+def untouched_random_state() -> Iterator[None]:
+    """Restore torch's (CPU), Python's and numpy's random state on exit: reading a dataset item for our own
+    estimate must not draw from the user's generators (a random crop in ``__getitem__`` would)."""
+    import random
+
+    import numpy as np
+
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        try:
+            yield
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)

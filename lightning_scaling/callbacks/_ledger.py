@@ -106,7 +106,8 @@ class StepLedger:
         self._record_key: Any = None
         self.errors: dict[str, str] = {}
         self.planned_steps: int | None = None  # optimizer steps of the whole run, when bounded
-        self.rules_applied: dict[str, str] = {}  # token slot -> the rule its first counted batch used, in words
+        self.rules_applied: dict[str, str] = {}
+        self._owners: dict[type, Any] = {}  # token slot -> the rule its first counted batch used, in words
         self._pending_micro = 0  # micro-batches closed since the last record (host count, equal on every rank)
         self._serial = 0  # micro-batches begun: the key of a record is the serial of the micro-batch that built it
         self.records = 0  # records built (one per optimizer step): what tests count
@@ -128,6 +129,12 @@ class StepLedger:
         _LEDGERS.pop(trainer, None)
 
     # -------------------------------------------------------------------------------------- declarations
+    def claim(self, part: Any) -> bool:
+        """Register ``part`` as the trainer's one instance of its class; False when another instance already is
+        (its numbers would be added twice)."""
+        owner = self._owners.setdefault(type(part), part)
+        return owner is part
+
     def declare(self, *names: str) -> None:
         """Declare slots (numbers summed per step and over ranks). Every rank declares the same names in the same
         order (the parts do it in ``setup``), so the packed all-reduce lines up; declaring a name twice is a no-op."""
@@ -255,7 +262,7 @@ class StepLedger:
             self._step[index] = self._step[index] + value
         self._step[self._slots[MICRO_BATCHES]] += 1
         loss = unwrap_loss(outputs)
-        if loss is not None:
+        if loss is not None and loss.numel() == 1:  # manual optimization may hand back any tensor
             # Lightning hands back the loss divided by accumulate_grad_batches (automatic optimization)
             scale = 1 if manual else int(trainer.accumulate_grad_batches)
             self._step[self._slots[LOSS_SUM]] = self._step[self._slots[LOSS_SUM]] + loss.detach().float() * scale
@@ -276,7 +283,7 @@ class StepLedger:
                                   dtype=dtype, device=device)
             for i, v in enumerate(values):
                 if isinstance(v, torch.Tensor):  # stays on the device: the reduce below reads it with the rest
-                    packed[i] += v.detach().to(device=device, dtype=dtype)
+                    packed[i] += v.detach().reshape(()).to(device=device, dtype=dtype)
             if torch.distributed.is_available() and torch.distributed.is_initialized():
                 # not strategy.reduce: Lightning's DDP reduce puts a barrier before the all-reduce (2 collectives)
                 torch.distributed.all_reduce(packed, op=torch.distributed.ReduceOp.SUM)
@@ -308,8 +315,9 @@ def _read_back(values: list[Any]) -> list[float]:
     out = [0.0 if isinstance(v, torch.Tensor) else float(v) for v in values]
     lazy = [i for i, v in enumerate(values) if isinstance(v, torch.Tensor)]
     if lazy:
-        dtype = torch.float32 if values[lazy[0]].device.type == "mps" else torch.float64
-        read = torch.stack([values[i].detach().to(dtype) for i in lazy]).tolist()
+        device = values[lazy[0]].device  # a tokens_fn may count on the CPU while the loss is on the GPU
+        dtype = torch.float32 if device.type == "mps" else torch.float64
+        read = torch.stack([values[i].detach().reshape(()).to(device=device, dtype=dtype) for i in lazy]).tolist()
         for i, value in zip(lazy, read):
             out[i] = value
     return out

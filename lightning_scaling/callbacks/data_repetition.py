@@ -20,6 +20,7 @@ from lightning_scaling.callbacks._common import (
     count_samples,
     planned_optimizer_steps,
     remaining_micro_batches,
+    untouched_random_state,
 )
 from lightning_scaling.callbacks._ledger import MICRO_BATCHES, NO_SAMPLES, SAMPLES, StepRecord
 
@@ -213,7 +214,11 @@ class DataRepetition(LedgerCallback):
             if due or record.steps == 0:
                 if trainer.world_size > 1:  # the sketch's registers merge by max: a collective of its own,
                     # only at the sketch's cadence (every ``sketch_every_n_steps`` steps)
-                    self._sketch.registers = trainer.strategy.reduce(self._sketch.registers, reduce_op="max")
+                    registers = self._sketch.registers
+                    if torch.distributed.is_available() and torch.distributed.is_initialized():
+                        torch.distributed.all_reduce(registers, op=torch.distributed.ReduceOp.MAX)  # no barrier
+                    else:
+                        self._sketch.registers = trainer.strategy.reduce(registers, reduce_op="max")
                 self._estimate_distinct()
                 self._estimate_step = trainer.global_step
         self._update(trainer)
@@ -445,7 +450,8 @@ def _dataset_length(loader: Any) -> int | None:
     if loader.batch_size is None and loader.batch_sampler is None:
         # batch_size=None: each item is already a batch, so len(dataset) counts batches, not samples
         try:
-            rows_per_item = count_samples(dataset[0]) or 0
+            with untouched_random_state():
+                rows_per_item = count_samples(dataset[0]) or 0
         except Exception:  # noqa: BLE001 - cannot look inside: let the sketch estimate instead
             return None
         if rows_per_item <= 0:

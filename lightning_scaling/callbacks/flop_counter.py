@@ -31,9 +31,12 @@ class FlopCounter(LedgerCallback):
     r"""Count the training FLOPs of a ``LightningModule`` from the model itself, inside the real training step.
 
     The first micro-batch of a new input shape is counted while it really trains: its forward, loss and backward
-    run once, as always, under :func:`lightning_scaling.flop_counting.training_flop_counter` (torch's
-    ``FlopCounterMode`` with our corrections: CPU attention counted, causal attention under one convention, our
-    Triton kernels' formulas). Nothing of the user's is run twice. A few shapes are measured at all
+    run once, as always, under a torch dispatch mode that runs every op as called and asks the formulas of
+    :class:`lightning_scaling.flop_counting.TrainingFlopCounter` (torch's table with our corrections: CPU
+    attention counted, causal attention under one convention on every attention path, our Triton kernels'
+    formulas) what it cost. Nothing of the user's is run twice. A ``torch.compile``d model runs its measured
+    micro-batches eagerly (the counter must see each op), so their rounding can differ from the compiled
+    steps'; eager models are bit-identical. A few shapes are measured at all
     (``max_measured_shapes``); further shapes of the same batch structure are predicted by the formula
     ``F = p·b + q·b·s + r·b·s²`` fitted to the measured ones (b sequences of length s), trusted only once it has
     predicted a measured shape to 0.2% (:mod:`lightning_scaling.flops_by_shape`). A measured step runs slower
@@ -103,6 +106,7 @@ class FlopCounter(LedgerCallback):
         self.last_flops_per_sec: float | None = None
         self.last_mfu: float | None = None
         self.last_step_flops: int | None = None
+        self.uncounted_micro_batches = 0  # micro-batches (this rank) whose FLOPs are neither measured nor estimated
 
     # ------------------------------------------------------------------------- hooks, in the order they run
     @override
@@ -142,6 +146,7 @@ class FlopCounter(LedgerCallback):
     @override
     def _on_micro_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         assert self.ledger is not None
+        self._close_stale_measurement()  # a batch skipped by on_train_batch_start returning -1 never ended
         if self._step_started is None:
             self._step_started = time.perf_counter()
         self._add_analytic(batch)
@@ -161,6 +166,13 @@ class FlopCounter(LedgerCallback):
                 )
         if counted is None:
             self.ledger.add(UNCOUNTED, 1)
+            self.uncounted_micro_batches += 1
+            self._warn.warn(
+                "uncounted",
+                f"a batch of a new structure arrived after {self._shapes.measured} shapes were measured "
+                "(max_measured_shapes); its FLOPs are not counted, so the FLOP totals are low (see "
+                "summary()['uncounted_micro_batches']). Raise max_measured_shapes.",
+            )
             return
         self.ledger.add(MODEL, counted[0])
         self.ledger.add(HARDWARE, counted[1])
@@ -222,9 +234,17 @@ class FlopCounter(LedgerCallback):
     @override
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         self._step_started = None
-        if self._measuring is not None:
-            self._measuring.close()
-            self._measuring = None
+        self._close_stale_measurement()
+        super().on_exception(trainer, pl_module, exception)
+
+    @override
+    def _on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._close_stale_measurement()
+
+    @override
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._close_stale_measurement()  # the dispatch mode must never outlive the fit
+        super().teardown(trainer, pl_module, stage)
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -273,7 +293,13 @@ class FlopCounter(LedgerCallback):
             "causal_attention": self.causal_attention,
             "optimizer_steps": self.optimizer_steps,
             "measured_shapes": self.measured_shapes,
+            "uncounted_micro_batches": self.uncounted_micro_batches,
         }
+
+    def _close_stale_measurement(self) -> None:
+        if self._measuring is not None:
+            self._measuring.close()
+            self._measuring = None
 
     def _finish_measurement(self) -> None:
         assert self._measuring is not None and self.ledger is not None
@@ -385,6 +411,8 @@ class _InStepCounter(TorchDispatchMode):
     into the user's code.
     """
 
+    supports_higher_order_operators = True  # flex attention reaches the mode as a higher-order operator
+
     def __init__(self, causal_attention: str) -> None:
         super().__init__()
         self.counter = TrainingFlopCounter(causal_attention=causal_attention)
@@ -393,9 +421,11 @@ class _InStepCounter(TorchDispatchMode):
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        if self.error is None and not isinstance(func, torch._ops.HigherOrderOperator):
+        if self.error is None:
+            # the counter's formulas are keyed by op packet, its attention handlers by a higher-order op itself
+            key = func if isinstance(func, torch._ops.HigherOrderOperator) else func._overloadpacket
             try:
-                self.counter._count_flops(func._overloadpacket, out, args, kwargs)
+                self.counter._count_flops(key, out, args, kwargs)
             except Exception as err:  # noqa: BLE001 - the measurement is void; the user's op ran fine
                 self.error = f"counting {func} raised {type(err).__name__}: {err}"
         return out

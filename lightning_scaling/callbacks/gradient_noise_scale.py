@@ -254,8 +254,20 @@ class GradientNoiseScale(LedgerCallback):
         return self._metrics()
 
     @override
+    def _on_micro_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any) -> None:
+        # a skipped micro-batch (training_step returned None) ran no backward: nothing may leak into the next one
+        self._collecting = False
+        self._norms = []  # consumed by on_after_backward; anything left came from outside the step
+
+    @override
     def _on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._remove_hooks()
+
+    @override
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        self._remove_hooks()  # Lightning skips teardown after an exception
+        self._norms, self._collecting = [], False
+        super().on_exception(trainer, pl_module, exception)
 
     @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:

@@ -20,6 +20,7 @@ from lightning_scaling.callbacks._common import (
     guarded,
     planned_optimizer_steps,
     remaining_micro_batches,
+    untouched_random_state,
 )
 from lightning_scaling.callbacks._ledger import MICRO_BATCHES, SUPERVISED, StepRecord
 
@@ -311,7 +312,9 @@ class TokenBudget(LedgerCallback):
             picks = sorted({round(i * (n - 1) / 7) for i in range(8)}) if n > 1 else [0]
             counts = []
             for index in picks:
-                one = default_collate([dataset[index]])  # a batch of one sample
+                with untouched_random_state():
+                    item = dataset[index]
+                one = default_collate([item])  # a batch of one sample
                 self.token_rule = self.token_rule or token_rule(one, self.tokens_fn)
                 count = count_tokens(one, self.tokens_fn, lazy=True)
                 if count is None:
