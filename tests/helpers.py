@@ -28,3 +28,35 @@ def quick_trainer(tmp_path, callbacks, steps: int = 4, **kwargs) -> L.Trainer:
     )
     opts.update(kwargs)
     return L.Trainer(callbacks=callbacks, **opts)
+
+
+def hf_padded_batches(n: int = 16) -> list[dict[str, torch.Tensor]]:
+    """``n`` right-padded batches of 4 (attention mask, labels -100 at the padding), lengths cycling 12-24."""
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for i in range(n):
+        ids = torch.randint(1, 128, (4, (12, 16, 20, 24)[i % 4]), generator=g)
+        mask = torch.ones_like(ids)
+        mask[1:, ids.shape[1] // 2:] = 0
+        out.append({"input_ids": ids * mask, "attention_mask": mask,
+                    "labels": (ids * mask).masked_fill(mask == 0, -100)})
+    return out
+
+
+class HFLlamaModule(L.LightningModule):
+    """A Hugging Face LlamaForCausalLM from a tiny config (random init, nothing downloaded)."""
+
+    def __init__(self) -> None:
+        import transformers
+
+        super().__init__()
+        torch.manual_seed(0)
+        self.model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=64))
+
+    def training_step(self, batch, batch_idx):
+        return self.model(**batch).loss
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=1e-3)

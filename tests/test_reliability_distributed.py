@@ -27,7 +27,7 @@ import lightning as L
 import pytest
 import torch
 from gpt import GPTLightningModule
-from helpers import TINY, target_tokens
+from helpers import TINY, HFLlamaModule, hf_padded_batches, target_tokens
 from helpers import quick_trainer as _trainer
 from helpers import token_rows as _data
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -163,28 +163,7 @@ SCRIPT = textwrap.dedent('''
     except ImportError:  # not installed: the test that reads this run skips
         transformers = None
 
-    def hf_batches():
-        g = torch.Generator().manual_seed(0)
-        out = []
-        for i in range(16):
-            ids = torch.randint(1, 128, (4, (12, 16, 20, 24)[i % 4]), generator=g)
-            mask = torch.ones_like(ids)
-            mask[1:, ids.shape[1] // 2:] = 0
-            out.append({"input_ids": ids * mask, "attention_mask": mask,
-                        "labels": (ids * mask).masked_fill(mask == 0, -100)})
-        return out
-
-    class HFModule(L.LightningModule):
-        def __init__(self):
-            super().__init__()
-            torch.manual_seed(0)
-            self.model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-                vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, max_position_embeddings=64))
-        def training_step(self, batch, batch_idx):
-            return self.model(**batch).loss
-        def configure_optimizers(self):
-            return torch.optim.AdamW(self.parameters(), lr=1e-3)
+    from helpers import HFLlamaModule, hf_padded_batches
 
     def run_hf():
         if RANK0:
@@ -194,7 +173,7 @@ SCRIPT = textwrap.dedent('''
                                accelerator="cpu", devices=2, logger=False, enable_checkpointing=False,
                                enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
                                use_distributed_sampler=True)
-        hf_trainer.fit(HFModule(), DataLoader(hf_batches(), batch_size=None, shuffle=False))
+        hf_trainer.fit(HFLlamaModule(), DataLoader(hf_padded_batches(), batch_size=None, shuffle=False))
         out = {"state": hf_monitor.state_dict(), "gns_count": hf_monitor.noise_scale.estimator.count}
         torch.distributed.barrier()
         if RANK0:
@@ -221,7 +200,8 @@ def two_ranks(tmp_path_factory):
     script.write_text(SCRIPT)
     out = tmp / "results"
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(EXAMPLES), env.get("PYTHONPATH", "")])
+    env["PYTHONPATH"] = os.pathsep.join([str(EXAMPLES), str(Path(__file__).resolve().parent),
+                                         env.get("PYTHONPATH", "")])
     env["PYTHONWARNINGS"] = "always"  # Python would hide a repeated identical warning: show every one
     for key in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_PORT", "MASTER_ADDR"):
         env.pop(key, None)
@@ -290,36 +270,14 @@ def test_an_error_on_one_rank_switches_the_part_off_on_every_rank_without_a_hang
 @pytest.mark.slow
 def test_hugging_face_model_under_ddp_counts_as_one_process(two_ranks, tmp_path):
     """2 ranks x accumulation 2 against one process with accumulation 4: the same 16 padded batches."""
-    transformers = pytest.importorskip("transformers", reason="transformers is not installed (test extra)")
+    pytest.importorskip("transformers", reason="transformers is not installed (test extra)")
     ranks, _, _ = two_ranks
-    g = torch.Generator().manual_seed(0)
-    batches = []
-    for i in range(16):
-        ids = torch.randint(1, 128, (4, (12, 16, 20, 24)[i % 4]), generator=g)
-        mask = torch.ones_like(ids)
-        mask[1:, ids.shape[1] // 2:] = 0
-        batches.append({"input_ids": ids * mask, "attention_mask": mask,
-                        "labels": (ids * mask).masked_fill(mask == 0, -100)})
-
-    class HFModule(L.LightningModule):
-        def __init__(self):
-            super().__init__()
-            torch.manual_seed(0)
-            self.model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-                vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, max_position_embeddings=64))
-
-        def training_step(self, batch, batch_idx):
-            return self.model(**batch).loss
-
-        def configure_optimizers(self):
-            return torch.optim.AdamW(self.parameters(), lr=1e-3)
-
+    batches = hf_padded_batches()
     monitor = ScalingMonitor(report=False, noise_scale={"warmup_steps": 0})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         _trainer(tmp_path, [monitor], steps=4, accumulate_grad_batches=4).fit(
-            HFModule(), DataLoader(batches, batch_size=None, shuffle=False))
+            HFLlamaModule(), DataLoader(batches, batch_size=None, shuffle=False))
     for results in ranks:
         state = results["hf_ddp"]["state"]
         assert state["tokens"]["tokens"] == monitor.tokens.tokens == sum(int(b["attention_mask"].sum()) for b in batches)

@@ -119,7 +119,7 @@ class GradientNoiseScale(LedgerCallback):
         self._rule = "tokens"
         self._handles: list[Any] = []
         self._params: list[torch.nn.Parameter] = []
-        self._norms: list[torch.Tensor] = []
+        self._norms: list[torch.Tensor] = []  # squared norms of this micro-batch's parameter gradients
         self._acc: torch.Tensor | None = None
         self._hook_error: BaseException | None = None
         self._collecting = False
@@ -216,7 +216,7 @@ class GradientNoiseScale(LedgerCallback):
             # one small kernel per micro-batch; the squared norms stay on the device (no host read)
             acc = self._acc
             assert acc is not None
-            acc += torch.stack([n if n.dtype == acc.dtype else n.to(acc.dtype) for n in self._norms]).square().sum()
+            acc += torch.stack([n if n.dtype == acc.dtype else n.to(acc.dtype) for n in self._norms]).sum()
             self._norms = []
 
     @override
@@ -376,8 +376,11 @@ class GradientNoiseScale(LedgerCallback):
             if not self._collecting or not self.enabled:
                 return None
             try:
-                dtype = torch.float64 if grad.dtype == torch.float64 else torch.float32
-                self._norms.append(torch.linalg.vector_norm(grad.detach(), dtype=dtype))
+                flat = grad.detach().reshape(-1)
+                if flat.dtype in (torch.float32, torch.float64):  # one dot product: the cheapest squared norm
+                    self._norms.append(torch.dot(flat, flat))
+                else:  # 16-bit gradients: accumulate in fp32
+                    self._norms.append(torch.linalg.vector_norm(flat, dtype=torch.float32).square())
             except Exception as err:  # noqa: BLE001 - never break the user's backward; reported next hook
                 self._hook_error = err
                 self._collecting = False
