@@ -76,7 +76,7 @@ REPO = Path(__file__).resolve().parents[1]
 THIS = Path(__file__).resolve()
 
 # Extra arguments for benchmarks/callback_overhead.py (after --device cuda).
-CALLBACK_OVERHEAD_ARGS: tuple[str, ...] = ("--steps", "60")
+CALLBACK_OVERHEAD_ARGS: tuple[str, ...] = ("--steps", "60", "--repeats", "2", "--only", "gpt-acc2,llama-pad30")
 
 DEFAULT_BUDGET_S = 480.0
 MIN_BUDGET_S = 60.0
