@@ -18,8 +18,8 @@ Pure Python and numpy: no torch, no Lightning. Units: FLOPs (a multiply-add is 2
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from dataclasses import dataclass, field
-from typing import Hashable
 
 import numpy as np
 

@@ -13,7 +13,13 @@ from gpt import GPTConfig, GPTLightningModule
 from helpers import quick_trainer, target_tokens
 from torch.utils.data import DataLoader
 
-from lightning_scaling.callbacks import DataRepetition, FlopCounter, GradientNoiseScale, ScalingMonitor, TokenBudget
+from lightning_scaling.callbacks import (
+    DataRepetition,
+    FlopCounter,
+    GradientNoiseScale,
+    ScalingMonitor,
+    TokenBudget,
+)
 
 NAN, INF = math.nan, math.inf
 

@@ -14,7 +14,6 @@ import warnings
 from typing import Any
 
 import torch
-
 from lightning.pytorch import Callback, LightningModule, Trainer
 from typing_extensions import override
 

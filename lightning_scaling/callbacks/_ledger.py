@@ -201,13 +201,13 @@ class StepLedger:
                 self.add(rule, tokens)
         return True
 
-    def add(self, name: str, value: int | float | torch.Tensor) -> None:
+    def add(self, name: str, value: float | torch.Tensor) -> None:
         """Add ``value`` (a number or a 0-dim tensor on any device: no host read) to the open micro-batch; it
         joins the step when the micro-batch trains, and is dropped when ``training_step`` returned None."""
         index = self._slots[name]
         self._micro[index] = self._micro.get(index, 0) + value
 
-    def add_to_step(self, name: str, value: int | float | torch.Tensor) -> None:
+    def add_to_step(self, name: str, value: float | torch.Tensor) -> None:
         """Add ``value`` to the current optimizer step directly (numbers known only at the step, e.g. in
         ``on_before_optimizer_step``)."""
         index = self._slots[name]

@@ -22,7 +22,12 @@ from lightning_scaling.callbacks._common import (
     remaining_micro_batches,
     untouched_random_state,
 )
-from lightning_scaling.callbacks._ledger import MICRO_BATCHES, NO_SAMPLES, SAMPLES, StepRecord
+from lightning_scaling.callbacks._ledger import (
+    MICRO_BATCHES,
+    NO_SAMPLES,
+    SAMPLES,
+    StepRecord,
+)
 
 SKETCH_FAILED = "repetition/sketch_failed"
 _STATE_VERSION = 1

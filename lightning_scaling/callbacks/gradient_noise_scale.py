@@ -374,7 +374,7 @@ class GradientNoiseScale(LedgerCallback):
         def hook(grad: torch.Tensor) -> None:
             # Sees one micro-batch's gradient of this parameter (times loss scale / k) before it joins .grad.
             if not self._collecting or not self.enabled:
-                return None
+                return
             try:
                 flat = grad.detach().reshape(-1)
                 if flat.dtype in (torch.float32, torch.float64):  # one dot product: the cheapest squared norm
@@ -384,7 +384,7 @@ class GradientNoiseScale(LedgerCallback):
             except Exception as err:  # noqa: BLE001 - never break the user's backward; reported next hook
                 self._hook_error = err
                 self._collecting = False
-            return None
+            return
 
         return hook
 
@@ -426,9 +426,9 @@ class GradientNoiseScale(LedgerCallback):
         if not (math.isfinite(b_simple) and b_simple > 0 and self.batch_size > 0):
             return
         ratio = self.batch_size / b_simple
-        if self.zone == "high" and ratio < self.high_ratio / self.hysteresis:
-            self.zone = "ok"
-        elif self.zone == "low" and ratio > self.low_ratio * self.hysteresis:
+        back_from_high = self.zone == "high" and ratio < self.high_ratio / self.hysteresis
+        back_from_low = self.zone == "low" and ratio > self.low_ratio * self.hysteresis
+        if back_from_high or back_from_low:
             self.zone = "ok"
         if self.zone != "high" and ratio > self.high_ratio:
             self.zone = "high"

@@ -16,10 +16,10 @@ from lightning_scaling.callbacks._base import LedgerCallback
 from lightning_scaling.callbacks._common import (
     TokensFn,
     count_tokens,
-    token_rule,
     guarded,
     planned_optimizer_steps,
     remaining_micro_batches,
+    token_rule,
     untouched_random_state,
 )
 from lightning_scaling.callbacks._ledger import MICRO_BATCHES, SUPERVISED, StepRecord
@@ -73,7 +73,11 @@ class TokenBudget(LedgerCallback):
         params: int | None = None,
         projection_warmup_steps: int = 10,
     ) -> None:
-        from lightning_scaling._validation import non_negative_float, positive_float, positive_int
+        from lightning_scaling._validation import (
+            non_negative_float,
+            positive_float,
+            positive_int,
+        )
 
         super().__init__()
         if tokens_fn is not None and not callable(tokens_fn):
