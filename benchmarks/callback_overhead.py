@@ -6,6 +6,9 @@ reports, over the repeats:
 
 - ``whole fit``: the ratio of ``trainer.fit`` wall times (first steps, the FLOP measurement and Lightning's own
   setup included), min–median–max over the repeats, each repeat's ratio taken within its pair;
+- ``same-run whole fit``: the monitored fit's wall time over the same time less what we spent in it (our hooks
+  and the FLOP-measured steps' extra time beyond a median step), from the monitored run alone: free of the
+  machine's drift between two runs, which on a shared machine can exceed the effect;
 - ``steady``: the same ratio over the steps after the first ``--warmup`` ones (median step time);
 - ``hooks ms/step``: time spent inside the monitor's per-batch hooks and its gradient hooks per optimizer step,
   measured in the same run (what the bookkeeping costs, free of machine noise; the FLOP-measured steps'
@@ -127,8 +130,11 @@ class StepClock:
 
     def __init__(self) -> None:
         self.times: list[float] = []
+        self.measured: list[bool] = []  # whether the step held a FLOP-measured micro-batch
+        self.probe: Any = lambda: 0  # how many shapes the monitor has measured so far
         self._start: float | None = None
         self._step = -1
+        self._seen = 0
 
     def _sync(self, trainer: Any) -> None:
         if trainer.strategy.root_device.type == "cuda":
@@ -144,6 +150,17 @@ class StepClock:
             self._sync(trainer)
             self.times.append(time.perf_counter() - self._start)
             self._start = None
+            measured = self.probe()
+            self.measured.append(measured > self._seen)
+            self._seen = measured
+
+    def measurement_extra(self) -> float:
+        """Seconds the FLOP-measured steps took beyond the median unmeasured step."""
+        plain = [t for t, m in zip(self.times, self.measured) if not m]
+        if not plain:
+            return 0.0
+        typical = statistics.median(plain)
+        return sum(max(t - typical, 0.0) for t, m in zip(self.times, self.measured) if m)
 
 
 def _timed_monitor(tokens_fn: Any = None) -> tuple[Any, list[float]]:
@@ -186,6 +203,7 @@ def fit_once(name: str, with_monitor: bool, args: argparse.Namespace) -> dict[st
     if with_monitor:
         monitor, spent = _timed_monitor()
         callbacks.append(monitor)
+        clock.probe = lambda: monitor.flops.measured_shapes
     trainer = L.Trainer(accelerator=args.device, devices=1, max_steps=args.steps // accumulate,
                         accumulate_grad_batches=accumulate,
                         gradient_clip_val=1.0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
@@ -205,6 +223,9 @@ def fit_once(name: str, with_monitor: bool, args: argparse.Namespace) -> dict[st
     shapes = {_shape(b) for b in loader}
     return {
         "wall": wall,
+        # what the same fit would have taken without us, from this run alone: minus our hooks' time and the
+        # measured steps' extra time (free of the machine's drift between runs)
+        "own_seconds": spent[0] + clock.measurement_extra(),
         "steady": statistics.median(clock.times[args.warmup:]) if len(clock.times) > args.warmup else float("nan"),
         "hooks_ms_per_step": 1e3 * spent[0] / steps,
         "measured": monitor.flops.measured_shapes if monitor else 0,
@@ -293,16 +314,18 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for name in names:
         fit_once(name, False, args)  # warm this configuration's code paths once, untimed
-        whole, steady, hooks, measured, shapes = [], [], [], 0, 0
+        whole, steady, hooks, same_run, measured, shapes = [], [], [], [], 0, 0
         for repeat in range(args.repeats):
             order = (False, True) if repeat % 2 == 0 else (True, False)
             pair = {flag: fit_once(name, flag, args) for flag in order}
             whole.append(pair[True]["wall"] / pair[False]["wall"])
+            on = pair[True]
+            same_run.append(on["wall"] / (on["wall"] - on["own_seconds"]))
             steady.append(pair[True]["steady"] / pair[False]["steady"])
             hooks.append(pair[True]["hooks_ms_per_step"])
             measured, shapes = pair[True]["measured"], pair[True]["shapes"]
         memory = peak_memory_ratio(name, args) if args.memory else None
-        rows.append([name, _spread(whole), _spread(steady), f"{statistics.median(hooks):.2f}",
+        rows.append([name, _spread(whole), _spread(same_run), _spread(steady), f"{statistics.median(hooks):.2f}",
                      f"{measured}/{shapes}", "-" if memory is None else f"{memory:.3f}"])
         print(f"  {name}: whole {rows[-1][1]}", file=sys.stderr, flush=True)
 
@@ -311,8 +334,8 @@ def main(argv: list[str] | None = None) -> int:
     table = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(table)
     print()
-    table.print_table(["configuration", "whole fit on/off", "steady on/off", "hooks ms/step", "measured/shapes",
-                 "peak mem on/off"], rows, args.markdown)
+    table.print_table(["configuration", "whole fit on/off", "same-run whole fit", "steady on/off", "hooks ms/step",
+                       "measured/shapes", "peak mem on/off"], rows, args.markdown)
     return 0
 
 
