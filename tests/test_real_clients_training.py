@@ -101,7 +101,11 @@ def test_hugging_face_llama_flops_hold_under(variant, tmp_path):
     monitor = _fit(HFModule(model), batches, tmp_path / variant, steps=8 if variant == "no_accumulation" else 4,
                    **kwargs)
     assert monitor.tokens.tokens == reference.tokens.tokens
-    assert monitor.flops.total_flops == pytest.approx(reference.flops.total_flops, rel=1e-9)
+    # Under activation checkpointing model FLOPs are forward + min(backward, 2 x forward): exact when the real
+    # backward is twice the forward, a little high when it skips a matmul (an input nothing needs a gradient
+    # for; 3e-5 of the total with transformers 5.3).
+    tolerance = 1e-3 if variant == "checkpointing" else 1e-9
+    assert monitor.flops.total_flops == pytest.approx(reference.flops.total_flops, rel=tolerance)
     if variant == "checkpointing":  # the recomputed forward is hardware FLOPs only
         assert monitor.flops.total_hardware_flops > reference.flops.total_hardware_flops
 
