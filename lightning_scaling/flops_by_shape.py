@@ -83,38 +83,46 @@ class FlopsByShape:
             raise ValueError(f"tolerance must be a fraction in (0, 1), got {tolerance!r}")
         self.max_measured = max_measured
         self.tolerance = float(tolerance)
-        self.exact: dict[Hashable, tuple[int, int]] = {}
+        self.exact: dict[Hashable, tuple[int, int]] = {}  # measured shapes
+        self.predicted: dict[Hashable, tuple[int, int]] = {}  # shapes whose FLOPs were predicted, each once
         self.families: dict[Hashable, ShapeFamily] = {}
         self.measured = 0
-        self.predicted_shapes = 0
 
     def lookup(self, key: Hashable, family: Hashable, batch_size: int, seq_len: int) -> tuple[int, int] | None:
         """(model, hardware) FLOPs of this shape when measured before or predictable with trust; else None
         (measure it, or see :meth:`fallback` when no measurement is left)."""
-        if key in self.exact:
-            return self.exact[key]
+        known = self.exact.get(key) or self.predicted.get(key)
+        if known is not None:
+            return known
         fam = self.families.get(family)
         if fam is not None and fam.validated and fam.determined(batch_size, seq_len):
-            self.predicted_shapes += 1
-            return fam.predict(batch_size, seq_len)
+            self.predicted[key] = fam.predict(batch_size, seq_len)
+            return self.predicted[key]
         return None
+
+    @property
+    def predicted_shapes(self) -> int:
+        """Distinct shapes whose FLOPs were predicted rather than measured."""
+        return len(self.predicted)
 
     def should_measure(self) -> bool:
         return self.measured < self.max_measured
 
-    def fallback(self, family: Hashable, batch_size: int, seq_len: int) -> tuple[int, int] | None:
+    def fallback(self, key: Hashable, family: Hashable, batch_size: int, seq_len: int) -> tuple[int, int] | None:
         """Best estimate once no measurement is left: the family's formula where it is determined, else scaled
         per token from the family's nearest measured shape; None when the family was never measured."""
         fam = self.families.get(family)
         if fam is None or not fam.points:
             return None
-        self.predicted_shapes += 1
         if fam.determined(batch_size, seq_len):
-            return fam.predict(batch_size, seq_len)
-        tokens = batch_size * seq_len
-        b, s, model, hardware = min(fam.points, key=lambda p: abs(p[0] * p[1] - tokens))
-        ratio = tokens / max(b * s, 1)
-        return int(model * ratio), int(hardware * ratio)
+            estimate = fam.predict(batch_size, seq_len)
+        else:
+            tokens = batch_size * seq_len
+            b, s, model, hardware = min(fam.points, key=lambda p: abs(p[0] * p[1] - tokens))
+            ratio = tokens / max(b * s, 1)
+            estimate = int(model * ratio), int(hardware * ratio)
+        self.predicted[key] = estimate
+        return estimate
 
     def record(self, key: Hashable, family: Hashable, batch_size: int, seq_len: int, model: int,
                hardware: int) -> float | None:

@@ -10,8 +10,10 @@ A part overrides the ``_on_*`` methods below, each guarded; it never calls the l
 
 from __future__ import annotations
 
+import functools
 import warnings
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
@@ -19,6 +21,8 @@ from typing_extensions import override
 
 from lightning_scaling.callbacks._common import WarnOnce
 from lightning_scaling.callbacks._ledger import StepLedger, StepRecord
+
+_F = TypeVar("_F", bound=Callable[..., Any])
 
 
 class LedgerCallback(Callback):
@@ -156,7 +160,8 @@ class LedgerCallback(Callback):
         try:
             return method(trainer, *args)
         except Exception as err:  # noqa: BLE001 - never crash the user's run over our bookkeeping
-            self.fail(trainer, f"error in {method.__name__.lstrip('_')}: {type(err).__name__}: {err}")
+            name = getattr(method, "__name__", None) or method.func.__name__  # a bound method, or guarded's partial
+            self.fail(trainer, f"error in {name.lstrip('_')}: {type(err).__name__}: {err}")
             return None
 
     def _take(self, trainer: Trainer, pl_module: LightningModule, record: StepRecord) -> None:
@@ -178,6 +183,17 @@ class LedgerCallback(Callback):
             self.metrics_sink.update(metrics)
             return
         publish_metrics(pl_module.trainer, metrics)
+
+
+def guarded(hook: _F) -> _F:
+    """Run a Lightning hook that a part overrides directly (``on_fit_start``, say) under
+    :meth:`LedgerCallback._guard`, like the ``_on_*`` methods: an error warns once and switches the part off."""
+
+    @functools.wraps(hook)
+    def wrapper(self: LedgerCallback, trainer: Any, *args: Any) -> Any:
+        return self._guard(functools.partial(hook, self), trainer, *args)
+
+    return wrapper  # type: ignore[return-value]
 
 
 def publish_metrics(trainer: Trainer, metrics: dict[str, float]) -> None:

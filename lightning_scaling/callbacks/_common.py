@@ -4,15 +4,13 @@ and never letting our own bookkeeping crash a user's training run."""
 from __future__ import annotations
 
 import contextlib
-import functools
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 TokensFn = Callable[[Any], "int | torch.Tensor"]
-_F = TypeVar("_F", bound=Callable[..., Any])
 
 _TOKEN_KEYS = ("input_ids", "tokens", "input", "inputs", "x")
 
@@ -180,23 +178,6 @@ class WarnOnce:
         self.seen.add(key)
         rank_zero_info(f"{self.prefix}: {message}")
         return True
-
-
-def guarded(hook: _F) -> _F:
-    """Wrap a hook of a :class:`lightning_scaling.callbacks._base.LedgerCallback` so that an error in our
-    bookkeeping warns once and switches that callback off, never the user's run (see ``LedgerCallback.fail``)."""
-
-    @functools.wraps(hook)
-    def wrapper(self: Any, trainer: Any, *args: Any, **kwargs: Any) -> Any:
-        if not self.enabled:
-            return None
-        try:
-            return hook(self, trainer, *args, **kwargs)
-        except Exception as err:  # noqa: BLE001 - never crash the user's run over our bookkeeping
-            self.fail(trainer, f"error in {hook.__name__}: {type(err).__name__}: {err}")
-            return None
-
-    return wrapper  # type: ignore[return-value]
 
 
 def unwrap_loss(output: Any) -> torch.Tensor | None:

@@ -110,7 +110,6 @@ class StepLedger:
         self._owners: dict[type, Any] = {}  # token slot -> the rule its first counted batch used, in words
         self._pending_micro = 0  # micro-batches closed since the last record (host count, equal on every rank)
         self._serial = 0  # micro-batches begun: the key of a record is the serial of the micro-batch that built it
-        self.records = 0  # records built (one per optimizer step): what tests count
         for name in _BUILTIN:
             self.declare(name)
 
@@ -290,7 +289,6 @@ class StepLedger:
             else:
                 packed = trainer.strategy.reduce(packed, reduce_op="sum")
             read = packed.tolist()
-        self.records += 1
         return StepRecord(values=dict(zip(names, read)), steps=steps, global_step=int(trainer.global_step),
                           world_size=world, errors=dict(self.errors),
                           log_now=steps > 0 and _logging_due(trainer, self.planned_steps))

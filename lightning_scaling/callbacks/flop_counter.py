@@ -13,8 +13,8 @@ from lightning.pytorch import LightningModule, Trainer
 from torch.utils._python_dispatch import TorchDispatchMode
 from typing_extensions import override
 
-from lightning_scaling.callbacks._base import LedgerCallback
-from lightning_scaling.callbacks._common import _first_tensor, guarded, shape_signature
+from lightning_scaling.callbacks._base import LedgerCallback, guarded
+from lightning_scaling.callbacks._common import _first_tensor, shape_signature
 from lightning_scaling.callbacks._ledger import StepRecord
 from lightning_scaling.callbacks._model_shape import ModelShape, find_model_shape
 from lightning_scaling.flop_counting import TrainingFlopCounter
@@ -157,7 +157,7 @@ class FlopCounter(LedgerCallback):
             self._step_had_measurement = True
             return  # counted while it runs; added in on_after_backward
         if counted is None:
-            counted = self._shapes.fallback(family, b, s)
+            counted = self._shapes.fallback(key, family, b, s)
             if counted is not None:
                 self._warn.info(
                     "estimate",
@@ -278,7 +278,7 @@ class FlopCounter(LedgerCallback):
 
     @property
     def predicted_shapes(self) -> int:
-        """Micro-batches of a new shape whose FLOPs were predicted from the measured shapes."""
+        """Distinct input shapes whose FLOPs were predicted from the measured shapes."""
         return 0 if self._shapes is None else self._shapes.predicted_shapes
 
     def summary(self) -> dict[str, Any]:

@@ -13,8 +13,8 @@ from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from typing_extensions import override
 
 from lightning_scaling._validation import fraction, positive_float, positive_int
-from lightning_scaling.callbacks._base import LedgerCallback
-from lightning_scaling.callbacks._common import TokensFn, guarded
+from lightning_scaling.callbacks._base import LedgerCallback, guarded
+from lightning_scaling.callbacks._common import TokensFn
 from lightning_scaling.callbacks._ledger import SAMPLES, StepRecord
 from lightning_scaling.noise import NoiseScaleEstimate, NoiseScaleEstimator
 

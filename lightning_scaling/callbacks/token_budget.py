@@ -12,11 +12,10 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import default_collate
 from typing_extensions import override
 
-from lightning_scaling.callbacks._base import LedgerCallback
+from lightning_scaling.callbacks._base import LedgerCallback, guarded
 from lightning_scaling.callbacks._common import (
     TokensFn,
     count_tokens,
-    guarded,
     planned_optimizer_steps,
     remaining_micro_batches,
     token_rule,
