@@ -16,7 +16,7 @@ from typing import Any
 
 from lightning_scaling._validation import fraction
 
-__all__ = ["NoiseScaleEstimate", "NoiseScaleEstimator", "unbiased_estimates", "noise_scale"]
+__all__ = ["NoiseScaleEstimate", "NoiseScaleEstimator", "unbiased_estimates", "least_squares_line", "noise_scale"]
 
 
 def unbiased_estimates(sq_small: float, sq_big: float, b_small: float, b_big: float) -> tuple[float, float]:
@@ -32,6 +32,24 @@ def unbiased_estimates(sq_small: float, sq_big: float, b_small: float, b_big: fl
     grad_sq = (b_big * sq_big - b_small * sq_small) / (b_big - b_small)
     # McCandlish 2018, App. A.1 (SPEC §5): tr(Σ) ≈ (|G_small|² − |G_big|²) / (1/B_small − 1/B_big)
     trace_cov = (sq_small - sq_big) / (1.0 / b_small - 1.0 / b_big)
+    return grad_sq, trace_cov
+
+
+def least_squares_line(weight: float, sum_x: float, sum_xx: float, sum_y: float,
+                       sum_xy: float) -> tuple[float, float] | None:
+    """One step's unbiased ``(|G|², tr(Σ))`` from squared norms |G_B|² measured at several batch sizes.
+
+    Takes the weighted sums over the points (x = 1/B, y = |G_B|²): Σw, Σw·x, Σw·x², Σw·y, Σw·x·y (B in samples).
+    Since E|G_B|² = |G|² + tr(Σ)/B is linear in 1/B, the least-squares line y = |G|² + tr(Σ)·x has unbiased
+    intercept and slope whatever the correlation between the points (nested partial sums of accumulated
+    gradients, for example). With two points it is :func:`unbiased_estimates` (McCandlish 2018, App. A.1).
+    Returns None when the points do not span two batch sizes.
+    """
+    spread = weight * sum_xx - sum_x * sum_x  # Σw · Σw(x − x̄)²
+    if not (weight > 0 and spread > 1e-9 * weight * sum_xx):
+        return None
+    trace_cov = (weight * sum_xy - sum_x * sum_y) / spread
+    grad_sq = (sum_y - trace_cov * sum_x) / weight
     return grad_sq, trace_cov
 
 

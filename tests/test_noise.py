@@ -143,3 +143,35 @@ def test_ema_decay_validated(bad: object) -> None:
 def test_noise_module_is_pure() -> None:
     code = "import sys, lightning_scaling.noise; assert 'lightning' not in sys.modules and 'triton' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def _line_sums(points: list[tuple[float, float, float]]) -> tuple[float, float, float, float, float]:
+    """Σw, Σw·x, Σw·x², Σw·y, Σw·x·y over (x = 1/B, y = |G_B|², w) points."""
+    return (sum(w for _, _, w in points), sum(w * x for x, _, w in points), sum(w * x * x for x, _, w in points),
+            sum(w * y for _, y, w in points), sum(w * x * y for x, y, w in points))
+
+
+def test_least_squares_line_with_two_batch_sizes_is_the_two_batch_estimator() -> None:
+    from lightning_scaling.noise import least_squares_line
+
+    # k micro-batches of 8 samples (each its own |G_8|²) against the step's |G_32|²: McCandlish's estimator with
+    # the small-batch norms averaged
+    small = [3.1, 2.7, 2.9, 3.3]
+    points = [(1 / 8, y, 1.0) for y in small] + [(1 / 32, 1.6, 1.0)]
+    got = least_squares_line(*_line_sums(points))
+    want = unbiased_estimates(sum(small) / 4, 1.6, 8, 32)
+    assert got == pytest.approx(want, rel=1e-12)
+    # DDP: every rank adds 1/R of the same all-reduced point; the sums hold it once
+    ranks = 4
+    shared = [(1 / 32, 1.6, 1.0 / ranks)] * ranks
+    assert least_squares_line(*_line_sums([(1 / 8, y, 1.0) for y in small] + shared)) == pytest.approx(want)
+
+
+def test_least_squares_line_is_exact_on_the_expected_line_and_refuses_one_batch_size() -> None:
+    from lightning_scaling.noise import least_squares_line
+
+    grad_sq, trace_cov = 0.7, 12.0
+    points = [(1 / b, grad_sq + trace_cov / b, 1.0) for b in (4, 8, 12, 16, 64)]
+    assert least_squares_line(*_line_sums(points)) == pytest.approx((grad_sq, trace_cov), rel=1e-12)
+    assert least_squares_line(*_line_sums([(1 / 8, 2.0, 1.0), (1 / 8, 3.0, 1.0)])) is None
+    assert least_squares_line(0.0, 0.0, 0.0, 0.0, 0.0) is None

@@ -16,7 +16,10 @@ from lightning_scaling._validation import fraction, positive_float, positive_int
 from lightning_scaling.callbacks._base import LedgerCallback, guarded
 from lightning_scaling.callbacks._common import TokensFn
 from lightning_scaling.callbacks._ledger import SAMPLES, StepRecord
-from lightning_scaling.noise import NoiseScaleEstimate, NoiseScaleEstimator
+from lightning_scaling.noise import NoiseScaleEstimate, NoiseScaleEstimator, least_squares_line
+
+# The step's least-squares sums over (x = 1/B, y = |G_B|²) points: Σw, Σw·x, Σw·x², Σw·y, Σw·x·y.
+_POINT_SLOTS = ("gns/points", "gns/x", "gns/xx", "gns/y", "gns/xy")
 
 # Strategies that shard or hide the per-rank gradient (by class name, so optional packages are not imported).
 _NO_LOCAL_GRADIENTS = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy", "XLAStrategy",
@@ -31,25 +34,37 @@ class GradientNoiseScale(LedgerCallback):
     buy few steps; far below it, more data parallelism would cost few extra examples. With Adam the critical
     batch size tends to be larger than B_simple; read the estimate as good to within an order of magnitude.
 
-    Where the two batch sizes come from (no copy of the gradients):
+    Where the two batch sizes come from (no copy of the gradients, no extra pass):
 
     * gradient accumulation (``accumulate_grad_batches = k > 1``): a hook on each parameter sees every
       micro-batch's gradient before it is summed into ``.grad``; the small batch is a micro-batch (b samples),
-      the big one the optimizer step's gradient (k·b samples). Costs one norm per parameter per micro-batch.
+      the big one the optimizer step's gradient (k·b samples). Costs one norm per parameter per micro-batch after
+      the first (on one device the first is all of ``.grad`` after its backward: one fused norm).
+      (The partial sums that ``.grad`` holds between micro-batches would need no hooks, but their nested
+      differences estimate tr(Σ) with a standard deviation 7–10x larger on the example GPT: many times the steps
+      for the same precision.)
     * DDP (``world_size = R > 1``): each rank's local gradient (hooks, before the all-reduce) against the
-      all-reduced ``.grad`` (R·b samples); with accumulation too, R·k micro-batches against R·k·b samples. Its four
-      numbers ride in the step ledger's one all-reduce.
+      all-reduced ``.grad`` (R·b samples); with accumulation too, R·k micro-batches against R·k·b samples.
     * neither: there is only one batch size, so nothing is measured and nothing is logged; the callback says
       once what it needs (``accumulate_grad_batches >= 2`` or several devices). It never re-runs
       ``training_step``.
 
-    The squared norms ride in the shared step ledger: no collective or host read of its own.
+    Each step's squared norms are points (1/B, |G_B|²) on the line E|G_B|² = |G|² + tr(Σ)/B; their
+    least-squares sums ride in the shared step ledger (no collective or host read of its own), and the line's
+    intercept and slope are the step's unbiased |G|² and tr(Σ) (McCandlish 2018, App. A.1, with several small
+    batches).
 
     Correct under AMP (hook-seen gradients carry the loss scale: squared norms are divided by scale²),
     Lightning's division of the loss by ``accumulate_grad_batches`` (a micro-batch gradient is k times what the
     hook sees), gradient clipping (measured in ``on_before_optimizer_step``, after unscaling and before
     clipping), and non-finite steps (skipped and counted). Under FSDP, DeepSpeed and other sharded strategies the
     local gradients are not available: it warns once and steps aside. Manual optimization: steps aside.
+
+    Correct under AMP (squared norms of loss-scaled gradients are divided by scale²), Lightning's division of the
+    loss by ``accumulate_grad_batches`` (``.grad`` after m micro-batches is k/m times too small for their mean),
+    gradient clipping (norms are read before Lightning clips), and non-finite steps (skipped and counted). Under
+    FSDP, DeepSpeed and other sharded strategies the local gradients are not available: it warns once and steps
+    aside. Manual optimization: steps aside.
 
     The micro-batch loss must be a mean over its samples (the usual case); batch sizes are in samples (the
     leading dimension of the batch's first tensor), and in tokens where the batch holds token ids (or through
@@ -120,11 +135,13 @@ class GradientNoiseScale(LedgerCallback):
         self._handles: list[Any] = []
         self._params: list[torch.nn.Parameter] = []
         self._norms: list[torch.Tensor] = []  # squared norms of this micro-batch's parameter gradients
-        self._acc: torch.Tensor | None = None
         self._hook_error: BaseException | None = None
         self._collecting = False
         self._micro = 0  # micro-batches measured since the last optimizer step (this rank)
         self._micro_samples: int | None = None
+        self._window_samples = 0  # samples in those micro-batches (this rank)
+        self._norm_dtype = torch.float32
+        self._hooks_live = True  # whether the gradient hooks measure this micro-batch (see _on_micro_batch_start)
 
     # ----------------------------------------------------------------------------------------------------------
     # public
@@ -161,7 +178,8 @@ class GradientNoiseScale(LedgerCallback):
     def _on_setup_fit(self, trainer: Trainer, pl_module: LightningModule) -> None:
         assert self.ledger is not None
         self._rule = self.ledger.token_rule(self.tokens_fn)
-        self.ledger.declare("gns/small", "gns/big", "gns/micro", "gns/inv_samples")
+        # sums over the step's (1/B, |G_B|²) points, for the least-squares line (see _commit)
+        self.ledger.declare(*_POINT_SLOTS)
         names = {cls.__name__ for cls in type(trainer.strategy).__mro__}
         if names & set(_NO_LOCAL_GRADIENTS) or not isinstance(trainer.strategy, (SingleDeviceStrategy, DDPStrategy)):
             self._step_aside(f"{type(trainer.strategy).__name__} does not expose each rank's local gradient "
@@ -199,6 +217,10 @@ class GradientNoiseScale(LedgerCallback):
             return
         self._micro_samples = samples
         self._collecting = True
+        # One device: the window's first micro-batch gradient is all of .grad after its backward (Lightning zeroes
+        # .grad before it), so one fused norm in on_after_backward replaces its per-parameter hooks. Under DDP
+        # the hooks are needed: a micro-batch that ends the step is all-reduced by the time the backward returns.
+        self._hooks_live = not (self._micro == 0 and self._world == 1)
 
     @override
     def _on_after_backward(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -207,33 +229,32 @@ class GradientNoiseScale(LedgerCallback):
             raise self._hook_error
         if not self._collecting or self.mode != "hooks":
             return
-        assert self.ledger is not None and self._micro_samples
+        assert self._micro_samples
         self._collecting = False
         self._micro += 1
-        self.ledger.add("gns/micro", 1)
-        self.ledger.add("gns/inv_samples", 1.0 / self._micro_samples)
-        if self._norms:
-            # one small kernel per micro-batch; the squared norms stay on the device (no host read)
-            acc = self._acc
-            assert acc is not None
-            acc += torch.stack([n if n.dtype == acc.dtype else n.to(acc.dtype) for n in self._norms]).sum()
-            self._norms = []
+        self._window_samples += self._micro_samples
+        sq: torch.Tensor | None = None
+        if not self._hooks_live:
+            sq = self._grad_sq()  # .grad is this first micro-batch's gradient × loss scale / k
+        elif self._norms:  # the hooks saw this micro-batch's own gradient × loss scale / k
+            dtype = self._norm_dtype
+            sq = torch.stack([n if n.dtype == dtype else n.to(dtype) for n in self._norms]).sum()
+        self._norms = []
+        if sq is not None:  # a point at B = b (stays on the device: no host read)
+            scale = self._loss_scale(trainer)
+            self._commit(sq * (self._k * self._k) / (scale * scale), self._micro_samples, weight=1.0)
 
     @override
     def _on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
         # Lightning calls this after AMP's unscale_ and before gradient clipping (Precision._after_closure).
         try:
             if self.mode == "hooks" and self._micro > 0:
-                assert self.ledger is not None and self._acc is not None
-                scale = self._loss_scale(trainer)
-                # hooks saw (micro-batch gradient) × scale / k: undo both (McCandlish 2018, App. A.1 needs the
-                # plain micro-batch gradient)
-                small = self._acc * (self._k * self._k) / (scale * scale)
-                # .grad = Σ_i g_i / k over the m micro-batches of this window: (k/m)·.grad is their mean
-                unscaled = self._grads_unscaled(trainer, optimizer)
-                big = self._grad_sq(1.0 if unscaled else scale) * (self._k / self._micro) ** 2
-                self.ledger.add_to_step("gns/small", small)
-                self.ledger.add_to_step("gns/big", big)
+                # .grad = Σ_i g_i / k over the m micro-batches of this window: (k/m)·.grad is their mean, over the
+                # R ranks too (all-reduced, the same on every rank: each adds 1/R of the point, the sum holds it once)
+                scale = 1.0 if self._grads_unscaled(trainer, optimizer) else self._loss_scale(trainer)
+                sq = self._grad_sq() * (self._k / self._micro) ** 2 / (scale * scale)
+                world = max(self._world, 1)
+                self._commit(sq, self._window_samples * world, weight=1.0 / world)
         finally:
             self._reset_window()
 
@@ -241,16 +262,13 @@ class GradientNoiseScale(LedgerCallback):
     def _on_step(self, trainer: Trainer, pl_module: LightningModule, record: StepRecord) -> dict[str, float] | None:
         if record.steps == 0 or self.mode != "hooks":
             return None
-        n_micro = record["gns/micro"]
         self.batch_size = record[SAMPLES]
         uncountable = record[f"{self._rule}/uncountable"] > 0
         self.batch_tokens = math.nan if uncountable else record.tokens(self._rule)
         self.last_loss = record.mean_loss
-        if n_micro >= 2:
-            sq_small_sum, sq_big, inv_sum = record["gns/small"], record["gns/big"], record["gns/inv_samples"]
-            # every rank adds the same all-reduced |.grad|²: divide by the world size
-            self._update(trainer, sq_small_sum / n_micro, sq_big / record.world_size, n_micro / inv_sum,
-                         n_micro * n_micro / inv_sum)
+        line = least_squares_line(*(record[name] for name in _POINT_SLOTS))
+        if line is not None:
+            self._update(trainer, *line)
         return self._metrics()
 
     @override
@@ -334,21 +352,19 @@ class GradientNoiseScale(LedgerCallback):
 
     def _reset_window(self) -> None:
         self._micro = 0
+        self._window_samples = 0
         self._norms = []
         self._collecting = False
-        if self._acc is not None:
-            self._acc.zero_()
 
     def _configure(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Pick where the two batch sizes come from, for the current accumulation and world size."""
         self._k = int(trainer.accumulate_grad_batches)
         self._world = int(trainer.world_size)
         self._remove_hooks()
+        self._norm_dtype = torch.float64 if any(p.dtype == torch.float64 for p in self._params) else torch.float32
         if self._k > 1 or self._world > 1:
             self.mode = "hooks"
             self.status = "measuring"
-            dtype = torch.float64 if any(p.dtype == torch.float64 for p in self._params) else torch.float32
-            self._acc = torch.zeros((), dtype=dtype, device=pl_module.device)
             self._handles = [p.register_hook(self._make_hook()) for p in self._params]
         else:
             self.mode = "off"
@@ -373,10 +389,10 @@ class GradientNoiseScale(LedgerCallback):
     def _make_hook(self) -> Any:
         def hook(grad: torch.Tensor) -> None:
             # Sees one micro-batch's gradient of this parameter (times loss scale / k) before it joins .grad.
-            if not self._collecting or not self.enabled:
+            if not (self._collecting and self._hooks_live and self.enabled):
                 return
             try:
-                flat = grad.detach().reshape(-1)
+                flat = grad.reshape(-1)
                 if flat.dtype in (torch.float32, torch.float64):  # one dot product: the cheapest squared norm
                     self._norms.append(torch.dot(flat, flat))
                 else:  # 16-bit gradients: accumulate in fp32
@@ -403,20 +419,32 @@ class GradientNoiseScale(LedgerCallback):
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         return scaler is None or not getattr(optimizer, "_step_supports_amp_scaling", False)
 
-    def _grad_sq(self, scale: torch.Tensor | float) -> torch.Tensor:
-        """|.grad|² over our parameters (fp32 accumulation, fp64 for fp64 gradients), divided by ``scale``²."""
+    def _grad_sq(self) -> torch.Tensor:
+        """|.grad|² over our parameters as they stand (fused norms; fp32 accumulation, fp64 for fp64 gradients);
+        a device scalar, no host read."""
         grads = [p.grad for p in self._params if p.grad is not None]
-        dtype = torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32
-        sq = torch.stack(torch._foreach_norm(grads, 2, dtype=dtype)).square().sum()
-        return sq / (scale * scale)
+        if not grads:
+            return torch.zeros((), dtype=self._norm_dtype)
+        return torch.stack(torch._foreach_norm(grads, 2, dtype=self._norm_dtype)).square().sum()
 
-    def _update(self, trainer: Trainer, sq_small: float, sq_big: float, b_small: float, b_big: float) -> None:
-        if not (math.isfinite(sq_small) and math.isfinite(sq_big)):
+    def _commit(self, sq: torch.Tensor, samples: int, weight: float) -> None:
+        """Add the point (x = 1/B, y = |G_B|²) with ``weight`` to the step's least-squares sums."""
+        assert self.ledger is not None
+        x = 1.0 / samples
+        n_slot, x_slot, xx_slot, y_slot, xy_slot = _POINT_SLOTS
+        self.ledger.add_to_step(n_slot, weight)
+        self.ledger.add_to_step(x_slot, weight * x)
+        self.ledger.add_to_step(xx_slot, weight * x * x)
+        self.ledger.add_to_step(y_slot, sq * weight)
+        self.ledger.add_to_step(xy_slot, sq * (weight * x))
+
+    def _update(self, trainer: Trainer, grad_sq: float, trace_cov: float) -> None:
+        if not (math.isfinite(grad_sq) and math.isfinite(trace_cov)):
             self.skipped_nonfinite += 1
             self._warn.warn("nonfinite", f"step {trainer.global_step}: the gradients are not finite (inf or NaN); "
                                          "such steps are left out of the noise scale and counted in the report.")
             return
-        self.estimator.update(sq_small, sq_big, b_small, b_big)
+        self.estimator.update_estimates(grad_sq, trace_cov)
         self._check_batch(trainer)
 
     def _check_batch(self, trainer: Trainer) -> None:
