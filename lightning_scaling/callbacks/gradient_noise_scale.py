@@ -139,7 +139,7 @@ class GradientNoiseScale(LedgerCallback):
         self._collecting = False
         self._micro = 0  # micro-batches measured since the last optimizer step (this rank)
         self._micro_samples: int | None = None
-        self._window_samples = 0  # samples in those micro-batches (this rank)
+        self._window_inverse = 0.0  # Σ 1/b over those micro-batches (this rank), b in samples
         self._norm_dtype = torch.float32
         self._hooks_live = True  # whether the gradient hooks measure this micro-batch (see _on_micro_batch_start)
 
@@ -232,7 +232,7 @@ class GradientNoiseScale(LedgerCallback):
         assert self._micro_samples
         self._collecting = False
         self._micro += 1
-        self._window_samples += self._micro_samples
+        self._window_inverse += 1.0 / self._micro_samples
         sq: torch.Tensor | None = None
         if not self._hooks_live:
             sq = self._grad_sq()  # .grad is this first micro-batch's gradient × loss scale / k
@@ -253,8 +253,10 @@ class GradientNoiseScale(LedgerCallback):
                 # R ranks too (all-reduced, the same on every rank: each adds 1/R of the point, the sum holds it once)
                 scale = 1.0 if self._grads_unscaled(trainer, optimizer) else self._loss_scale(trainer)
                 sq = self._grad_sq() * (self._k / self._micro) ** 2 / (scale * scale)
+                # the equal-weight mean of m micro-batch means of b_i samples has the noise of m²/Σ(1/b_i) samples
+                # (Σb_i when the b_i are equal)
                 world = max(self._world, 1)
-                self._commit(sq, self._window_samples * world, weight=1.0 / world)
+                self._commit(sq, world * self._micro * self._micro / self._window_inverse, weight=1.0 / world)
         finally:
             self._reset_window()
 
@@ -352,7 +354,7 @@ class GradientNoiseScale(LedgerCallback):
 
     def _reset_window(self) -> None:
         self._micro = 0
-        self._window_samples = 0
+        self._window_inverse = 0.0
         self._norms = []
         self._collecting = False
 
@@ -427,7 +429,7 @@ class GradientNoiseScale(LedgerCallback):
             return torch.zeros((), dtype=self._norm_dtype)
         return torch.stack(torch._foreach_norm(grads, 2, dtype=self._norm_dtype)).square().sum()
 
-    def _commit(self, sq: torch.Tensor, samples: int, weight: float) -> None:
+    def _commit(self, sq: torch.Tensor, samples: float, weight: float) -> None:
         """Add the point (x = 1/B, y = |G_B|²) with ``weight`` to the step's least-squares sums."""
         assert self.ledger is not None
         x = 1.0 / samples
