@@ -15,6 +15,9 @@ next when one fails or runs out of time, and recording that:
    hardware table finds for the device.
 5. ``benchmarks/callback_overhead.py --device cuda`` (5a, extra arguments in ``CALLBACK_OVERHEAD_ARGS``) and
    ``benchmarks/gpu_mfu.py syncs`` (5b): host synchronisations per optimizer step with ScalingMonitor on vs off.
+6. ``benchmarks/norm.py --markdown``: the fused LayerNorm/RMSNorm with per-example squared gradient norms vs
+   torch's norm alone and with a separate per-example computation, H 1024/4096/8192; its bf16 errors against
+   float64 (it exits 1 when the fused norms or gradients are off).
 
 Writes ``OUT/gpu_check.md`` (environment, one row per run with its time limit, time taken, status and headline
 result, then each run's own tables), ``OUT/gpu_check.log`` (everything every run printed) and
@@ -45,12 +48,13 @@ rerun at once, while the machine is still warm (30 s), only the runs that failed
 reply's ``files_at``; the reply's output tail ends with the summary table.
 
 Planned limits at the default budget, and what each run should take (estimates from the work each does, not yet
-measured on the machine; a run that ends early passes its time on): 1: 150 s (60-150 s: about 70 tests, each new
-kernel specialisation compiled and autotuned, 8 workers; torch.compile twice); 2a: 60 s (30-50 s: 10 shapes, 2
-implementations, 3 passes, autotuning per shape); 2b: 50 s (20-40 s); 3: 60 s (30-60 s: the GEMM fusion autotunes
-at 3 shapes); 4: 70 s (35-60 s: two fits of 100 steps of a 100M-parameter model, about 11 TFLOP per step, and a
-matmul ceiling); 5a: 40 s (25-40 s); 5b: 30 s (15-25 s). If run 1 is cut at its limit, the tests that finished
-are still counted and the slowest are listed: give it more with ``--only 1 --budget-s 300`` in a later session.
+measured on the machine; a run that ends early passes its time on): 1: 145 s (60-150 s: about 70 tests, each new
+kernel specialisation compiled and autotuned, 8 workers; torch.compile twice); 2a: 50 s (30-50 s: 10 shapes, 2
+implementations, 3 passes, autotuning per shape); 2b: 40 s (20-40 s); 3: 60 s (30-60 s: the GEMM fusion autotunes
+at 3 shapes); 4: 65 s (35-60 s: two fits of 100 steps of a 100M-parameter model, about 11 TFLOP per step, and a
+matmul ceiling); 5a: 35 s (25-40 s); 5b: 25 s (15-25 s); 6: 40 s (20-40 s: 6 shapes, about 20 kernel compiles, 4
+variants, 3 passes, a float64 reference per shape). If run 1 is cut at its limit, the tests that finished are
+still counted and the slowest are listed: give it more with ``--only 1 --budget-s 300`` in a later session.
 """
 
 from __future__ import annotations
@@ -81,7 +85,7 @@ CALLBACK_OVERHEAD_ARGS: tuple[str, ...] = ("--steps", "60", "--repeats", "2", "-
 DEFAULT_BUDGET_S = 480.0
 MIN_BUDGET_S = 60.0
 # Share of the budget each run plans for, as seconds at the default budget (scaled with --budget-s).
-PLAN_SHARES: dict[str, float] = {"1": 150, "2a": 60, "2b": 50, "3": 60, "4": 70, "5a": 40, "5b": 30}
+PLAN_SHARES: dict[str, float] = {"1": 145, "2a": 50, "2b": 40, "3": 60, "4": 65, "5a": 35, "5b": 25, "6": 40}
 RESERVE_FRACTION = 0.04  # of the budget, at least RESERVE_MIN_S: probing the environment, writing the report
 RESERVE_MIN_S = 15.0
 END_RESERVE_S = 5.0  # kept back at the end for the report
@@ -96,6 +100,7 @@ RESULT_PREFIX = "GPU_CHECK_RESULT "
 COLUMNS_READ: dict[str, tuple[str, ...]] = {
     "attention": ("head_dim", "pass", "speed ours/sdpa"),
     "mlp": ("variant", "pass", "speed vs eager", "act mem vs eager"),
+    "norm": ("norm", "variant", "pass", "speed vs torch", "speed vs torch+per-example"),
 }
 BEGIN_MARK = "<!-- gpu_check:begin -->"
 END_MARK = "<!-- gpu_check:end -->"
@@ -107,7 +112,7 @@ END_MARK = "<!-- gpu_check:end -->"
 @dataclass(frozen=True)
 class Item:
     """One run of the check. ``argv`` is relative to the repository root; ``"{python}"`` stands for the
-    interpreter. ``kind`` picks how its output is read: pytest, attention, mlp, json (gpu_mfu.py), text."""
+    interpreter. ``kind`` picks how its output is read: pytest, attention, mlp, norm, json (gpu_mfu.py), text."""
 
     id: str
     number: int
@@ -169,6 +174,8 @@ def build_items(pytest_xdist: bool, pytest_timeout: bool) -> list[Item]:
              "25-40 s"),
         Item("5b", 5, "Host syncs per optimizer step, ScalingMonitor on/off",
              ("{python}", "benchmarks/gpu_mfu.py", "syncs"), "json", "15-25 s"),
+        Item("6", 6, "Norms with per-example gradient norms: fused vs torch",
+             ("{python}", "benchmarks/norm.py", "--markdown"), "norm", "20-40 s"),
     ]
 
 
@@ -404,6 +411,31 @@ def read_mlp(lines: list[str]) -> tuple[bool, str, str]:
     return True, headline, section
 
 
+def read_norm(lines: list[str]) -> tuple[bool, str, str]:
+    """(has a table, headline, section) from benchmarks/norm.py --markdown: the fused variant's forward+backward
+    speed against torch's norm alone and against torch's norm with a separate per-example computation."""
+    column = "speed vs torch+per-example"
+    table, section = _table_section(lines, column)
+    if table is None:
+        return False, "no result table in the output", section
+    header, rows = table
+    try:
+        kind, var, pas, alone, with_norms = (header.index(c) for c in COLUMNS_READ["norm"])
+        speeds: dict[str, tuple[list[float], list[float]]] = {}
+        for row in rows:
+            if row[pas] == "fwd+bwd" and row[var] == "fused":
+                pair = speeds.setdefault(row[kind], ([], []))
+                pair[0].append(float(row[alone]))
+                pair[1].append(float(row[with_norms]))
+    except (ValueError, IndexError):
+        return False, "result table not in the expected columns", section
+    if not speeds:
+        return False, "no fwd+bwd rows of the fused variant", section
+    headline = ("fwd+bwd fused vs torch " + ", ".join(f"{k}: {_range(v[0])}x" for k, v in speeds.items())
+                + "; vs torch + per-example " + ", ".join(f"{k}: {_range(v[1])}x" for k, v in speeds.items()))
+    return True, headline, section
+
+
 def read_json_result(lines: list[str]) -> tuple[bool, str, str, Any]:
     """(ok, headline, section, data) from a gpu_mfu.py run: its marked Markdown and its result line."""
     data = None
@@ -439,6 +471,8 @@ def read_outcome(outcome: Outcome, lines: list[str], timed_out: bool) -> None:
         ok, headline, section = read_attention(lines)
     elif kind == "mlp":
         ok, headline, section = read_mlp(lines)
+    elif kind == "norm":
+        ok, headline, section = read_norm(lines)
     elif kind == "json":
         ok, headline, section, outcome.data = read_json_result(lines)
     else:

@@ -1,7 +1,8 @@
 """Triton kernels registered as PyTorch ops with FLOP formulas; imported as ``lightning_scaling.kernels``.
 
 Layers, like Liger-Kernel: ``ops/`` holds the raw Triton kernels with their ``torch.library`` op, autograd and
-FLOP formula; ``modules.py`` holds the thin ``nn.Module`` drop-ins (``FusedSelfAttention``, ``FusedSwiGLU``).
+FLOP formula; ``modules.py`` holds the thin ``nn.Module`` drop-ins (``FusedSelfAttention``, ``FusedSwiGLU``,
+``FusedLayerNorm``, ``FusedRMSNorm``; the norms also record per-example squared gradient norms).
 
 Which path an op takes: the Triton kernels for CUDA tensors; the PyTorch reference for CPU tensors, unless
 ``triton_on_cpu()`` is active and ``TRITON_INTERPRET=1`` was set before Triton was imported, in which case the
@@ -65,7 +66,7 @@ def run_kernels(tensor: torch.Tensor, triton_impl: Callable[..., Any], reference
 
 
 def __getattr__(name: str):  # lazy: importing the package does not import Triton
-    if name in {"FusedSelfAttention", "FusedSwiGLU"}:
+    if name in {"FusedSelfAttention", "FusedSwiGLU", "FusedLayerNorm", "FusedRMSNorm"}:
         from lightning_scaling.kernels import modules
 
         return getattr(modules, name)
@@ -73,6 +74,10 @@ def __getattr__(name: str):  # lazy: importing the package does not import Trito
         from lightning_scaling.kernels.ops import attention
 
         return getattr(attention, name)
+    if name in {"fused_layer_norm", "fused_rms_norm"}:
+        from lightning_scaling.kernels.ops import norm
+
+        return getattr(norm, name)
     if name in {"swiglu"}:
         from lightning_scaling.kernels.ops import swiglu
 
@@ -88,5 +93,6 @@ def __getattr__(name: str):  # lazy: importing the package does not import Trito
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["FusedSelfAttention", "FusedSwiGLU", "flash_attention", "swiglu", "swiglu_gate_up", "swiglu_mlp",
-           "triton_on_cpu", "use_triton", "interpreter_enabled"]
+__all__ = ["FusedLayerNorm", "FusedRMSNorm", "FusedSelfAttention", "FusedSwiGLU", "flash_attention",
+           "fused_layer_norm", "fused_rms_norm", "interpreter_enabled", "swiglu", "swiglu_gate_up", "swiglu_mlp",
+           "triton_on_cpu", "use_triton"]

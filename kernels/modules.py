@@ -1,15 +1,22 @@
-"""``nn.Module`` drop-ins for the example GPT's blocks, backed by the fused ops.
+"""``nn.Module`` drop-ins backed by the fused ops.
 
-Parameter names match ``examples/gpt.py`` (``qkv``/``proj``; ``gate``/``up``/``down``, all without bias), so a
-state dict loads into either version.
+Parameter names match what they replace, so a state dict loads into either version: ``examples/gpt.py``'s blocks
+(``qkv``/``proj``; ``gate``/``up``/``down``, all without bias) for ``FusedSelfAttention`` and ``FusedSwiGLU``;
+``torch.nn.LayerNorm`` and ``torch.nn.RMSNorm`` (``weight``, ``bias``) for ``FusedLayerNorm`` and
+``FusedRMSNorm``.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from lightning_scaling.kernels.ops.attention import flash_attention
+from lightning_scaling.kernels.ops.norm import fused_layer_norm, fused_rms_norm
 from lightning_scaling.kernels.ops.swiglu_gemm import swiglu_gate_up
 from lightning_scaling.kernels.ops.swiglu_mlp import swiglu_mlp
 
@@ -94,3 +101,153 @@ class FusedSwiGLU(nn.Module):
 
     def extra_repr(self) -> str:
         return f"fusion={self.fusion!r}"
+
+
+def _width(normalized_shape: int | Sequence[int]) -> int:
+    """H from ``normalized_shape``: an int or a one-element sequence (the fused norms take the last dimension)."""
+    if isinstance(normalized_shape, int) and not isinstance(normalized_shape, bool):
+        shape: tuple = (normalized_shape,)
+    elif isinstance(normalized_shape, Sequence) and not isinstance(normalized_shape, str):
+        shape = tuple(normalized_shape)
+    else:
+        raise ValueError(f"normalized_shape must be an int or a one-element sequence, got {normalized_shape!r}")
+    if len(shape) != 1:
+        raise ValueError(f"normalized_shape must name one dimension (the fused norms normalise the last one), "
+                         f"got {normalized_shape!r}")
+    return _positive_int("normalized_shape", shape[0])
+
+
+def _flag(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
+class _FusedNorm(nn.Module):
+    """What ``FusedLayerNorm`` and ``FusedRMSNorm`` share: the parameters, the per-example squared norms."""
+
+    per_example_sq_norms: torch.Tensor | None
+
+    def __init__(self, normalized_shape: int | Sequence[int], eps: float | None, elementwise_affine: bool,
+                 bias: bool, record_per_example_norms: bool, device: torch.device | str | None,
+                 dtype: torch.dtype | None) -> None:
+        super().__init__()
+        width = _width(normalized_shape)
+        if eps is not None and (isinstance(eps, bool) or not isinstance(eps, (int, float))
+                                or not (math.isfinite(eps) and eps >= 0)):
+            raise ValueError(f"eps must be a finite number >= 0 (or None for RMSNorm), got {eps!r}")
+        self.normalized_shape = (width,)
+        self.eps = eps
+        self.elementwise_affine = _flag("elementwise_affine", elementwise_affine)
+        self.record_per_example_norms = _flag("record_per_example_norms", record_per_example_norms)
+        _flag("bias", bias)
+        if elementwise_affine:
+            self.weight = nn.Parameter(torch.ones(width, device=device, dtype=dtype))
+            self.bias = nn.Parameter(torch.zeros(width, device=device, dtype=dtype)) if bias else None
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        self.per_example_sq_norms = None
+        self._per_example_sink: torch.Tensor | None = None
+
+    def reset_parameters(self) -> None:
+        """Weight ones, bias zeros (as torch's norms)."""
+        if self.weight is not None:
+            nn.init.ones_(self.weight)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+    def _sink(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The [examples] leaf whose gradient the backward fills with the per-example squared norms; None when
+        nothing is to be recorded.
+
+        One leaf is kept and reused while the number of examples, dtype and device stay the same, so that
+        ``torch.compile`` traces it as an input (a leaf made inside the forward would break the graph); its
+        post-accumulate hook moves each gradient into ``per_example_sq_norms``."""
+        trained = any(p is not None and p.requires_grad for p in (self.weight, self.bias))
+        if not (self.record_per_example_norms and trained and torch.is_grad_enabled()):
+            return None
+        examples = 1 if x.dim() == 1 else x.shape[0]
+        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        sink = self._per_example_sink
+        if sink is None or sink.shape[0] != examples or sink.dtype != dtype or sink.device != x.device:
+            sink = torch.zeros(examples, dtype=dtype, device=x.device, requires_grad=True)
+            sink.register_post_accumulate_grad_hook(self._record)
+            self._per_example_sink = sink
+        return sink
+
+    def _record(self, sink: torch.Tensor) -> None:
+        self.per_example_sq_norms = sink.grad.detach() if sink.grad is not None else None
+        sink.grad = None
+
+    def __getstate__(self) -> dict:
+        # Copies and pickles drop the sink: a copied tensor loses its hook. The next forward makes a new one.
+        state = self.__dict__.copy()
+        state["_per_example_sink"] = None
+        return state
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if not isinstance(x, torch.Tensor) or x.dim() == 0 or x.shape[-1] != self.normalized_shape[0]:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"x must end in normalized_shape={self.normalized_shape[0]}, got shape {shape}")
+
+    def extra_repr(self) -> str:
+        return (f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}, "
+                f"record_per_example_norms={self.record_per_example_norms}")
+
+
+class FusedLayerNorm(_FusedNorm):
+    """``torch.nn.LayerNorm`` over the last dimension on the fused norm op, recording each example's squared
+    gradient norm for this layer's parameters in the backward (Gray et al. 2024, arXiv 2411.00999).
+
+    Same arguments, parameters and state-dict keys as ``nn.LayerNorm`` (``weight`` [H], ``bias`` [H]), except
+    that ``normalized_shape`` must name one dimension. Input and output [B, ..., H]: the first dimension indexes
+    examples (for [B, T, H], example b is x[b]; for [N, H] every row is an example). fp16/bf16/fp32 are computed
+    in fp32; the output has x's dtype (also when the parameters are fp32 under autocast, where nn.LayerNorm
+    would return fp32).
+
+    ``per_example_sq_norms``: after each backward that reaches this layer's parameters, a float32 tensor [B]
+    (float64 for float64 inputs) holding |g_b(weight)|² + |g_b(bias)|², the squared L2 norm of example b's
+    gradient with respect to the weight and bias together, taken from the gradient as it flowed (it carries the
+    loss's 1/B for a mean over the batch, the AMP loss scale, Lightning's 1/accumulate_grad_batches: rescale
+    before use); None before the first backward. Each backward overwrites it, so with gradient accumulation
+    read it after every backward (``on_after_backward``). It holds the per-example norms of one forward call:
+    a layer called twice before one backward (shared weights) records the call whose backward ran last, not the
+    norm of the summed gradient. Under activation checkpointing it is recorded once per backward.
+    ``record_per_example_norms=False`` turns the recording off (same kernels; the [B] result is not kept).
+    Without ``elementwise_affine`` there are no parameters and nothing is recorded.
+    """
+
+    def __init__(self, normalized_shape: int | Sequence[int], eps: float = 1e-5, elementwise_affine: bool = True,
+                 bias: bool = True, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+                 record_per_example_norms: bool = True) -> None:
+        if eps is None:
+            raise ValueError("eps must be a finite number >= 0 for LayerNorm, got None")
+        super().__init__(normalized_shape, eps, elementwise_affine, bias, record_per_example_norms, device, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
+        if self.weight is None:
+            return F.layer_norm(x, self.normalized_shape, None, None, self.eps)
+        return fused_layer_norm(x, self.weight, self.bias, self.eps, per_example_sink=self._sink(x))
+
+
+class FusedRMSNorm(_FusedNorm):
+    """``torch.nn.RMSNorm`` over the last dimension on the fused norm op, recording each example's squared
+    gradient norm |g_b(weight)|² for its weight in the backward; see ``FusedLayerNorm`` for shapes, dtypes and
+    ``per_example_sq_norms``.
+
+    Same arguments, parameter and state-dict key as ``nn.RMSNorm`` (``weight`` [H]); ``eps`` None means
+    ``torch.finfo(x.dtype).eps``, as there.
+    """
+
+    def __init__(self, normalized_shape: int | Sequence[int], eps: float | None = None,
+                 elementwise_affine: bool = True, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None, record_per_example_norms: bool = True) -> None:
+        super().__init__(normalized_shape, eps, elementwise_affine, False, record_per_example_norms, device, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
+        if self.weight is None:
+            return F.rms_norm(x, self.normalized_shape, None, self.eps)
+        return fused_rms_norm(x, self.weight, self.eps, per_example_sink=self._sink(x))

@@ -8,8 +8,11 @@ FLOPs are exactly
 
 (per-sample work such as a classification head; every matmul over the tokens; the attention scores, quadratic in
 the sequence length), so three measured shapes of one *family* (the same batch structure with other batch sizes
-and sequence lengths) determine the rest. A prediction is trusted only after it has predicted a measured shape
-within ``tolerance`` (validation); until then new shapes are measured, up to ``max_measured`` in all. A shape whose
+and sequence lengths) determine the rest. A language model has no per-sample term (p = 0), so a family starts
+with the two token terms: two measured shapes determine it and a third checks it. Only when that check fails does
+the family take the per-sample term as well (one more measurement). A prediction is trusted only after it has
+predicted a measured shape within ``tolerance`` (validation); until then new shapes are measured, up to
+``max_measured`` in all. A shape whose
 features lie outside what the measurements determine (say a new sequence length when every measurement had the
 same one) is measured, never extrapolated, while measurements are left.
 
@@ -26,9 +29,13 @@ import numpy as np
 __all__ = ["FlopsByShape", "ShapeFamily"]
 
 
-def _features(batch_size: int, seq_len: int) -> np.ndarray:
+TOKEN_TERMS = (1, 2)  # b·s and b·s²: a language model's formula
+ALL_TERMS = (0, 1, 2)  # with the per-sample term p·b
+
+
+def _features(batch_size: int, seq_len: int, terms: tuple[int, ...] = ALL_TERMS) -> np.ndarray:
     b, s = float(batch_size), float(seq_len)
-    return np.array([b, b * s, b * s * s])
+    return np.array([b, b * s, b * s * s])[list(terms)]
 
 
 @dataclass
@@ -36,14 +43,15 @@ class ShapeFamily:
     """The measured shapes of one batch structure and the formula fitted to them (model and hardware FLOPs)."""
 
     points: list[tuple[int, int, int, int]] = field(default_factory=list)  # (b, s, model, hardware)
+    terms: tuple[int, ...] = TOKEN_TERMS  # which of p·b, q·b·s, r·b·s² the formula has (see the module docstring)
     validated: bool = False
     worst_error: float = 0.0  # largest relative error of a prediction checked against a measurement
-    _coef: np.ndarray | None = None  # [2, 3]: model and hardware coefficients
+    _coef: np.ndarray | None = None  # [2, len(terms)]: model and hardware coefficients
     _basis: np.ndarray | None = None  # orthonormal basis of the measured features' row space
     _scale: np.ndarray | None = None  # feature scaling used by the fit
 
     def fit(self) -> None:
-        x = np.stack([_features(b, s) for b, s, _, _ in self.points])
+        x = np.stack([_features(b, s, self.terms) for b, s, _, _ in self.points])
         y = np.array([[m, h] for _, _, m, h in self.points], dtype=float)
         scale = np.abs(x).max(axis=0)
         scale[scale == 0] = 1.0
@@ -58,13 +66,13 @@ class ShapeFamily:
         """Whether the measurements determine F at this shape (its features lie in their span)."""
         if self._basis is None or self._scale is None or not len(self._basis):
             return False
-        f = _features(batch_size, seq_len) / self._scale
+        f = _features(batch_size, seq_len, self.terms) / self._scale
         residual = f - self._basis.T @ (self._basis @ f)
         return float(np.linalg.norm(residual)) <= 1e-7 * float(np.linalg.norm(f))
 
     def predict(self, batch_size: int, seq_len: int) -> tuple[int, int]:
         assert self._coef is not None
-        model, hardware = self._coef @ _features(batch_size, seq_len)
+        model, hardware = self._coef @ _features(batch_size, seq_len, self.terms)
         return max(int(round(model)), 0), max(int(round(hardware)), 0)
 
 
@@ -135,8 +143,12 @@ class FlopsByShape:
         if fam.points and fam.determined(batch_size, seq_len):
             predicted = fam.predict(batch_size, seq_len)[0]
             error = abs(predicted - model) / max(abs(model), 1)
-            fam.worst_error = max(fam.worst_error, error)
             fam.validated = error <= self.tolerance
+            if not fam.validated and fam.terms != ALL_TERMS:
+                fam.terms = ALL_TERMS  # the token terms alone do not explain it: add the per-sample term
+                error = None  # a check of the narrower formula, not of the one in use
+            else:
+                fam.worst_error = max(fam.worst_error, error)
         else:  # a shape the formula could not reach: the fit gains a dimension, which must be checked afresh
             fam.validated = False
         fam.points.append((int(batch_size), int(seq_len), int(model), int(hardware)))

@@ -49,12 +49,12 @@ def _plan_rows(gc: ModuleType, text: str) -> list[list[str]]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("budget", [480, 200])
-def test_dry_run_plans_the_five_items_within_the_budget(gc, budget):
+def test_dry_run_plans_the_six_items_within_the_budget(gc, budget):
     done = subprocess.run([sys.executable, str(SCRIPT), "--dry-run", "--budget-s", str(budget)], capture_output=True,
                           text=True, timeout=60, check=False)
     assert done.returncode == 0, done.stdout + done.stderr
     rows = _plan_rows(gc, done.stdout)
-    assert {int(re.match(r"\d+", r[0]).group()) for r in rows} == {1, 2, 3, 4, 5}
+    assert {int(re.match(r"\d+", r[0]).group()) for r in rows} == {1, 2, 3, 4, 5, 6}
     limits = [float(r[3]) for r in rows]
     assert all(limit >= gc.MIN_RUN_S for limit in limits)
     total = re.search(r"total planned: (\d+) s of (\d+) s budget", done.stdout)
@@ -63,6 +63,7 @@ def test_dry_run_plans_the_five_items_within_the_budget(gc, budget):
     assert "dry run: ok" in done.stdout
     assert "benchmarks/attention.py --markdown --full" in done.stdout
     assert "--device cuda" in done.stdout
+    assert "benchmarks/norm.py --markdown" in done.stdout
 
 
 @pytest.mark.parametrize("budget", [120, 180, 480, 1200])
@@ -91,6 +92,7 @@ def test_only_selects_runs_and_names_the_flag_when_wrong(gc):
     assert [i.id for i in gc.select_items(items, "2b, 4")] == ["2b", "4"]
     assert [i.id for i in gc.select_items(items, "5")] == ["5a", "5b"]
     assert [i.id for i in gc.select_items(items, "4,1")] == ["1", "4"]  # always in the plan's order
+    assert [i.id for i in gc.select_items(items, "6")] == ["6"]
     for bad in ("7", "", "2c"):
         with pytest.raises(ValueError, match="--only"):
             gc.select_items(items, bad)
@@ -179,6 +181,25 @@ def test_attention_and_mlp_tables_are_read_by_column_name(gc):
     ok, headline, _ = gc.read_mlp(mlp.splitlines())
     assert ok and headline == "fwd+bwd vs eager elementwise: 1.10x, gemm: 0.95x; act mem elementwise: 0.50x, gemm: 0.25x"
     assert gc.read_attention(["benchmarks/attention.py: no CUDA GPU here. Nothing measured."])[0] is False
+
+
+def test_norm_table_is_read_by_column_name(gc):
+    rows = [["layer", "1024", "torch", "fwd+bwd", "0.200", "1.00", "0.40"],
+            ["layer", "1024", "fused", "fwd", "0.050", "1.50", "1.60"],
+            ["layer", "1024", "fused", "fwd+bwd", "0.150", "1.33", "2.67"],
+            ["layer", "4096", "fused", "fwd+bwd", "0.500", "1.10", "2.20"],
+            ["layer", "4096", "fused, no per-example", "fwd+bwd", "0.450", "1.22", "2.44"],
+            ["rms", "1024", "fused", "fwd+bwd", "0.120", "0.95", "3.00"]]
+    table = gc.markdown_table(["norm", "H", "variant", "pass", "ms", "speed vs torch",
+                               "speed vs torch+per-example"], rows)
+    ok, headline, section = gc.read_norm(["device: NVIDIA H200 | bf16", *table.splitlines()])
+    assert ok and headline == ("fwd+bwd fused vs torch layer: 1.10-1.33x, rms: 0.95x; "
+                               "vs torch + per-example layer: 2.20-2.67x, rms: 3.00x")
+    assert "device: NVIDIA H200" in section and gc.markdown_table_problems(section) == []
+    assert gc.read_norm(["benchmarks/norm.py: no CUDA GPU here. Nothing measured."])[0] is False
+    no_fused = gc.markdown_table(["norm", "variant", "pass", "speed vs torch", "speed vs torch+per-example"],
+                                 [["rms", "torch", "fwd+bwd", "1.00", "0.40"]])
+    assert gc.read_norm(no_fused.splitlines())[:2] == (False, "no fwd+bwd rows of the fused variant")
 
 
 def test_benchmarks_still_print_the_columns_that_are_read(gc):
