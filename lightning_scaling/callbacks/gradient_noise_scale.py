@@ -16,10 +16,13 @@ from lightning_scaling._validation import fraction, positive_float, positive_int
 from lightning_scaling.callbacks._base import LedgerCallback, guarded
 from lightning_scaling.callbacks._common import TokensFn
 from lightning_scaling.callbacks._ledger import SAMPLES, StepRecord
+from lightning_scaling.callbacks._norm_layers import NormLayerProbe
 from lightning_scaling.noise import NoiseScaleEstimate, NoiseScaleEstimator, least_squares_line
 
 # The step's least-squares sums over (x = 1/B, y = |G_B|²) points: Σw, Σw·x, Σw·x², Σw·y, Σw·x·y.
 _POINT_SLOTS = ("gns/points", "gns/x", "gns/xx", "gns/y", "gns/xy")
+_NORM_SLOTS = ("gns_norm/points", "gns_norm/x", "gns_norm/xx", "gns_norm/y", "gns_norm/xy")  # the norm layers' own
+_NORM_MISMATCHED = "gns_norm/mismatched"  # norm layers whose per-example sum missed autograd's gradient
 
 # Strategies that shard or hide the per-rank gradient (by class name, so optional packages are not imported).
 _NO_LOCAL_GRADIENTS = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy", "XLAStrategy",
@@ -45,9 +48,13 @@ class GradientNoiseScale(LedgerCallback):
       for the same precision.)
     * DDP (``world_size = R > 1``): each rank's local gradient (hooks, before the all-reduce) against the
       all-reduced ``.grad`` (R·b samples); with accumulation too, R·k micro-batches against R·k·b samples.
-    * neither: there is only one batch size, so nothing is measured and nothing is logged; the callback says
-      once what it needs (``accumulate_grad_batches >= 2`` or several devices). It never re-runs
-      ``training_step``.
+    * the normalization layers (on by default, ``norm_layers=True``): per-example gradients of the LayerNorm /
+      RMSNorm parameters, formed in the backward from tensors autograd already has (Gray et al. 2024, arXiv
+      2411.00999), give a batch of one against the micro-batch for those parameters. Where there is neither
+      accumulation nor DDP this is the estimate (``scaling/gns``, ``mode == "norm layers"``); otherwise it is
+      logged beside the whole-model one as ``scaling/gns_norm_layers``. The layers found are named once; a model
+      without norm layers gets one line saying so, and with neither of the other sources nothing is logged. It
+      never re-runs ``training_step``.
 
     Each step's squared norms are points (1/B, |G_B|²) on the line E|G_B|² = |G|² + tr(Σ)/B; their
     least-squares sums ride in the shared step ledger (no collective or host read of its own), and the line's
@@ -89,6 +96,8 @@ class GradientNoiseScale(LedgerCallback):
             factor (> 1); each direction still warns at most once per run.
         min_measurements: measurements needed before warning (>= 1).
         tokens_fn: ``tokens_fn(batch)`` -> training tokens in one micro-batch (default: count token ids).
+        norm_layers: also estimate the noise scale from the normalization layers' per-example gradients (the only
+            source on one device without accumulation).
     """
 
     def __init__(
@@ -100,6 +109,7 @@ class GradientNoiseScale(LedgerCallback):
         hysteresis: float = 1.5,
         min_measurements: int = 20,
         tokens_fn: TokensFn | None = None,
+        norm_layers: bool = True,
     ) -> None:
         super().__init__()
         self.estimator = NoiseScaleEstimator(fraction("ema_decay", ema_decay, inclusive_high=False))
@@ -117,6 +127,16 @@ class GradientNoiseScale(LedgerCallback):
         if tokens_fn is not None and not callable(tokens_fn):
             raise ValueError(f"tokens_fn must be callable or None, got {tokens_fn!r}")
         self.tokens_fn = tokens_fn
+        if not isinstance(norm_layers, bool):
+            raise ValueError(f"norm_layers must be True or False, got {norm_layers!r}")
+        self.norm_layers = norm_layers
+        # the normalization layers' own estimate (Gray et al. 2024), beside or instead of the whole model's
+        self.norm_estimator = NoiseScaleEstimator(self.estimator.ema_decay)
+        self.norm_layers_found = ""  # e.g. "9 x LayerNorm"
+        self._probe = NormLayerProbe()
+        self._probe_on = False
+        self._probe_checked = False
+        self._norm_layers_missing = ""
 
         # persistent state (state_dict)
         self.skipped_nonfinite = 0  # optimizer steps whose gradients were not finite
@@ -169,6 +189,8 @@ class GradientNoiseScale(LedgerCallback):
             "measurements": est.measurements,
             "skipped_nonfinite": self.skipped_nonfinite,
             "mode": self.mode,
+            "gns_norm_layers": self.norm_estimator.b_simple,
+            "norm_layers_found": self.norm_layers_found,
             "status": self._status_text(est),
         }
 
@@ -179,7 +201,7 @@ class GradientNoiseScale(LedgerCallback):
         assert self.ledger is not None
         self._rule = self.ledger.token_rule(self.tokens_fn)
         # sums over the step's (1/B, |G_B|²) points, for the least-squares line (see _commit)
-        self.ledger.declare(*_POINT_SLOTS)
+        self.ledger.declare(*_POINT_SLOTS, *_NORM_SLOTS, _NORM_MISMATCHED)
         names = {cls.__name__ for cls in type(trainer.strategy).__mro__}
         if names & set(_NO_LOCAL_GRADIENTS) or not isinstance(trainer.strategy, (SingleDeviceStrategy, DDPStrategy)):
             self._step_aside(f"{type(trainer.strategy).__name__} does not expose each rank's local gradient "
@@ -204,7 +226,7 @@ class GradientNoiseScale(LedgerCallback):
         if int(trainer.accumulate_grad_batches) != self._k:  # a GradientAccumulationScheduler changed it
             self._reset_window()
             self._configure(trainer, pl_module)
-        if self.mode == "off":
+        if self.mode == "off" and not self._probe_on:
             return
         assert self.ledger is not None
         samples = self.ledger.micro_samples
@@ -221,16 +243,23 @@ class GradientNoiseScale(LedgerCallback):
         # .grad before it), so one fused norm in on_after_backward replaces its per-parameter hooks. Under DDP
         # the hooks are needed: a micro-batch that ends the step is all-reduced by the time the backward returns.
         self._hooks_live = not (self._micro == 0 and self._world == 1)
+        if self._probe_on:
+            # check each layer's formula once, on a micro-batch whose .grad will be its own gradient
+            self._probe.start(samples, check=not self._probe_checked and self._micro == 0 and self._world == 1)
 
     @override
     def _on_after_backward(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # once per backward, i.e. per micro-batch
         if self._hook_error is not None:
             raise self._hook_error
-        if not self._collecting or self.mode != "hooks":
+        if not self._collecting:
             return
         assert self._micro_samples
         self._collecting = False
+        if self._probe_on:
+            self._collect_norm_layers(trainer)
+        if self.mode != "hooks":
+            return
         self._micro += 1
         self._window_inverse += 1.0 / self._micro_samples
         sq: torch.Tensor | None = None
@@ -243,6 +272,35 @@ class GradientNoiseScale(LedgerCallback):
         if sq is not None:  # a point at B = b (stays on the device: no host read)
             scale = self._loss_scale(trainer)
             self._commit(sq * (self._k * self._k) / (scale * scale), self._micro_samples, weight=1.0)
+
+    def _collect_norm_layers(self, trainer: Trainer) -> None:
+        found = self._probe.collect()
+        if self._probe.error is not None:
+            self._norm_layers_off(f"the normalization layers could not be measured ({self._probe.error})")
+            return
+        mismatched = self._probe.take_mismatched()
+        if mismatched is not None:
+            assert self.ledger is not None
+            self._probe_checked = True
+            self.ledger.add(_NORM_MISMATCHED, mismatched)
+        if found is None:
+            return
+        example_sq, batch_sq, examples = found
+        # the gradients flowed × loss scale / k, and each example's × 1/b from the mean over the micro-batch:
+        # an example's own gradient is b·k/scale times its piece, the micro-batch's k/scale times their sum
+        scale = self._loss_scale(trainer)
+        factor = (self._k * self._k) / (scale * scale)
+        self._commit(example_sq * (factor * examples), 1, weight=1.0, slots=_NORM_SLOTS)
+        if examples > 1:
+            self._commit(batch_sq * factor, examples, weight=1.0, slots=_NORM_SLOTS)
+
+    def _norm_layers_off(self, why: str) -> None:
+        self._probe.detach()
+        self._probe_on = False
+        self._warn.info("norm-layers-off", f"{why}; the noise scale from the normalization layers is off.")
+        if self.mode == "norm layers":
+            self.mode = "off"
+            self.status = f"not measured: {why}"
 
     @override
     def _on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
@@ -262,15 +320,29 @@ class GradientNoiseScale(LedgerCallback):
 
     @override
     def _on_step(self, trainer: Trainer, pl_module: LightningModule, record: StepRecord) -> dict[str, float] | None:
-        if record.steps == 0 or self.mode != "hooks":
+        if record.steps == 0 or (self.mode == "off" and not self._probe_on):
             return None
         self.batch_size = record[SAMPLES]
         uncountable = record[f"{self._rule}/uncountable"] > 0
         self.batch_tokens = math.nan if uncountable else record.tokens(self._rule)
         self.last_loss = record.mean_loss
-        line = least_squares_line(*(record[name] for name in _POINT_SLOTS))
-        if line is not None:
-            self._update(trainer, *line)
+        if record[_NORM_MISMATCHED] > 0 and self._probe_on:
+            count = int(record[_NORM_MISMATCHED] / max(record.world_size, 1))
+            self._norm_layers_off(f"{count} of {len(self._probe.layers)} normalization layers did not reproduce "
+                                  "their weight gradient with the LayerNorm/RMSNorm formula (a norm layer of an "
+                                  "unusual kind)")
+        elif self._probe_on:
+            norm_line = least_squares_line(*(record[name] for name in _NORM_SLOTS))
+            if norm_line is not None and all(math.isfinite(v) for v in norm_line):
+                self.norm_estimator.update_estimates(*norm_line)
+                if self.mode == "norm layers":  # the only source: it is the estimate
+                    self._update(trainer, *norm_line)
+        if self.mode == "hooks":
+            line = least_squares_line(*(record[name] for name in _POINT_SLOTS))
+            if line is not None:
+                self._update(trainer, *line)
+        if self.mode == "off":
+            return None
         return self._metrics()
 
     @override
@@ -300,6 +372,7 @@ class GradientNoiseScale(LedgerCallback):
     def state_dict(self) -> dict[str, Any]:
         return {
             "estimator": self.estimator.state_dict(),
+            "norm_estimator": self.norm_estimator.state_dict(),
             "skipped_nonfinite": self.skipped_nonfinite,
             "zone": self.zone,
             "warned": sorted(self.warned),
@@ -310,6 +383,8 @@ class GradientNoiseScale(LedgerCallback):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.estimator.load_state_dict(state_dict["estimator"])
+        if "norm_estimator" in state_dict:
+            self.norm_estimator.load_state_dict(state_dict["norm_estimator"])
         self.skipped_nonfinite = int(state_dict.get("skipped_nonfinite", 0))
         self.zone = str(state_dict.get("zone", "ok"))
         self.warned = set(state_dict.get("warned", ()))
@@ -322,6 +397,9 @@ class GradientNoiseScale(LedgerCallback):
     def _metrics(self) -> dict[str, float]:
         est = self.estimator
         metrics: dict[str, float] = {"scaling/batch_size": self.batch_size}
+        norm = self.norm_estimator.b_simple
+        if self.norm_estimator.count and math.isfinite(norm) and norm > 0:
+            metrics["scaling/gns_norm_layers"] = norm
         if math.isfinite(self.batch_tokens):
             metrics["scaling/batch_tokens"] = self.batch_tokens
         if est.count:
@@ -364,25 +442,51 @@ class GradientNoiseScale(LedgerCallback):
         self._world = int(trainer.world_size)
         self._remove_hooks()
         self._norm_dtype = torch.float64 if any(p.dtype == torch.float64 for p in self._params) else torch.float32
+        self._probe_on = self._configure_norm_layers(pl_module)
         if self._k > 1 or self._world > 1:
             self.mode = "hooks"
             self.status = "measuring"
             self._handles = [p.register_hook(self._make_hook()) for p in self._params]
+        elif self._probe_on:
+            self.mode = "norm layers"
+            self.status = "measuring (per-example gradients of the normalization layers)"
         else:
             self.mode = "off"
-            self.status = ("not measured: one device without gradient accumulation gives one batch size only; "
-                           "set Trainer(accumulate_grad_batches=2) or more (same global batch with half the "
+            why = ("" if not self.norm_layers else
+                   f" and {self._norm_layers_missing} (the per-example source needs LayerNorm or RMSNorm layers)")
+            self.status = ("not measured: one device without gradient accumulation gives one batch size only"
+                           f"{why}; set Trainer(accumulate_grad_batches=2) or more (same global batch with half the "
                            "micro-batch), or train on two or more devices")
             self._warn.info("off", f"the gradient noise scale is {self.status}. Nothing is logged.")
+
+    def _configure_norm_layers(self, pl_module: LightningModule) -> bool:
+        """Find the norm layers and hook them; False (with the reason in ``_norm_layers_missing``) when not used."""
+        self._norm_layers_missing = "norm_layers=False"
+        if not self.norm_layers:
+            return False
+        if getattr(pl_module, "_compiler_ctx", None) or any(
+                getattr(m, "_compiled_call_impl", None) is not None for m in pl_module.modules()):
+            self._norm_layers_missing = "the model is compiled (torch.compile), where the norm-layer hooks would break graphs"
+            return False
+        self.norm_layers_found = self._probe.find(pl_module)
+        if not self.norm_layers_found:
+            self._norm_layers_missing = "the model has no normalization layers it recognises"
+            return False
+        self._probe.attach()
+        self._warn.info("norm-layers", "per-example gradient norms from the normalization layers "
+                                       f"({self.norm_layers_found}) give the noise scale a batch of one.")
+        return True
 
     def _step_aside(self, message: str) -> None:
         self._warn.warn("step-aside", message)
         self.enabled = False
         self.mode = "off"
+        self._probe_on = False
         self.status = "stepped aside: " + message
         self._remove_hooks()
 
     def _remove_hooks(self) -> None:
+        self._probe.detach()
         for handle in self._handles:
             with contextlib.suppress(Exception):
                 handle.remove()
@@ -429,11 +533,12 @@ class GradientNoiseScale(LedgerCallback):
             return torch.zeros((), dtype=self._norm_dtype)
         return torch.stack(torch._foreach_norm(grads, 2, dtype=self._norm_dtype)).square().sum()
 
-    def _commit(self, sq: torch.Tensor, samples: float, weight: float) -> None:
+    def _commit(self, sq: torch.Tensor, samples: float, weight: float,
+                slots: tuple[str, ...] = _POINT_SLOTS) -> None:
         """Add the point (x = 1/B, y = |G_B|²) with ``weight`` to the step's least-squares sums."""
         assert self.ledger is not None
         x = 1.0 / samples
-        n_slot, x_slot, xx_slot, y_slot, xy_slot = _POINT_SLOTS
+        n_slot, x_slot, xx_slot, y_slot, xy_slot = slots
         self.ledger.add_to_step(n_slot, weight)
         self.ledger.add_to_step(x_slot, weight * x)
         self.ledger.add_to_step(xx_slot, weight * x * x)
