@@ -8,7 +8,7 @@ For tokens = 16384 and d_model in (1024, 2048, 4096) with d_ff = 8/3 · d_model 
 forward leaves for the backward (bytes allocated after the forward, minus the output) and the peak memory of
 forward+backward. Prints one table, both side by side.
 
-FLOPs (model FLOPs; SPEC.md §1, Hoffmann 2022 App. F, gated dense block 2·S·3·d·f): forward 3 GEMMs of
+FLOPs (model FLOPs; docs/math.md §1, Hoffmann 2022 App. F, gated dense block 2·S·3·d·f): forward 3 GEMMs of
 2·tokens·d_model·d_ff; backward 2 × forward; forward+backward 3 × forward, for every variant. The "gemm" fusion's
 backward recomputes the gate/up GEMMs (4·tokens·d_model·d_ff hardware FLOPs more), which its TFLOP/s does not
 credit: the column compares useful work per second.

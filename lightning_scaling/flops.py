@@ -175,7 +175,7 @@ def transformer_flops(n_layer: int, d_model: int, n_head: int, seq_len: int, voc
     mlp_mats = 3 if gated_mlp else 2
 
     if convention == "chinchilla":
-        # Hoffmann 2022 App. F, forward FLOPs per sequence; gated MLP = 3 d×f matrices (SPEC §1)
+        # Hoffmann 2022 App. F, forward FLOPs per sequence; gated MLP = 3 d×f matrices (docs/math.md §1)
         breakdown = {
             "embeddings": 2.0 * s * v * d,
             "qkv": n_layer * 2.0 * s * d * (d_attn + 2 * d_kv),

@@ -1,6 +1,6 @@
 """Dense peak FLOP/s of accelerators, for MFU and for the planner's wall-clock.
 
-MFU must be measured against the *dense* tensor-core figure (SPEC §1; PaLM, Chowdhery et al. 2022, App. B).
+MFU must be measured against the *dense* tensor-core figure (docs/math.md §1; PaLM, Chowdhery et al. 2022, App. B).
 Lightning's ``get_available_flops`` (2.6) lists sparse figures for the H100 NVL and H200, does not parse
 "NVIDIA H200" at all, reads "NVIDIA L40S" as an L4 and has no B200 or MI300X. We look devices up here
 first and fall back to Lightning only for devices this table does not name.

@@ -215,7 +215,7 @@ class ChinchillaLaw:
         """The cheapest run (fewest FLOPs) that reaches a target ``loss`` (nats/token, must exceed E)."""
         excess = self._check_target(loss) - self.E
         log_excess = np.log(excess)
-        # Hoffmann 2022 (eq. 2 on the eq. 4 frontier; SPEC §2): N = (A(1+α/β)/(ℓ−E))^(1/α), D = (B(1+β/α)/(ℓ−E))^(1/β)
+        # Hoffmann 2022 (eq. 2 on the eq. 4 frontier; docs/math.md §2): N = (A(1+α/β)/(ℓ−E))^(1/α), D = (B(1+β/α)/(ℓ−E))^(1/β)
         n = np.exp((math.log(self.A * (1.0 + self.alpha / self.beta)) - log_excess) / self.alpha)
         d = np.exp((math.log(self.B * (1.0 + self.beta / self.alpha)) - log_excess) / self.beta)
         return _allocation(n, d, self.E + excess, "loss")
@@ -227,7 +227,7 @@ class ChinchillaLaw:
         for a given N/N_opt (de Vries 2023)."""
         n, d = _broadcast(params=positive_array("params", params), tokens=positive_array("tokens", tokens))
         log_excess = self._log_excess(n, d)
-        # optimal run for that loss (SPEC §2 target-loss formulas), in logs; overhead = N·D/(N*·D*) − 1 (de Vries 2023)
+        # optimal run for that loss (docs/math.md §2 target-loss formulas), in logs; overhead = N·D/(N*·D*) − 1 (de Vries 2023)
         log_n_opt = (math.log(self.A * (1.0 + self.alpha / self.beta)) - log_excess) / self.alpha
         log_d_opt = (math.log(self.B * (1.0 + self.beta / self.alpha)) - log_excess) / self.beta
         ratio = np.log(n) + np.log(d) - log_n_opt - log_d_opt

@@ -28,9 +28,9 @@ def unbiased_estimates(sq_small: float, sq_big: float, b_small: float, b_big: fl
     """
     if not b_big > b_small > 0:
         raise ValueError(f"b_big must exceed b_small > 0, got b_small={b_small!r}, b_big={b_big!r}")
-    # McCandlish 2018, App. A.1 (SPEC §5): |G|² ≈ (B_big|G_big|² − B_small|G_small|²) / (B_big − B_small)
+    # McCandlish 2018, App. A.1 (docs/math.md §5): |G|² ≈ (B_big|G_big|² − B_small|G_small|²) / (B_big − B_small)
     grad_sq = (b_big * sq_big - b_small * sq_small) / (b_big - b_small)
-    # McCandlish 2018, App. A.1 (SPEC §5): tr(Σ) ≈ (|G_small|² − |G_big|²) / (1/B_small − 1/B_big)
+    # McCandlish 2018, App. A.1 (docs/math.md §5): tr(Σ) ≈ (|G_small|² − |G_big|²) / (1/B_small − 1/B_big)
     trace_cov = (sq_small - sq_big) / (1.0 / b_small - 1.0 / b_big)
     return grad_sq, trace_cov
 
@@ -55,7 +55,7 @@ def least_squares_line(weight: float, sum_x: float, sum_xx: float, sum_y: float,
 
 def noise_scale(grad_sq: float, trace_cov: float) -> float:
     """B_simple = tr(Σ)/|G|² in samples (McCandlish 2018, §2.2); NaN unless |G|² > 0."""
-    # McCandlish 2018, §2.2 (SPEC §5): B_simple = tr(Σ) / |G|²
+    # McCandlish 2018, §2.2 (docs/math.md §5): B_simple = tr(Σ) / |G|²
     if not (grad_sq > 0 and math.isfinite(grad_sq) and math.isfinite(trace_cov)):
         return math.nan
     return trace_cov / grad_sq

@@ -31,7 +31,7 @@ def test_device_names(name, key):
 
 
 def test_dense_figures_from_the_spec():
-    # SPEC §1: H100 SXM bf16 989.4e12; H200 SXM 989.4e12; H100 PCIe 756e12; A100 312e12 (dense, not sparse)
+    # docs/math.md §1: H100 SXM bf16 989.4e12; H200 SXM 989.4e12; H100 PCIe 756e12; A100 312e12 (dense, not sparse)
     assert hardware.dense_peak_flops("h100", "bf16") == 989.4e12
     assert hardware.dense_peak_flops("h200", torch.bfloat16) == 989.4e12
     assert hardware.dense_peak_flops("h100-pcie", "bf16") == 756e12

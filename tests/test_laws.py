@@ -1,4 +1,4 @@
-"""lightning_scaling.laws against the reference values of SPEC §2 and §4 and brute-force minimisations."""
+"""lightning_scaling.laws against the reference values of docs/math.md §2 and §4 and brute-force minimisations."""
 
 import json
 import math
@@ -128,7 +128,7 @@ def test_frontier_points_agree(law):
 def test_target_loss_formulas():
     law, target = HOFFMANN_2022, 2.1
     opt = law.optimal_for_loss(target)
-    # SPEC §2: N_opt(l) = (A(1+α/β)/(l−E))^(1/α), D_opt(l) = (B(1+β/α)/(l−E))^(1/β)
+    # docs/math.md §2: N_opt(l) = (A(1+α/β)/(l−E))^(1/α), D_opt(l) = (B(1+β/α)/(l−E))^(1/β)
     assert opt.params == pytest.approx((406.4 * (1 + 0.34 / 0.28) / (target - 1.69)) ** (1 / 0.34), rel=1e-12)
     assert opt.tokens == pytest.approx((410.7 * (1 + 0.28 / 0.34) / (target - 1.69)) ** (1 / 0.28), rel=1e-12)
     assert law.loss(opt.params, opt.tokens) == pytest.approx(target, rel=1e-12)
@@ -146,7 +146,7 @@ def test_de_vries_overhead(flops):
     d = tokens_for_loss(law, n, opt.loss)
     overhead = law.compute_overhead(n, d)
     assert overhead == pytest.approx(0.208, abs=5e-4)
-    # de Vries 2023 closed form (SPEC §2)
+    # de Vries 2023 closed form (docs/math.md §2)
     k_n, g = 0.5, law.G
     k_d = (1 - (k_n**-law.alpha - 1) * (law.A / law.B) * g ** -(law.alpha + law.beta)) ** (-1 / law.beta)
     assert overhead == pytest.approx(k_n * k_d - 1, rel=1e-9)

@@ -1,4 +1,4 @@
-"""The pure estimator (lightning_scaling.noise) against the closed-form linear-regression problem of SPEC §5."""
+"""The pure estimator (lightning_scaling.noise) against the closed-form linear-regression problem of docs/math.md §5."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from lightning_scaling.noise import NoiseScaleEstimator, noise_scale, unbiased_estimates
 
 D, SIGMA, DELTA_NORM = 16, 1.0, 1.0
-TRUE_B_SIMPLE = D + 1 + D * SIGMA**2 / DELTA_NORM**2  # SPEC §5: B_simple = d + 1 + dσ²/|δ|²
+TRUE_B_SIMPLE = D + 1 + D * SIGMA**2 / DELTA_NORM**2  # docs/math.md §5: B_simple = d + 1 + dσ²/|δ|²
 
 
 def simulate(rng: np.random.Generator, steps: int, micro: int, k: int) -> np.ndarray:
@@ -74,7 +74,7 @@ def test_closed_form_within_four_standard_errors_and_biased_estimator_misses() -
     ratios = [t / g for g, t in (unbiased_estimates(s, b, micro, micro * k) for s, b in data)]
     biased = float(np.mean(ratios))
     assert abs(biased - TRUE_B_SIMPLE) > 4 * e.stderr
-    # the per-step |G|² really is often negative here (SPEC §5), which is why ratios must not be averaged
+    # the per-step |G|² really is often negative here (docs/math.md §5), which is why ratios must not be averaged
     negative = np.mean([unbiased_estimates(s, b, micro, micro * k)[0] < 0 for s, b in data])
     assert negative > 0.01
 

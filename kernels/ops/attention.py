@@ -505,7 +505,7 @@ flash_attention_forward.register_autograd(_backward, setup_context=_setup_contex
 # ----------------------------------------------------------------------------------------------------------
 def _forward_flops(q, k, v, causal, scale, *, out_shape=None, causal_attention="half") -> int:
     """FLOPs of one ``flash_attention_forward`` call; ``q``/``k``/``v`` are shapes (the counter's convention)."""
-    # SPEC.md §1 (Hoffmann 2022 App. F; FlashAttention's count): Q·Kᵀ and softmax·V, 4·B·H·Sq·Sk·D, halved if
+    # docs/math.md §1 (Hoffmann 2022 App. F; FlashAttention's count): Q·Kᵀ and softmax·V, 4·B·H·Sq·Sk·D, halved if
     # causal under "half" (lightning_scaling.flops.attention_flops). The softmax itself is not counted.
     b, h, sq, d = q
     return int(attention_flops(b, h, sq, k[2], d, bool(causal), causal_attention))
@@ -514,7 +514,7 @@ def _forward_flops(q, k, v, causal, scale, *, out_shape=None, causal_attention="
 def _backward_flops(grad_out, q, k, v, out, lse, causal, scale, *, out_shape=None,
                     causal_attention="half") -> int:
     """FLOPs of one ``flash_attention_backward`` call (model FLOPs = 2 × forward)."""
-    # SPEC.md §1 (Hoffmann 2022 App. F): backward = 2 × forward in model FLOPs. FlashAttention reports 2.5 ×
+    # docs/math.md §1 (Hoffmann 2022 App. F): backward = 2 × forward in model FLOPs. FlashAttention reports 2.5 ×
     # because its backward recomputes Q·Kᵀ: that is hardware FLOPs (HFU), not the model FLOPs of MFU.
     return 2 * _forward_flops(q, k, v, causal, scale, causal_attention=causal_attention)
 

@@ -10,7 +10,7 @@ FLOPs (a third more than the gate/up GEMMs' own forward+backward); whether that 
 fusion (``ops/swiglu.py``) is measured by ``benchmarks/mlp.py``.
 
 Shapes: ``x`` [M tokens, K = d_model]; ``w_gate``, ``w_up`` [N = d_ff, K] (``nn.Linear`` layout); ``h`` [M, N].
-FLOPs (model FLOPs, SPEC.md §1, Hoffmann 2022 App. F): forward 2 GEMMs of 2·M·N·K; backward 2 × forward.
+FLOPs (model FLOPs, docs/math.md §1, Hoffmann 2022 App. F): forward 2 GEMMs of 2·M·N·K; backward 2 × forward.
 """
 
 from __future__ import annotations
@@ -278,7 +278,7 @@ swiglu_gate_up_forward.register_autograd(_backward, setup_context=_setup_context
 # FLOP formulas (model FLOPs; shapes in, as torch's counter passes them)
 # ----------------------------------------------------------------------------------------------------------
 def _forward_flops(x, w_gate, w_up, *, out_shape=None, **_: object) -> int:
-    """FLOPs of one forward call: the gate and the up GEMM, 2·M·N·K each (SPEC.md §1, Hoffmann 2022 App. F)."""
+    """FLOPs of one forward call: the gate and the up GEMM, 2·M·N·K each (docs/math.md §1, Hoffmann 2022 App. F)."""
     (m, k), n = x, w_gate[0]
     return 2 * 2 * m * n * k
 

@@ -8,7 +8,7 @@ only: its backward's SwiGLU kernel recomputes ``silu(g)`` and writes ``h`` again
 one more [tokens, d_ff] write and no extra FLOPs. Two of four: 0.5 x.
 
 Shapes: ``x`` [M tokens, d_model]; ``w_gate``, ``w_up`` [d_ff, d_model]; ``w_down`` [d_model, d_ff]
-(``nn.Linear`` layouts); output [M, d_model]. FLOPs (model FLOPs, SPEC.md §1, Hoffmann 2022 App. F, gated
+(``nn.Linear`` layouts); output [M, d_model]. FLOPs (model FLOPs, docs/math.md §1, Hoffmann 2022 App. F, gated
 dense block): forward 3 GEMMs of 2·M·d_model·d_ff; backward 2 × forward.
 """
 
@@ -96,7 +96,7 @@ swiglu_mlp_forward.register_autograd(_autograd_backward, setup_context=_setup_co
 # FLOP formulas (model FLOPs; shapes in, as torch's counter passes them)
 # ----------------------------------------------------------------------------------------------------------
 def _forward_flops(x, w_gate, w_up, w_down, *, out_shape=None, **_: object) -> int:
-    """FLOPs of one forward call: gate, up and down GEMMs, 2·M·d_model·d_ff each (SPEC.md §1, Hoffmann 2022
+    """FLOPs of one forward call: gate, up and down GEMMs, 2·M·d_model·d_ff each (docs/math.md §1, Hoffmann 2022
     App. F gated dense block). The elementwise gate is not counted, as torch counts no activation."""
     (m, d_model), d_ff = x, w_gate[0]
     return 3 * 2 * m * d_model * d_ff
