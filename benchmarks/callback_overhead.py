@@ -7,8 +7,8 @@ reports, over the repeats:
 - ``whole fit``: the ratio of ``trainer.fit`` wall times (first steps, the FLOP measurement and Lightning's own
   setup included), min–median–max over the repeats, each repeat's ratio taken within its pair;
 - ``same-run whole fit``: the monitored fit's wall time over the same time less what we spent in it (our hooks
-  and the FLOP-measured steps' extra time beyond a median step), from the monitored run alone: free of the
-  machine's drift between two runs, which on a shared machine can exceed the effect;
+  and the FLOP-measured steps' extra time beyond unmeasured steps of the same size), from the monitored run
+  alone: free of the machine's drift between two runs, which on a shared machine can exceed the effect;
 - ``steady``: the same ratio over the steps after the first ``--warmup`` ones (median step time);
 - ``hooks ms/step``: time spent inside the monitor's per-batch hooks and its gradient hooks per optimizer step,
   measured in the same run (what the bookkeeping costs, free of machine noise; the FLOP-measured steps'
@@ -131,36 +131,52 @@ class StepClock:
     def __init__(self) -> None:
         self.times: list[float] = []
         self.measured: list[bool] = []  # whether the step held a FLOP-measured micro-batch
+        self.tokens: list[int] = []  # token positions (batch x sequence) the step trained on
         self.probe: Any = lambda: 0  # how many shapes the monitor has measured so far
         self._start: float | None = None
         self._step = -1
         self._seen = 0
+        self._tokens = 0
 
     def _sync(self, trainer: Any) -> None:
         if trainer.strategy.root_device.type == "cuda":
             torch.cuda.synchronize()
 
-    def on_train_batch_start(self, trainer: Any, *args: Any) -> None:
+    def on_train_batch_start(self, trainer: Any, batch: Any = None) -> None:
         if self._start is None:
             self._sync(trainer)
             self._start, self._step = time.perf_counter(), trainer.global_step
+            self._tokens = 0
+        if batch is not None:
+            shape = _shape(batch)
+            self._tokens += shape[0] * (shape[1] if len(shape) > 1 else 1)
 
     def on_train_batch_end(self, trainer: Any, *args: Any) -> None:
         if trainer.global_step != self._step:
             self._sync(trainer)
             self.times.append(time.perf_counter() - self._start)
+            self.tokens.append(self._tokens)
             self._start = None
             measured = self.probe()
             self.measured.append(measured > self._seen)
             self._seen = measured
 
     def measurement_extra(self) -> float:
-        """Seconds the FLOP-measured steps took beyond the median unmeasured step."""
-        plain = [t for t, m in zip(self.times, self.measured) if not m]
+        """Seconds the FLOP-measured steps took beyond what an unmeasured step of the same size takes: the
+        median of the unmeasured steps with the same token count, else of the three nearest in token count (with
+        pad-to-longest batches a measured step is often longer than the median step, which is not our cost)."""
+        plain = [(n, t) for t, m, n in zip(self.times, self.measured, self.tokens) if not m]
         if not plain:
             return 0.0
-        typical = statistics.median(plain)
-        return sum(max(t - typical, 0.0) for t, m in zip(self.times, self.measured) if m)
+        extra = 0.0
+        for t, m, n in zip(self.times, self.measured, self.tokens):
+            if not m:
+                continue
+            same = [pt for pn, pt in plain if pn == n]
+            if not same:
+                same = [pt for _, pt in sorted(plain, key=lambda p: abs(p[0] - n))[:3]]
+            extra += max(t - statistics.median(same), 0.0)
+        return extra
 
 
 def _timed_monitor(tokens_fn: Any = None) -> tuple[Any, list[float]]:
@@ -188,6 +204,7 @@ def _timed_monitor(tokens_fn: Any = None) -> tuple[Any, list[float]]:
     if isinstance(gns, GradientNoiseScale):
         make_hook = gns._make_hook
         gns._make_hook = lambda: timed(make_hook())  # type: ignore[method-assign]
+        gns._probe._measure = timed(gns._probe._measure)  # type: ignore[method-assign]  # norm-layer gradients
     return monitor, spent
 
 
@@ -238,8 +255,8 @@ def _callback(clock: StepClock) -> Any:
     from lightning.pytorch import Callback
 
     class Clock(Callback):
-        def on_train_batch_start(self, trainer: Any, *a: Any) -> None:
-            clock.on_train_batch_start(trainer)
+        def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+            clock.on_train_batch_start(trainer, batch)
 
         def on_train_batch_end(self, trainer: Any, *a: Any) -> None:
             clock.on_train_batch_end(trainer)
