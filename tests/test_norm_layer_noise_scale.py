@@ -144,7 +144,7 @@ def test_norm_only_model_estimate_is_on_the_truth_without_accumulation() -> None
     module = NormOnly()
     truth = _true_b_simple(module)
     x, y = _population(steps * batch, seed=0)
-    cb = GradientNoiseScale(ema_decay=0.99, warmup_steps=10**9)
+    cb = GradientNoiseScale(ema_decay=0.99, warmup_steps=10**9, norm_layers_every_n_steps=1)
     trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, callbacks=[cb])
     with warnings.catch_warnings():
@@ -165,7 +165,7 @@ def test_norm_only_model_with_accumulation_reports_both_and_they_agree() -> None
     module = NormOnly()
     truth = _true_b_simple(module)
     x, y = _population(steps * 2 * micro, seed=3)
-    cb = GradientNoiseScale(ema_decay=0.98, warmup_steps=10**9)
+    cb = GradientNoiseScale(ema_decay=0.98, warmup_steps=10**9, norm_layers_every_n_steps=1)
     trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=steps, accumulate_grad_batches=2, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         callbacks=[cb])
@@ -253,7 +253,7 @@ def test_norm_layers_false_keeps_the_old_behaviour(monkeypatch: Any) -> None:
 
 
 def test_norm_estimate_survives_a_checkpoint(tmp_path: Any) -> None:
-    a = GradientNoiseScale(warmup_steps=10**9)
+    a = GradientNoiseScale(warmup_steps=10**9, norm_layers_every_n_steps=1)
     x, y = _population(40, seed=7)
     trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=5, logger=False, enable_progress_bar=False,
                         enable_model_summary=False, default_root_dir=tmp_path, callbacks=[a])
@@ -264,3 +264,17 @@ def test_norm_estimate_survives_a_checkpoint(tmp_path: Any) -> None:
     b.load_state_dict(a.state_dict())
     assert b.norm_estimator.state_dict() == a.norm_estimator.state_dict() and b.norm_estimator.count == 5
     assert math.isfinite(b.norm_estimator.grad_sq)
+
+
+def test_norm_layers_are_measured_on_every_nth_step_only(monkeypatch: Any) -> None:
+    from lightning_scaling.callbacks import _common
+
+    monkeypatch.setattr(_common, "rank_zero_info", lambda m: None)
+    cb = GradientNoiseScale(warmup_steps=10**9, norm_layers_every_n_steps=3)
+    x, y = _population(40, seed=5)
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=10, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[cb])
+    trainer.fit(NormOnly(), DataLoader(TensorDataset(x, y), batch_size=4))
+    assert cb.norm_estimator.count == 4  # steps 0, 3, 6, 9
+    with pytest.raises(ValueError, match="norm_layers_every_n_steps"):
+        GradientNoiseScale(norm_layers_every_n_steps=0)

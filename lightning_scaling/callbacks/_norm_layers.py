@@ -116,7 +116,8 @@ class NormLayerProbe:
             return None
         if self._checking:
             self._check()
-        batch_sq = torch.stack([sum(v.square().sum() for v in parts) for parts in self._batch.values()]).sum()
+        batch_sq = torch.stack([torch.stack([v.square().sum() for v in parts]).sum()
+                                for parts in self._batch.values()]).sum()
         example_sq = self._example_sq.sum()
         self._example_sq, self._batch = None, {}
         return example_sq, batch_sq, self._examples
@@ -134,7 +135,9 @@ class NormLayerProbe:
             if torch._C._current_graph_task_id() != -1:  # recomputed inside a backward (activation checkpointing)
                 return
             x = args[0]
-            if not isinstance(x, torch.Tensor) or x.dim() < 2 or x.shape[-1] != module.weight.shape[0]:
+            weight = module.weight
+            assert isinstance(weight, torch.Tensor)
+            if not isinstance(x, torch.Tensor) or x.dim() < 2 or x.shape[-1] != weight.shape[0]:
                 return
             if x.shape[0] != self._examples:
                 self.error = (f"a norm layer's input leads with {x.shape[0]} rows for a micro-batch of "
@@ -166,7 +169,7 @@ class NormLayerProbe:
         bias = getattr(module, "bias", None)
         if isinstance(bias, torch.nn.Parameter) and bias.requires_grad:
             per_example.append(d.sum(1))
-        sq = sum(g.square().sum(-1) for g in per_example)
+        sq = torch.stack([g.square().sum(-1) for g in per_example]).sum(0)
         self._example_sq = sq if self._example_sq is None else self._example_sq + sq
         sums = [g.sum(0) for g in per_example]
         previous = self._batch.get(index)  # a layer called twice in one forward: its gradient is the sum
@@ -176,8 +179,8 @@ class NormLayerProbe:
         """Count the layers whose Σ_i g_i(weight) is not their weight's .grad (device tensors, no host read)."""
         flags = []
         for index, parts in self._batch.items():
-            module = self.layers[index][1]
-            grad = module.weight.grad
+            weight = self.layers[index][1].weight
+            grad = weight.grad if isinstance(weight, torch.Tensor) else None
             if grad is None:
                 continue
             ours = parts[0]
