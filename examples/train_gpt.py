@@ -61,7 +61,8 @@ def main(argv: list[str] | None = None) -> dict:
     use_kernels = use_cuda and not args.no_kernels and kernels_available()
     model = GPTLightningModule(config, lr=args.lr, warmup_steps=min(50, args.steps // 10 + 1), use_kernels=use_kernels)
     train, val = make_dataloaders(args.seq_len, args.batch_size, max_bytes=args.corpus_bytes)
-    monitor = ScalingMonitor(tokens_fn=target_tokens)
+    # The report is printed below, once the progress bar has finished drawing (it would otherwise print under it).
+    monitor = ScalingMonitor(tokens_fn=target_tokens, print_report=False)
     trainer = L.Trainer(
         accelerator="cuda" if use_cuda else "cpu",
         devices=args.devices,
@@ -79,8 +80,8 @@ def main(argv: list[str] | None = None) -> dict:
     )
     print(f"training on {'CUDA' if use_cuda else 'CPU'}; Triton kernels: {'on' if use_kernels else 'off'}")
     trainer.fit(model, train, val)
-    if monitor.report_path:
-        print(f"report written to {monitor.report_path}")
+    if monitor.report_text:
+        print("\n" + monitor.report_text)
     return monitor.report or {}
 
 

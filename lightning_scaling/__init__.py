@@ -7,9 +7,24 @@ import Lightning when first used. Names below load lazily so ``import lightning_
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
 from typing import Any
 
+from lightning_scaling import _source_tree
+
+_source_tree.install(Path(__file__).resolve().parent)  # lightning_scaling.kernels from a source checkout too
+
 __version__ = "0.1.0"
+
+
+class ScalingWarning(UserWarning):
+    """The category of every warning the lightning-scaling callbacks give, so that they can be filtered as one::
+
+        warnings.filterwarnings("ignore", category=lightning_scaling.ScalingWarning)
+
+    Each says what it saw and what to do, once per run, on rank zero, and points at no file of ours (its
+    location reads ``lightning_scaling:0``)."""
+
 
 _LAZY = {
     # laws
@@ -38,9 +53,10 @@ _LAZY = {
     "GradientNoiseScale": "lightning_scaling.callbacks",
     "DataRepetition": "lightning_scaling.callbacks",
     "ScalingMonitor": "lightning_scaling.callbacks",
+    "BatchSizeSchedule": "lightning_scaling.callbacks",
 }
 
-__all__ = sorted(_LAZY) + ["__version__"]
+__all__ = sorted(_LAZY) + ["ScalingWarning", "__version__"]
 
 
 def __getattr__(name: str) -> Any:

@@ -52,6 +52,8 @@ BAD = {
         "hysteresis": [1.0, 0.5, NAN, INF, "1.5", True],
         "min_measurements": [0, -1, 1.5, "20", True],
         "tokens_fn": [3, "input_ids"],
+        "norm_layers": [1, "yes", None],
+        "norm_layers_every_n_steps": [0, -1, 1.5, "4", True],
     },
     DataRepetition: {
         "unique_tokens": [0, -1, NAN, INF, "1e9", True],
@@ -76,6 +78,7 @@ BAD = {
         "noise_scale": ["yes", {"every_n_steps": 25}],
         "repetition": [0, {"sketch": "yes"}],
         "report": ["no", 1, None],
+        "print_report": ["no", 1, None],
     },
 }
 

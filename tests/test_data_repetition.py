@@ -333,3 +333,19 @@ def test_internal_error_warns_once_and_training_continues(recwarn):
     assert not rep.enabled
     switched_off = _messages(recwarn, "switched off after an error")
     assert len(switched_off) == 1 and "boom" in switched_off[0]
+
+
+def test_messages_through_the_monitor_name_its_arguments(recwarn):
+    from lightning_scaling import ScalingWarning
+    from lightning_scaling.callbacks import ScalingMonitor
+
+    monitor = ScalingMonitor(flops=False, tokens=False, noise_scale=False, repetition={"sketch": False},
+                             report=False)
+    _fit(monitor, ShuffledStream(100, 1), batch_size=10, max_steps=2)
+    (warning,) = [w for w in recwarn if "epochs are unknown" in str(w.message)]
+    assert warning.category is ScalingWarning and warning.filename == "lightning_scaling"
+    assert str(warning.message) == (
+        "ScalingMonitor (repetition): the training data has no length and the sketch is off, so epochs are "
+        'unknown; pass ScalingMonitor(unique_tokens=...) or ScalingMonitor(repetition={"sketch": True}).')
+    alone = DataRepetition()
+    assert alone.option_hint("sketch", "True") == "DataRepetition(sketch=True)"

@@ -37,8 +37,8 @@ from lightning_scaling.callbacks import ScalingMonitor
 from lightning_scaling.flop_counting import count_parameters
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-UNDERTRAINED = "TokenBudget: this run is projected to end at"
-GNS_ASIDE = "GradientNoiseScale: ModelParallelStrategy does not expose"
+UNDERTRAINED = "ScalingMonitor (tokens): this run is projected to end at"
+GNS_ASIDE = "ScalingMonitor (noise_scale): ModelParallelStrategy does not expose"
 
 
 
@@ -262,9 +262,9 @@ def test_an_error_on_one_rank_switches_the_part_off_on_every_rank_without_a_hang
         assert not run["flops_enabled"] and not run["gns_enabled"]
         assert run["tokens_enabled"] and run["metrics"]["scaling/tokens"] == 4 * 8 * 16
     log = sections["one_rank_fails"]
-    assert log.count("FlopCounter: switched off on every rank after an error on 1 rank(s)") == 1
-    assert log.count("GradientNoiseScale: switched off on every rank after an error on 1 rank(s)") == 1
-    assert "FlopCounter (rank 1): error in on_micro_batch_start: RuntimeError: injected failure" in log
+    assert log.count("ScalingMonitor (flops): switched off on every rank after an error on 1 rank(s)") == 1
+    assert log.count("ScalingMonitor (noise_scale): switched off on every rank after an error on 1 rank(s)") == 1
+    assert "ScalingMonitor (flops), rank 1: error in on_micro_batch_start: RuntimeError: injected failure" in log
 
 
 @pytest.mark.slow
@@ -307,11 +307,11 @@ def test_warnings_are_printed_once_not_once_per_rank(two_ranks):
     assert stderr.count(UNDERTRAINED) == len(monitored)  # one per monitored run
     for name, text in monitored.items():
         assert text.count(UNDERTRAINED) == 1, name
-        assert text.count("TokenBudget pre-flight") == 1, name
-        assert text.count("FlopCounter: no dense peak FLOP/s known") == 1, name
+        assert text.count("ScalingMonitor pre-flight") == 1, name
+        assert text.count("ScalingMonitor (flops): no dense peak FLOP/s known") == 1, name
         assert text.count("lightning-scaling report") == (0 if name == "hf_ddp" else 1), name  # report=False
         ours = [line for line in text.splitlines()
-                if any(p in line for p in ("FlopCounter:", "TokenBudget:", "GradientNoiseScale:", "DataRepetition:"))]
+                if any(p in line for p in ("FlopCounter:", "TokenBudget:", "GradientNoiseScale:", "DataRepetition:", "ScalingMonitor ("))]
         assert len(ours) == len(set(ours)), f"{name}: repeated lines {ours}"
         assert "switched off after an error" not in text, name
     assert "Traceback" not in stderr

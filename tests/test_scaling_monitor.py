@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 
 import lightning as L
@@ -17,22 +18,59 @@ from torch.utils.data import DataLoader
 
 from lightning_scaling.callbacks import ScalingMonitor
 
-def test_report_written_with_every_part(tmp_path):
+
+def test_report_written_with_every_part(tmp_path, caplog):
     monitor = ScalingMonitor(tokens_fn=target_tokens, noise_scale={"warmup_steps": 0})
     trainer = quick_trainer(tmp_path, [monitor], steps=6, accumulate_grad_batches=2)
-    trainer.fit(GPTLightningModule(TINY), DataLoader(_data(), batch_size=4))
+    with caplog.at_level(logging.INFO):
+        trainer.fit(GPTLightningModule(TINY), DataLoader(_data(), batch_size=4))
     report = json.loads((tmp_path / "scaling_report.json").read_text())
-    assert set(report) == {"flops", "tokens", "noise_scale", "repetition"}
-    assert report["tokens"]["tokens"] == 6 * 2 * 4 * 16
-    assert report["flops"]["flops"] > 0 and report["flops"]["optimizer_steps"] == 6
-    assert report["repetition"]["epochs"] == pytest.approx(6 * 2 * 4 / 64)
+    assert {"compute", "tokens", "batch_size", "data", "run", "files", "history"} <= set(report)
+    assert report == monitor.report
+    assert report["tokens"]["training_tokens"] == 6 * 2 * 4 * 16
+    assert report["tokens"]["parameters"] == monitor.tokens.params
+    assert report["compute"]["model_flops"] > 0 and report["compute"]["optimizer_steps"] == 6
+    assert report["data"]["epochs"] == pytest.approx(6 * 2 * 4 / 64)
+    assert report["run"]["optimizer_steps"] == 6 and report["run"]["training_seconds"] > 0
+    # a tiny model on a few hundred tokens: undertrained, and far outside the law's fitted range
+    assert report["tokens"]["status"] == "undertrained" and report["tokens"]["flagged"]
+    assert report["files"] == {"report": str(tmp_path / "scaling_report.json"),
+                               "picture": str(tmp_path / "scaling_report.png"), "picture_note": None}
+    assert (tmp_path / "scaling_report.png").exists()
+    # the printed report is the text of the JSON, with where both files are
+    printed = [r.getMessage() for r in caplog.records if r.getMessage().startswith("lightning-scaling report:")]
+    assert printed == [monitor.report_text]
+    assert f"report      {tmp_path / 'scaling_report.json'}" in monitor.report_text
+    assert "undertrained: " in monitor.report_text
     m = trainer.callback_metrics
     for name in ("scaling/flops", "scaling/tokens", "scaling/tokens_per_param", "scaling/epochs",
                  "scaling/batch_size", "scaling/grad_sq"):
         assert name in m, name
     assert float(m["scaling/batch_size"]) == 2 * 4
-    assert report["noise_scale"]["measurements"] == 6
+    assert report["batch_size"]["measurements"] == 6 and report["batch_size"]["batch_samples"] == 2 * 4
     assert set(monitor.state_dict()) == {"flops", "tokens", "noise_scale", "repetition"}
+    # the last step is a logging step: one history row, with the values logged there
+    assert report["history"]["step"] == [6]
+    assert report["history"]["tokens_per_parameter"] == [pytest.approx(float(m["scaling/tokens_per_param"]))]
+
+
+def test_print_report_false_keeps_the_text_for_later(tmp_path, caplog):
+    monitor = ScalingMonitor(tokens_fn=target_tokens, print_report=False)
+    with caplog.at_level(logging.INFO):
+        quick_trainer(tmp_path, [monitor], steps=2).fit(GPTLightningModule(TINY), DataLoader(_data(), batch_size=4))
+    assert not [r for r in caplog.records if r.getMessage().startswith("lightning-scaling report:")]
+    assert monitor.report_text.startswith("lightning-scaling report:")
+    assert (tmp_path / "scaling_report.json").exists()
+    with pytest.raises(ValueError, match="print_report"):
+        ScalingMonitor(print_report="no")
+
+
+def test_parts_name_the_monitor_in_their_messages():
+    monitor = ScalingMonitor()
+    assert {part.configured_as for part in monitor.parts.values()} == {"ScalingMonitor"}
+    assert monitor.flops.option_hint("peak_flops") == "ScalingMonitor(peak_flops=...)"
+    assert monitor.flops.option_hint("max_measured_shapes", "16") == 'ScalingMonitor(flops={"max_measured_shapes": 16})'
+    assert monitor.repetition.option_hint("unique_tokens") == "ScalingMonitor(unique_tokens=...)"
 
 
 def test_parts_can_be_configured_or_left_out(tmp_path):
@@ -68,7 +106,14 @@ def test_resume_mid_epoch_continues_counts_exactly(tmp_path):
     resumed = ScalingMonitor(tokens_fn=target_tokens)
     quick_trainer(tmp_path / "b", [resumed], steps=8).fit(GPTLightningModule(TINY), data, ckpt_path=str(path))
     assert _final_counts(resumed) == _final_counts(full)
-    _assert_same_state(resumed.noise_scale.state_dict(), full.noise_scale.state_dict())
+    # the noise scale's books continue (same number of measurements, same settings); its moments depend on which
+    # samples the resumed steps see, and Lightning restarts a plain DataLoader's epoch rather than its position
+    a, b = resumed.noise_scale.state_dict(), full.noise_scale.state_dict()
+    for state in (a, b):
+        for key in ("estimator", "norm_estimator"):
+            state[key].pop("moments")
+    _assert_same_state(a, b)
+    assert resumed.noise_scale.norm_estimator.count == full.noise_scale.norm_estimator.count == 2  # steps 0 and 4
 
 
 def _assert_same_state(a, b):

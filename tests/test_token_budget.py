@@ -183,3 +183,99 @@ def test_uncountable_batch_warns_once_and_training_continues():
         trainer = _fit(budget, DataLoader(torch.randn(16, 4), batch_size=4), FloatModule(), steps=3)
     assert trainer.global_step == 3
     assert len([w for w in caught if "cannot count the tokens" in str(w.message)]) == 1
+
+
+# ------------------------------------------------------------------------------------------------ messages
+def _undertrained(callback):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _fit(callback, DataLoader(_data(64), batch_size=4), steps=3)
+    return [w for w in caught if "under the ~20x rule" in str(w.message)]
+
+
+def test_warning_is_a_scaling_warning_that_points_at_no_file_of_ours():
+    from lightning_scaling import ScalingWarning
+
+    (warning,) = _undertrained(TokenBudget(projection_warmup_steps=1))
+    assert warning.category is ScalingWarning and issubclass(ScalingWarning, UserWarning)
+    assert warning.filename == "lightning_scaling" and warning.lineno == 0
+    shown = warnings.formatwarning(warning.message, warning.category, warning.filename, warning.lineno)
+    assert ".py" not in shown and "callbacks" not in shown
+    assert shown.startswith("lightning_scaling:0: ") and "TokenBudget: this run is projected" in shown
+    # users silence all of ours with one filter
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        warnings.filterwarnings("ignore", category=ScalingWarning)
+        _fit(TokenBudget(projection_warmup_steps=1), DataLoader(_data(64), batch_size=4), steps=3)
+    assert not [w for w in caught if issubclass(w.category, ScalingWarning)]
+
+
+def test_messages_name_the_class_the_user_configured():
+    from lightning_scaling.callbacks import ScalingMonitor
+
+    monitor = ScalingMonitor(flops=False, noise_scale=False, repetition=False, tokens={"projection_warmup_steps": 1},
+                             report=False)
+    (warning,) = _undertrained(monitor)
+    assert str(warning.message).startswith("ScalingMonitor (tokens): this run is projected to end at")
+    budget = monitor.tokens
+    assert budget.configured_as == "ScalingMonitor"
+    assert budget.option_hint("tokens_fn") == "ScalingMonitor(tokens_fn=...)"  # a monitor argument of its own
+    assert budget.option_hint("non_embedding", "True") == 'ScalingMonitor(tokens={"non_embedding": True})'
+    assert TokenBudget().option_hint("tokens_fn") == "TokenBudget(tokens_fn=...)"
+    with pytest.raises(ValueError, match="configured_as"):
+        budget.configured_as = "not a class name"
+
+
+def test_uncountable_batch_through_the_monitor_names_the_monitor_argument():
+    from lightning_scaling.callbacks import ScalingMonitor
+
+    class FloatModule(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.layer = torch.nn.Linear(4, 1)
+
+        def training_step(self, batch, batch_idx):
+            return self.layer(batch).pow(2).mean()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    monitor = ScalingMonitor(flops=False, noise_scale=False, repetition=False, report=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _fit(monitor, DataLoader(torch.randn(16, 4), batch_size=4), FloatModule(), steps=2)
+    (message,) = [str(w.message) for w in caught if "cannot count the tokens" in str(w.message)]
+    assert message.startswith("ScalingMonitor (tokens): ") and "pass ScalingMonitor(tokens_fn=...)" in message
+    assert "TokenBudget" not in message
+
+
+def test_warnings_only_on_rank_zero_and_once(monkeypatch):
+    from lightning.pytorch.utilities import rank_zero_only
+
+    from lightning_scaling.callbacks._common import WarnOnce
+
+    said = WarnOnce("TokenBudget")
+    monkeypatch.setattr(rank_zero_only, "rank", 1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        said.warn("key", "on rank one")
+    assert caught == []
+    monkeypatch.setattr(rank_zero_only, "rank", 0)
+    other = WarnOnce("TokenBudget")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert other.warn("key", "on rank zero") is True
+        assert other.warn("key", "on rank zero") is False
+    assert [str(w.message) for w in caught] == ["TokenBudget: on rank zero"]
+
+
+def test_wall_clock_line_never_says_zero_minutes(monkeypatch):
+    import lightning_scaling.callbacks._common as common
+
+    infos = []
+    monkeypatch.setattr(common, "rank_zero_info", infos.append)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _fit(TokenBudget(projection_warmup_steps=2), DataLoader(_data(64), batch_size=4), steps=4)
+    (line,) = [m for m in infos if "to go for the remaining" in m]
+    assert "0.0 min" not in line and ("s to go" in line or "under 1 s" in line)

@@ -11,7 +11,9 @@ _LAZY = {
     "GradientNoiseScale": "lightning_scaling.callbacks.gradient_noise_scale",
     "DataRepetition": "lightning_scaling.callbacks.data_repetition",
     "ScalingMonitor": "lightning_scaling.callbacks.scaling_monitor",
+    "BatchSizeSchedule": "lightning_scaling.callbacks.batch_size_schedule",
     "non_padding_tokens": "lightning_scaling.callbacks._common",
+    "ScalingWarning": "lightning_scaling",
 }
 
 __all__ = sorted(_LAZY)

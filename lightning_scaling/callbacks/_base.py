@@ -11,7 +11,6 @@ A part overrides the ``_on_*`` methods below, each guarded; it never calls the l
 from __future__ import annotations
 
 import functools
-import warnings
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -19,7 +18,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from typing_extensions import override
 
-from lightning_scaling.callbacks._common import WarnOnce
+from lightning_scaling.callbacks._common import WarnOnce, scaling_warn
 from lightning_scaling.callbacks._ledger import StepLedger, StepRecord
 
 _F = TypeVar("_F", bound=Callable[..., Any])
@@ -31,11 +30,47 @@ class LedgerCallback(Callback):
     def __init__(self) -> None:
         self.enabled = True
         self._warn = WarnOnce(type(self).__name__)
+        # Set by ScalingMonitor: (its keyword for this part's options, the options it takes directly).
+        self._monitor_options: tuple[str, frozenset[str]] | None = None
         self._local_failure: str | None = None
         self.ledger: StepLedger | None = None
         self._rule: str | None = None  # the ledger slot of this part's token count, when it counts tokens
         # ScalingMonitor sets this to a dict: the part's metrics then go there, for one log call of the monitor's
         self.metrics_sink: dict[str, float] | None = None
+
+    @property
+    def configured_as(self) -> str:
+        """The class the user configured, which our messages name: this part's class, or ``"ScalingMonitor"``
+        when the monitor runs it (its messages then start "ScalingMonitor (tokens): ...", the part named by the
+        monitor's keyword for it)."""
+        return self.__dict__.get("_configured_as", type(self).__name__)
+
+    @configured_as.setter
+    def configured_as(self, name: str) -> None:
+        if not isinstance(name, str) or not name.isidentifier():
+            raise ValueError(f"configured_as must be a class name, got {name!r}")
+        self._configured_as = name
+        key = None if self._monitor_options is None else self._monitor_options[0]
+        self._warn.prefix = name if key is None else f"{name} ({key})"
+
+    def configure_through_monitor(self, monitor: str, key: str, direct_options: frozenset[str] | set[str]) -> None:
+        """Name ``monitor`` (a class name) and this part's keyword ``key`` in messages ("ScalingMonitor (tokens):
+        ..."), and tell users to pass this part's option ``x`` as ``monitor(x=...)`` when ``x`` is in
+        ``direct_options``, else as ``monitor(key={"x": ...})``."""
+        if not isinstance(key, str) or not key.isidentifier():
+            raise ValueError(f"key must be the monitor's keyword for this part, got {key!r}")
+        self._monitor_options = (key, frozenset(direct_options))
+        self.configured_as = monitor
+
+    def option_hint(self, name: str, value: str = "...") -> str:
+        """How the user sets this part's option ``name``, as code: ``TokenBudget(tokens_fn=...)``, or through the
+        monitor ``ScalingMonitor(tokens_fn=...)`` / ``ScalingMonitor(repetition={"sketch": True})``."""
+        if self._monitor_options is None:
+            return f"{type(self).__name__}({name}={value})"
+        key, direct = self._monitor_options
+        if name in direct:
+            return f"{self.configured_as}({name}={value})"
+        return f'{self.configured_as}({key}={{"{name}": {value}}})'
 
     @property
     def _failure_slot(self) -> str:
@@ -149,7 +184,7 @@ class LedgerCallback(Callback):
             if self._local_failure is None:
                 self._local_failure = message
                 self.ledger.add_to_step(self._failure_slot, 1)
-                warnings.warn(f"{self._warn.prefix} (rank {trainer.global_rank}): {message}", stacklevel=2)
+                scaling_warn(f"{self._warn.prefix}, rank {trainer.global_rank}: {message}")  # this rank's own
             return
         self.enabled = False
         self._warn.warn("internal-error", f"switched off after an {message}. Training continues; please report this.")

@@ -4,11 +4,12 @@ and never letting our own bookkeeping crash a user's training run."""
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
 TokensFn = Callable[[Any], "int | torch.Tensor"]
 
@@ -158,18 +159,38 @@ def shape_signature(batch: Any) -> tuple:
     return (type(batch).__name__,)
 
 
+# Where our warnings say they come from: the package, not a file of ours (the message is what matters).
+WARNING_LOCATION = "lightning_scaling"
+
+
+def scaling_warn(message: str) -> None:
+    """Warn with ``message`` as a :class:`lightning_scaling.ScalingWarning` on this rank, located at
+    ``lightning_scaling:0`` instead of the line of ours that raised it (``warnings.warn`` would print our source
+    path, which tells the user nothing). Filters match it by category or by ``module="lightning_scaling"``."""
+    from lightning_scaling import ScalingWarning
+
+    warnings.warn_explicit(message, ScalingWarning, filename=WARNING_LOCATION, lineno=0, module=WARNING_LOCATION)
+
+
+@rank_zero_only
+def _scaling_warn_rank_zero(message: str) -> None:
+    scaling_warn(message)
+
+
 class WarnOnce:
-    """Warn (or inform) once per key, on rank zero only."""
+    """Warn (or inform) once per key, on rank zero only, each message prefixed with ``prefix`` (the class the
+    user configured)."""
 
     def __init__(self, prefix: str) -> None:
         self.prefix = prefix
         self.seen: set[str] = set()
 
     def warn(self, key: str, message: str) -> bool:
+        """A :class:`~lightning_scaling.ScalingWarning` once per ``key``; False when it was given already."""
         if key in self.seen:
             return False
         self.seen.add(key)
-        rank_zero_warn(f"{self.prefix}: {message}")
+        _scaling_warn_rank_zero(f"{self.prefix}: {message}")
         return True
 
     def info(self, key: str, message: str) -> bool:

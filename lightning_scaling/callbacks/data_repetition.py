@@ -186,7 +186,7 @@ class DataRepetition(LedgerCallback):
             self._warn.warn(
                 "no-unique",
                 "the training data has no length and the sketch is off, so epochs are unknown; pass "
-                f"{type(self).__name__}(unique_tokens=...) or sketch=True.",
+                f"{self.option_hint('unique_tokens')} or {self.option_hint('sketch', 'True')}.",
             )
         if self.law is None:
             from lightning_scaling.laws import DataConstrainedLaw
@@ -317,8 +317,8 @@ class DataRepetition(LedgerCallback):
             what = "tokens" if no_tokens else "samples (the leading dimension of the token tensor)"
             self._warn.warn(
                 "uncountable",
-                f"cannot count the {what} of a batch; pass {type(self).__name__}(tokens_fn=...) (and "
-                "unique_tokens=... when a batch has no token tensor). Switched off.",
+                f"cannot count the {what} of a batch; pass {self.option_hint('tokens_fn')} (and "
+                f"{self.option_hint('unique_tokens')} when a batch has no token tensor). Switched off.",
             )
             self.enabled = False
             return False

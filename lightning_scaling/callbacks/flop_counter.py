@@ -139,7 +139,7 @@ class FlopCounter(LedgerCallback):
                 self._warn.info(
                     "no-peak",
                     f"no dense peak FLOP/s known for {_device_name(trainer)} ({dtype}); MFU is not logged. "
-                    f"Pass {type(self).__name__}(peak_flops=...) to set it.",
+                    f"Pass {self.option_hint('peak_flops')} to set it.",
                 )
         self._peak_total = None if peak is None else peak * trainer.world_size
 
@@ -162,7 +162,7 @@ class FlopCounter(LedgerCallback):
                 self._warn.info(
                     "estimate",
                     f"{self._shapes.measured} input shapes have been measured; further shapes are estimated from "
-                    "them (raise max_measured_shapes, or bucket sequence lengths, to measure more).",
+                    f"them (raise {self.option_hint('max_measured_shapes')}, or bucket sequence lengths, to measure more).",
                 )
         if counted is None:
             self.ledger.add(UNCOUNTED, 1)
@@ -171,7 +171,7 @@ class FlopCounter(LedgerCallback):
                 "uncounted",
                 f"a batch of a new structure arrived after {self._shapes.measured} shapes were measured "
                 "(max_measured_shapes); its FLOPs are not counted, so the FLOP totals are low (see "
-                "summary()['uncounted_micro_batches']). Raise max_measured_shapes.",
+                f"summary()['uncounted_micro_batches']). Raise {self.option_hint('max_measured_shapes')}.",
             )
             return
         self.ledger.add(MODEL, counted[0])

@@ -421,7 +421,7 @@ class GradientNoiseScale(LedgerCallback):
             return self.status
         if est.measurements < 2:
             return (f"too few measurements yet ({est.measurements}); the estimate needs at least 2 optimizer "
-                    "steps, and settles after about min_measurements")
+                    "steps, and settles after about min_measurements of them")
         if not (est.grad_sq > 0):
             return ("no signal yet: the smoothed |G|² estimate is not positive (gradient noise dominates the "
                     "mean gradient, as early in training or on data without signal); train longer, or use a "

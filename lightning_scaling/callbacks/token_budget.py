@@ -22,6 +22,7 @@ from lightning_scaling.callbacks._common import (
     untouched_random_state,
 )
 from lightning_scaling.callbacks._ledger import MICRO_BATCHES, SUPERVISED, StepRecord
+from lightning_scaling.run_report import format_count, format_duration, format_flops, format_percent
 
 
 class TokenBudget(LedgerCallback):
@@ -109,6 +110,7 @@ class TokenBudget(LedgerCallback):
         self.projected_tokens: float | None = None
         self.compute_overhead: float | None = None
         self.projected_seconds: float | None = None
+        self.last_loss: float = math.nan  # mean training loss of the last optimizer step (as training_step returns it)
 
     # ------------------------------------------------------------------------- hooks, in the order they run
     @override
@@ -148,8 +150,8 @@ class TokenBudget(LedgerCallback):
             self._warn.warn(
                 "uncountable",
                 f"cannot count the tokens of a batch of type {record.errors.get(f'{self._rule}/uncountable_type')}; "
-                f"pass {type(self).__name__}(tokens_fn=...) that returns "
-                "the number of training tokens in a batch.",
+                f"pass {self.option_hint('tokens_fn')}, a function that returns the number of training tokens in "
+                "a batch.",
             )
         assert self.ledger is not None
         self.token_rule = self.ledger.rules_applied.get(self._rule, self.token_rule)
@@ -159,6 +161,7 @@ class TokenBudget(LedgerCallback):
         if record.steps == 0:
             return None
         self.optimizer_steps += record.steps
+        self.last_loss = record.mean_loss
         if not self.params:
             return None
         metrics = {
@@ -230,9 +233,9 @@ class TokenBudget(LedgerCallback):
             self.projected_seconds = seconds_per_step * remaining
             self._warn.info(
                 "wall-clock",
-                f"{steps_this_fit} steps in: {seconds_per_step:.3g} s/step, about "
-                f"{_hours(self.projected_seconds)} to go for the remaining {remaining} steps "
-                f"({_fmt(self.projected_tokens)} tokens in all).",
+                f"{steps_this_fit} steps in: {seconds_per_step:.3g} s per step, about "
+                f"{format_duration(self.projected_seconds)} to go for the remaining {remaining} steps "
+                f"({format_count(self.projected_tokens)} tokens in all).",
             )
         if self.projected_tokens > 0:
             overhead = float(self.law.compute_overhead(self.params, self.projected_tokens))
@@ -249,18 +252,20 @@ class TokenBudget(LedgerCallback):
             optimum = self.law.compute_optimal(flops)
             self._warn_persisted(
                 "undertrained",
-                f"this run is projected to end at {ratio:.3g} tokens per parameter ({_fmt(d)} tokens for "
-                f"{_fmt(n)} parameters), under the ~{self.tokens_per_param:g}x rule, spending {overhead:.0%} more "
-                f"compute than needed for the loss it will reach ({_law_name(self.law)}). For the same "
-                f"{_fmt(flops)} FLOPs the compute-optimal run is a {_fmt(optimum.params)}-parameter model on "
-                f"{_fmt(optimum.tokens)} tokens; or keep this model and train on "
-                f"{_fmt(self.tokens_per_param * n)} tokens.",
+                f"this run is projected to end at {ratio:.3g} tokens per parameter ({format_count(d)} tokens for "
+                f"{format_count(n)} parameters), under the ~{self.tokens_per_param:g}x rule, spending "
+                f"{format_percent(overhead)} more compute than needed for the loss it will reach "
+                f"({_law_name(self.law)}). For the same {format_flops(flops)} FLOPs (6ND) the compute-optimal run "
+                f"is a {format_count(optimum.params)}-parameter model on {format_count(optimum.tokens)} tokens; "
+                f"or keep this model and train on {format_count(self.tokens_per_param * n)} tokens."
+                + _extrapolation_note(self.law, n, d, " Both are extrapolations: the {law} was fitted on {range}."),
             )
         elif ratio > self.overtrained_factor * self.tokens_per_param:
             message = (
                 f"this run is projected to end at {ratio:.0f} tokens per parameter, over "
                 f"{self.overtrained_factor:g}x the ~{self.tokens_per_param:g}x rule (compute overhead "
-                f"{overhead:.0%} for its loss). That is a fine choice when inference dominates the model's cost."
+                f"{format_percent(overhead)} for its loss). That is a fine choice when inference dominates the "
+                "model's cost."
             )
             if self.inference_tokens is not None:
                 from lightning_scaling.laws import inference_optimal
@@ -270,8 +275,8 @@ class TokenBudget(LedgerCallback):
                 ours = 6 * n * d + 2 * n * self.inference_tokens  # Sardana et al. 2023: training + inference FLOPs
                 theirs = 6 * alt.params * alt.tokens + 2 * alt.params * self.inference_tokens
                 message += (
-                    f" With {_fmt(self.inference_tokens)} inference tokens, the inference-aware optimum for the "
-                    f"same loss is {_fmt(alt.params)} parameters on {_fmt(alt.tokens)} tokens, "
+                    f" With {format_count(self.inference_tokens)} inference tokens, the inference-aware optimum for "
+                    f"the same loss is {format_count(float(alt.params))} parameters on {format_count(float(alt.tokens))} tokens, "
                     f"{(ours - theirs) / theirs:+.0%} total FLOPs compared with this run."
                 )
             self._info_persisted("overtrained", message)
@@ -286,7 +291,7 @@ class TokenBudget(LedgerCallback):
 
     def _preflight(self, trainer: Trainer) -> None:
         planned = planned_optimizer_steps(trainer)
-        lines = [f"parameters: {_fmt(self.params or 0)}" + (" (non-embedding)" if self.non_embedding else "")]
+        lines = [f"parameters: {format_count(self.params or 0)}" + (" (non-embedding)" if self.non_embedding else "")]
         per_step = self._estimate_tokens_per_step(trainer)
         if planned is not None:
             lines.append(f"planned optimizer steps: {planned}")
@@ -295,15 +300,17 @@ class TokenBudget(LedgerCallback):
             flops = 6 * self.params * tokens  # C = 6ND
             optimum = self.law.compute_optimal(flops)
             lines += [
-                f"planned tokens: {_fmt(tokens)} ({_fmt(per_step)} per step, from 8 samples or fewer)",
+                f"planned tokens: {format_count(tokens)} ({format_count(per_step)} per step, from 8 samples or fewer)",
                 f"planned tokens per parameter: {tokens / self.params:.3g} (rule of thumb: ~{self.tokens_per_param:g})",
-                f"planned training FLOPs (6ND): {_fmt(flops)}; compute-optimal for that budget "
-                f"({_law_name(self.law)}): {_fmt(optimum.params)} parameters on {_fmt(optimum.tokens)} tokens",
+                f"planned training FLOPs (6ND): {format_flops(flops)}; compute-optimal for that budget "
+                f"({_law_name(self.law)}): {format_count(optimum.params)} parameters on "
+                f"{format_count(optimum.tokens)} tokens"
+                + _extrapolation_note(self.law, self.params, tokens, " (an extrapolation: the {law} was fitted on {range})"),
             ]
         else:
             lines.append("planned tokens: known after the first steps")
         lines.append(f"tokens counted as: {self.token_rule or 'known after the first batch'}")
-        rank_zero_info(f"{type(self).__name__} pre-flight:\n  " + "\n  ".join(lines))
+        rank_zero_info(f"{self.configured_as} pre-flight:\n  " + "\n  ".join(lines))
 
     def _estimate_tokens_per_step(self, trainer: Trainer) -> float | None:
         """Tokens per optimizer step from the dataloader's batch size and up to 8 samples spread over the dataset
@@ -347,13 +354,17 @@ def _resolve_law(law: Any) -> Any:
     return law
 
 
-def _fmt(x: float) -> str:
-    return f"{x:.3g}"
-
-
-def _hours(seconds: float) -> str:
-    return f"{seconds / 3600:.2f} h" if seconds >= 3600 else f"{seconds / 60:.1f} min"
-
-
 def _law_name(law: Any) -> str:
-    return getattr(law, "name", "") or type(law).__name__
+    name = getattr(law, "name", "") or ""
+    return f"{name} law" if name else type(law).__name__
+
+
+def _extrapolation_note(law: Any, params: float, tokens: float, template: str) -> str:
+    """``template`` filled with the law's name and fitted range when (params, tokens) lies beyond the runs a preset
+    law was fitted on (``laws.FittedRange.outside``), else ""."""
+    from lightning_scaling.laws import fitted_range
+
+    found = fitted_range(law)
+    if found is None or params <= 0 or tokens <= 0 or not found.outside(params, tokens):
+        return ""
+    return template.format(law=_law_name(law), range=found.describe())

@@ -85,6 +85,8 @@ def _fmt(value: Any) -> str:
 
 
 def _table(result: dict[str, Any]) -> str:
+    from lightning_scaling.run_report import format_percent  # "0%", "<0.1%", "5.1%": never "3.553e-13%"
+
     law = result["law"]
     rows: list[tuple[str, Any]] = [
         ("law", f"{law['name'] or 'custom'} (E={law['E']:g}, A={law['A']:g}, B={law['B']:g}, "
@@ -96,7 +98,7 @@ def _table(result: dict[str, Any]) -> str:
         ("training FLOPs", result["flops"]),
         (f"FLOPs per token ({result['flops_convention']})", result["flops_per_token"]),
         ("predicted loss (nats/token)", result["loss"]),
-        ("compute overhead vs same-loss optimum", f"{_fmt(100 * result['compute_overhead'])}%"),
+        ("compute overhead vs same-loss optimum", format_percent(result["compute_overhead"])),
     ]
     best = result["compute_optimum"]
     rows.append(("optimum for these FLOPs", f"{_fmt(best['params'])} params, {_fmt(best['tokens'])} tokens, "
@@ -125,7 +127,7 @@ def _table(result: dict[str, Any]) -> str:
             ("training + inference FLOPs", inf["planned"]["total_flops"]),
             ("inference-aware optimum", f"{_fmt(opt['params'])} params, {_fmt(opt['tokens'])} tokens, "
                                         f"{_fmt(opt['total_flops'])} FLOPs in all"),
-            ("it saves", f"{_fmt(inf['saved_flops'])} FLOPs ({_fmt(100 * inf['saved_fraction'])}%)"),
+            ("it saves", f"{_fmt(inf['saved_flops'])} FLOPs ({format_percent(inf['saved_fraction'])})"),
         ]
     if result["hardware"]:
         hw = result["hardware"]
