@@ -1,10 +1,15 @@
-"""What the end-to-end callback tests share: a tiny GPT, its batches and a quiet CPU Trainer."""
+"""What the end-to-end callback tests share: a tiny GPT, its batches, a quiet CPU Trainer, and the closed-form
+linear regression on which the gradient noise scale is known exactly."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
 
 import lightning as L
 import torch
 from gpt import GPTConfig
+from torch.utils.data import DataLoader, TensorDataset
 
 TINY = GPTConfig(n_layer=1, d_model=32, n_head=2, seq_len=16, d_ff=64)
 SEQ = TINY.seq_len + 1  # a batch row is seq_len inputs plus the next-byte target
@@ -60,3 +65,48 @@ class HFLlamaModule(L.LightningModule):
 
     def configure_optimizers(self):
         return torch.optim.AdamW(self.parameters(), lr=1e-3)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the closed-form problem of McCandlish et al. 2018, App. A: x ~ N(0, I_d), y = xᵀw* + σε, loss ½(xᵀw − y)², with
+# w = w* + δ; lr = 0 freezes w, so B_simple stays d + 1 + dσ²/|δ|²
+REGRESSION_DIM = 16
+TRUE_B_SIMPLE = REGRESSION_DIM + 1 + REGRESSION_DIM * 1.0**2 / 1.0**2  # σ = 1, |δ| = 1: 33 samples
+
+
+class ClosedFormRegression(L.LightningModule):
+    """½(xᵀw − y)² started at w = w* + e₀; ``scheduler`` builds an LR scheduler for the SGD optimizer (per step)."""
+
+    def __init__(self, lr: float = 0.0, scheduler: Callable[[torch.optim.Optimizer], Any] | None = None) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(REGRESSION_DIM, 1, bias=False)
+        w_star = torch.linspace(-1, 1, REGRESSION_DIM)
+        delta = torch.zeros(REGRESSION_DIM)
+        delta[0] = 1.0
+        with torch.no_grad():
+            self.lin.weight.copy_((w_star + delta)[None])
+        self.register_buffer("w_star", w_star)
+        self.lr = lr
+        self.scheduler = scheduler
+
+    def loss_of(self, batch: Any) -> torch.Tensor:
+        """The micro-batch's mean loss (in fp32, also under a 16-bit autocast)."""
+        x, eps = batch
+        return 0.5 * (self.lin(x).squeeze(-1).float() - (x @ self.w_star + eps)).pow(2).mean()
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self.loss_of(batch)
+
+    def configure_optimizers(self) -> Any:
+        opt = torch.optim.SGD(self.parameters(), lr=self.lr)
+        if self.scheduler is None:
+            return opt
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": self.scheduler(opt), "interval": "step"}}
+
+
+def regression_data(rows: int, micro: int, seed: int = 0, sigma: float = 1.0) -> DataLoader:
+    """``rows`` samples of the regression in micro-batches of ``micro`` (in order, the last partial one dropped)."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, REGRESSION_DIM, generator=gen)
+    eps = sigma * torch.randn(rows, generator=gen)
+    return DataLoader(TensorDataset(x, eps), batch_size=micro, shuffle=False, drop_last=True)

@@ -32,46 +32,12 @@ import lightning_scaling.callbacks.batch_size_schedule as schedule_module
 from lightning_scaling.callbacks import ScalingMonitor
 from lightning_scaling.callbacks.batch_size_schedule import BatchSizeSchedule
 from lightning_scaling.callbacks.gradient_noise_scale import GradientNoiseScale
+from helpers import TRUE_B_SIMPLE, regression_data
+from helpers import ClosedFormRegression as Regression
 from lightning_scaling.noise import NoiseScaleEstimate
-
-D = 16
-TRUE_B_SIMPLE = D + 1 + D  # d + 1 + dσ²/|δ|² with σ = 1, |δ| = 1
 
 
 # --------------------------------------------------------------------------------------------------- fixtures
-class Regression(L.LightningModule):
-    """½(xᵀw − y)² with y = xᵀw* + ε, started at w = w* + e₀ (McCandlish 2018, App. A). ``lr=0`` freezes w, so the
-    true B_simple stays 33 samples; ``scheduler`` builds an LR scheduler for the optimizer (stepped per step)."""
-
-    def __init__(self, lr: float = 0.0, scheduler: Callable[[torch.optim.Optimizer], Any] | None = None) -> None:
-        super().__init__()
-        self.lin = torch.nn.Linear(D, 1, bias=False)
-        w_star = torch.linspace(-1, 1, D)
-        delta = torch.zeros(D)
-        delta[0] = 1.0
-        with torch.no_grad():
-            self.lin.weight.copy_((w_star + delta)[None])
-        self.register_buffer("w_star", w_star)
-        self.lr = lr
-        self.scheduler = scheduler
-
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        x, eps = batch
-        return 0.5 * (self.lin(x).squeeze(-1) - (x @ self.w_star + eps)).pow(2).mean()
-
-    def configure_optimizers(self) -> Any:
-        opt = torch.optim.SGD(self.parameters(), lr=self.lr)
-        if self.scheduler is None:
-            return opt
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": self.scheduler(opt), "interval": "step"}}
-
-
-def regression_data(rows: int, micro: int, seed: int = 0) -> DataLoader:
-    gen = torch.Generator().manual_seed(seed)
-    x, eps = torch.randn(rows, D, generator=gen), torch.randn(rows, generator=gen)
-    return DataLoader(TensorDataset(x, eps), batch_size=micro, shuffle=False, drop_last=True)
-
-
 class ScriptedNoiseScale(GradientNoiseScale):
     """A GradientNoiseScale whose estimate is ``script(optimizer step)`` samples, measured from step 1 on, and whose
     ``batch_size`` is the global batch of the last step (micro-batch × accumulation × ranks)."""
@@ -481,7 +447,8 @@ def test_kill_and_resume_continues_with_the_same_accumulation_and_learning_rate(
 SCRIPT = textwrap.dedent('''
     import json, os, sys, warnings
     import lightning as L, torch
-    from test_batch_size_schedule import Windows, regression_data, Regression
+    from helpers import ClosedFormRegression as Regression, regression_data
+    from test_batch_size_schedule import Windows
     from lightning_scaling.callbacks import ScalingMonitor
     from lightning_scaling.callbacks.batch_size_schedule import BatchSizeSchedule
 

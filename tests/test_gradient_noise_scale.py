@@ -12,34 +12,24 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
+from helpers import TRUE_B_SIMPLE, ClosedFormRegression, regression_data
 from lightning_scaling.callbacks.gradient_noise_scale import GradientNoiseScale
 from lightning_scaling.noise import NoiseScaleEstimator
 
-D = 16
-TRUE_B_SIMPLE = D + 1 + D * 1.0**2 / 1.0**2  # linear regression: d + 1 + dσ²/|δ|² with σ = 1, |δ| = 1
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# the closed-form problem: x ~ N(0, I_d), y = xᵀw* + ε, loss ½(xᵀw − y)², w = w* + δ frozen (lr = 0)
-class LinearRegression(L.LightningModule):
+# the closed-form problem (tests/helpers.py), with a scaled loss, a deliberate NaN batch and the loss logged
+class LinearRegression(ClosedFormRegression):
     def __init__(self, loss_factor: float = 1.0, nan_batch: int | None = None) -> None:
         super().__init__()
-        self.lin = torch.nn.Linear(D, 1, bias=False)
-        w_star = torch.linspace(-1, 1, D)
-        delta = torch.zeros(D)
-        delta[0] = 1.0
-        with torch.no_grad():
-            self.lin.weight.copy_((w_star + delta)[None])
-        self.register_buffer("w_star", w_star)
         self.loss_factor = loss_factor
         self.nan_batch = nan_batch
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        x, eps = batch
-        y = x @ self.w_star + eps
-        loss = 0.5 * (self.lin(x).squeeze(-1).float() - y).pow(2).mean() * self.loss_factor
+        loss = self.loss_of(batch) * self.loss_factor
         if batch_idx == self.nan_batch:
             loss = loss * float("nan")
         self.log("train/loss", loss)
@@ -50,16 +40,6 @@ class LinearRegression(L.LightningModule):
         for p in self.parameters():
             if p.grad is not None:
                 p.grad.nan_to_num_(0.0, 0.0, 0.0)
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=0.0)
-
-
-def regression_loader(samples: int, batch: int, seed: int = 0, sigma: float = 1.0) -> DataLoader:
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(samples, D, generator=gen)
-    eps = sigma * torch.randn(samples, generator=gen)
-    return DataLoader(TensorDataset(x, eps), batch_size=batch, shuffle=False, drop_last=True)
 
 
 class RecordingEstimator(NoiseScaleEstimator):
@@ -87,7 +67,7 @@ def run_linear(steps: int, accumulate: int, micro: int, module: LinearRegression
     cb = GradientNoiseScale(**{"ema_decay": 0.98, "warmup_steps": 10**9, **(cb_kwargs or {})})
     cb.estimator = RecordingEstimator(cb.estimator.ema_decay)
     t = trainer(steps, accumulate, callbacks=[cb], **trainer_kwargs)
-    t.fit(module or LinearRegression(), regression_loader(steps * accumulate * micro, micro))
+    t.fit(module or LinearRegression(), regression_data(steps * accumulate * micro, micro))
     return cb, t
 
 
@@ -202,7 +182,7 @@ def test_ddp_two_processes_with_accumulation(tmp_path) -> None:
     steps = 100
     cb = DumpingGNS(str(tmp_path), ema_decay=0.98, warmup_steps=10**9)
     t = trainer(steps, 2, devices=2, strategy="ddp_spawn", callbacks=[cb])
-    t.fit(LinearRegression(), regression_loader(steps * 2 * 2 * 16, 16))
+    t.fit(LinearRegression(), regression_data(steps * 2 * 2 * 16, 16))
     assert float(t.callback_metrics["scaling/batch_size"]) == 64  # rank 0's metrics, sent back by ddp_spawn
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0]["state"] == ranks[1]["state"]  # identical EMA state on every rank
@@ -267,7 +247,7 @@ def test_warns_once_when_batch_far_above_noise_scale() -> None:
         warnings.simplefilter("always")
         cb = GradientNoiseScale(ema_decay=0.9, warmup_steps=5, min_measurements=5)
         t = trainer(40, 2, callbacks=[cb])
-        t.fit(LinearRegression(), regression_loader(40 * 2 * 128, 128))  # B = 256 ≈ 8 × 33
+        t.fit(LinearRegression(), regression_data(40 * 2 * 128, 128))  # B = 256 ≈ 8 × 33
     msgs = _warnings_of(record)
     assert len(msgs) == 1, msgs
     assert "critical batch size" in msgs[0] and "Adam" in msgs[0] and "E/E_min" in msgs[0]
@@ -279,7 +259,7 @@ def test_warns_when_batch_far_below_noise_scale_and_not_during_warmup() -> None:
         with warnings.catch_warnings(record=True) as record:
             warnings.simplefilter("always")
             cb = GradientNoiseScale(ema_decay=0.9, warmup_steps=warmup, min_measurements=5)
-            trainer(40, 2, callbacks=[cb]).fit(LinearRegression(), regression_loader(40 * 2 * 8, 8, sigma=10.0))
+            trainer(40, 2, callbacks=[cb]).fit(LinearRegression(), regression_data(40 * 2 * 8, 8, sigma=10.0))
         return _warnings_of(record)  # B = 16, B_simple = 17 + 16·100 = 1617
 
     msgs = run(5)
@@ -306,7 +286,7 @@ def test_hysteresis_and_once_per_direction() -> None:
 # ---------------------------------------------------------------------------------------------------------------
 # state, robustness, validation
 def test_state_dict_resume_continues_exactly(tmp_path) -> None:
-    loader = regression_loader(20 * 2 * 8, 8)  # one epoch = 20 optimizer steps; resume at the epoch boundary
+    loader = regression_data(20 * 2 * 8, 8)  # one epoch = 20 optimizer steps; resume at the epoch boundary
     full = GradientNoiseScale(warmup_steps=10**9)
     trainer(-1, 2, max_epochs=2, callbacks=[full]).fit(LinearRegression(), loader)
 
@@ -336,7 +316,7 @@ def test_tokens_fn_that_raises_warns_once_and_the_samples_are_still_measured() -
         warnings.simplefilter("always")
         cb = GradientNoiseScale(tokens_fn=broken_tokens)
         t = trainer(5, 2, callbacks=[cb])
-        t.fit(LinearRegression(), regression_loader(5 * 2 * 8, 8))
+        t.fit(LinearRegression(), regression_data(5 * 2 * 8, 8))
     assert t.global_step == 5 and cb.enabled and cb.estimator.count == 5
     assert math.isnan(cb.batch_tokens) and cb.batch_size == 16
     msgs = _warnings_of(record)
@@ -353,7 +333,7 @@ def test_internal_error_warns_once_and_training_continues(monkeypatch) -> None:
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
         t = trainer(5, 2, callbacks=[cb])
-        t.fit(LinearRegression(), regression_loader(5 * 2 * 8, 8))
+        t.fit(LinearRegression(), regression_data(5 * 2 * 8, 8))
     assert t.global_step == 5
     assert not cb.enabled and cb._handles == []
     msgs = _warnings_of(record)

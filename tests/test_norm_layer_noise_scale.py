@@ -125,7 +125,6 @@ def _true_b_simple(module: NormOnly) -> float:
     x, y = _population(20_000, seed=99)
     params = {n: p.detach().double() for n, p in module.named_parameters()}
     buffers = {n: b.double() for n, b in module.named_buffers()}
-    model = module.double()
 
     def model_loss(p: dict, xi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
         out = torch.nn.functional.layer_norm(xi, (H,), p["norm.weight"], p["norm.bias"])
@@ -135,7 +134,6 @@ def _true_b_simple(module: NormOnly) -> float:
     per = torch.cat([grads[n].reshape(len(x), -1) for n in sorted(grads)], dim=1)
     mean = per.mean(0)
     trace_cov = float((per - mean).square().sum(1).mean()) * len(x) / (len(x) - 1)
-    module.float()
     return trace_cov / float(mean.square().sum())
 
 

@@ -165,18 +165,21 @@ def test_bad_arguments(kwargs, match):
         TokenBudget(**kwargs)
 
 
+class FloatModule(L.LightningModule):
+    """Trains on float features: batches with no token ids to count."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer = torch.nn.Linear(4, 1)
+
+    def training_step(self, batch, batch_idx):
+        return self.layer(batch).pow(2).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
 def test_uncountable_batch_warns_once_and_training_continues():
-    class FloatModule(L.LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.layer = torch.nn.Linear(4, 1)
-
-        def training_step(self, batch, batch_idx):
-            return self.layer(batch).pow(2).mean()
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.1)
-
     budget = TokenBudget()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -228,17 +231,6 @@ def test_messages_name_the_class_the_user_configured():
 
 def test_uncountable_batch_through_the_monitor_names_the_monitor_argument():
     from lightning_scaling.callbacks import ScalingMonitor
-
-    class FloatModule(L.LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.layer = torch.nn.Linear(4, 1)
-
-        def training_step(self, batch, batch_idx):
-            return self.layer(batch).pow(2).mean()
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.1)
 
     monitor = ScalingMonitor(flops=False, noise_scale=False, repetition=False, report=False)
     with warnings.catch_warnings(record=True) as caught:
