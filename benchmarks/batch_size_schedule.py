@@ -27,7 +27,6 @@ other processes' load; the CPU time is steadier).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import math
 import os
 import platform
@@ -42,17 +41,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _example import example_gpt
 from _table import print_table
-
-
-def _example_gpt() -> Any:
-    """The example's gpt module, loaded by file path (the examples folder is not a package)."""
-    spec = importlib.util.spec_from_file_location("lightning_scaling_example_gpt", ROOT / "examples" / "gpt.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -185,7 +175,7 @@ def main(argv: list[str] | None = None) -> None:
           f"torch threads: {torch.get_num_threads()}; python {platform.python_version()}, torch {torch.__version__}, "
           f"lightning {L.__version__}, lightning_scaling {lightning_scaling.__version__}; "
           f"date {time.strftime('%Y-%m-%d')}", flush=True)
-    gpt = _example_gpt()
+    gpt = example_gpt()
     tokens = args.micro_batches * args.micro_batch * args.seq_len
     print(f"model: example GPT, {args.n_layer} layers, d_model {args.d_model}, seq {args.seq_len}; "
           f"{args.micro_batches} micro-batches of {args.micro_batch} sequences = {tokens:,} training tokens per run; "

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import importlib.util
 import json
 import os
 import statistics
@@ -49,23 +48,18 @@ from typing import Any
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _example import example_gpt  # noqa: E402
+from _table import print_table  # noqa: E402
+
 CONFIGS = ("gpt-acc2", "gpt-acc1", "llama-fixed", "llama-pad10", "llama-pad30", "llama-pad64")
 PER_STEP_HOOKS = ("on_train_batch_start", "on_after_backward", "on_before_optimizer_step", "on_train_batch_end")
 
 
-def _example_gpt() -> Any:
-    """The example's gpt module, loaded by file path (the examples folder is not a package)."""
-    spec = importlib.util.spec_from_file_location("lightning_scaling_example_gpt", ROOT / "examples" / "gpt.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 # --------------------------------------------------------------------------------------------- workloads
 def _gpt_workload(args: argparse.Namespace) -> tuple[Any, Any]:
-    gpt = _example_gpt()
+    gpt = example_gpt()
     from torch.utils.data import DataLoader
 
     cfg = gpt.GPTConfig(n_layer=4, d_model=128, n_head=4, seq_len=128, d_ff=512)
@@ -346,12 +340,8 @@ def main(argv: list[str] | None = None) -> int:
                      f"{measured}/{shapes}", "-" if memory is None else f"{memory:.3f}"])
         print(f"  {name}: whole {rows[-1][1]}", file=sys.stderr, flush=True)
 
-    spec = importlib.util.spec_from_file_location("benchmark_table", Path(__file__).resolve().parent / "_table.py")
-    assert spec and spec.loader
-    table = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(table)
     print()
-    table.print_table(["configuration", "whole fit on/off", "same-run whole fit", "steady on/off", "hooks ms/step",
+    print_table(["configuration", "whole fit on/off", "same-run whole fit", "steady on/off", "hooks ms/step",
                        "measured/shapes", "peak mem on/off"], rows, args.markdown)
     return 0
 

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import importlib.util
 import logging
 import math
 import os
@@ -57,17 +56,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _example import example_gpt
 from _table import print_table
-
-
-def _example_gpt() -> Any:
-    """The example's gpt module, loaded by file path (the examples folder is not a package)."""
-    spec = importlib.util.spec_from_file_location("lightning_scaling_example_gpt", ROOT / "examples" / "gpt.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -243,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
           f"accumulate {args.accumulate} = {args.micro_batch * args.accumulate} sequences per step; {args.steps} "
           f"optimizer steps per size; AdamW peak lr {args.lr:g}; GradientNoiseScale(ema_decay={args.ema_decay:g})",
           flush=True)
-    gpt = _example_gpt()
+    gpt = example_gpt()
 
     results = []
     for d_model in args.widths:
