@@ -302,9 +302,14 @@ def _last(values: np.ndarray) -> float | None:
     return float(finite[-1]) if finite.size else None
 
 
-def _law_label(law: Any) -> str:
+def law_name(law: Any) -> str:
+    """How messages name a law: "besiroglu law" for a named preset, else its class name ("ChinchillaLaw")."""
     name = getattr(law, "name", "") or ""
-    return f"the {name} law" if name else f"the {type(law).__name__}"
+    return f"{name} law" if name else type(law).__name__
+
+
+def _law_label(law: Any) -> str:
+    return f"the {law_name(law)}"
 
 
 def _law_record(law: Any) -> dict[str, Any]:

@@ -32,6 +32,7 @@ class LedgerCallback(Callback):
         self._warn = WarnOnce(type(self).__name__)
         # Set by ScalingMonitor: (its keyword for this part's options, the options it takes directly).
         self._monitor_options: tuple[str, frozenset[str]] | None = None
+        self._configured_as = type(self).__name__
         self._local_failure: str | None = None
         self.ledger: StepLedger | None = None
         self._rule: str | None = None  # the ledger slot of this part's token count, when it counts tokens
@@ -43,7 +44,7 @@ class LedgerCallback(Callback):
         """The class the user configured, which our messages name: this part's class, or ``"ScalingMonitor"``
         when the monitor runs it (its messages then start "ScalingMonitor (tokens): ...", the part named by the
         monitor's keyword for it)."""
-        return self.__dict__.get("_configured_as", type(self).__name__)
+        return self._configured_as
 
     @configured_as.setter
     def configured_as(self, name: str) -> None:

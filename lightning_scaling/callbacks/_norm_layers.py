@@ -22,6 +22,7 @@ read of its own).
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections import Counter
 from typing import Any
 
@@ -43,24 +44,29 @@ def _layer_kind(module: torch.nn.Module) -> str | None:
         return "layer" if len(module.normalized_shape) == 1 else None
     if isinstance(module, torch.nn.RMSNorm):
         return "rms" if len(module.normalized_shape) == 1 else None
-    name = type(module).__name__
-    if name == "FusedLayerNorm" and type(module).__module__.startswith("lightning_scaling.kernels"):
+    # our fused norms: a model holding one has imported their module already (no Triton import here)
+    fused = sys.modules.get("lightning_scaling.kernels.modules")
+    if fused is not None and isinstance(module, fused.FusedLayerNorm):
         return "layer"
-    if name == "FusedRMSNorm" and type(module).__module__.startswith("lightning_scaling.kernels"):
+    if fused is not None and isinstance(module, fused.FusedRMSNorm):
         return "rms"
     # Other libraries' RMSNorm (Hugging Face's LlamaRMSNorm & co., litgpt's RMSNorm): one weight vector, an epsilon,
     # no children; their formula is then checked against autograd on the first step.
     own = dict(module.named_parameters(recurse=False))
-    has_eps = isinstance(getattr(module, "variance_epsilon", getattr(module, "eps", None)), float)
-    if name.endswith("RMSNorm") and set(own) == {"weight"} and has_eps and not any(True for _ in module.children()):
+    if (type(module).__name__.endswith("RMSNorm") and set(own) == {"weight"}
+            and isinstance(_declared_epsilon(module), float) and not any(True for _ in module.children())):
         return "rms"
     return None
 
 
-def _epsilon(module: torch.nn.Module, x: torch.Tensor) -> float:
+def _declared_epsilon(module: torch.nn.Module) -> Any:
+    """The module's epsilon attribute (Hugging Face's ``variance_epsilon``, else ``eps``), None when it has none."""
     eps = getattr(module, "variance_epsilon", None)
-    if eps is None:
-        eps = getattr(module, "eps", None)
+    return getattr(module, "eps", None) if eps is None else eps
+
+
+def _epsilon(module: torch.nn.Module, x: torch.Tensor) -> float:
+    eps = _declared_epsilon(module)
     return float(eps) if eps is not None else float(torch.finfo(x.dtype).eps)  # nn.RMSNorm's eps=None
 
 
@@ -92,7 +98,7 @@ class NormLayerProbe:
     def attach(self) -> None:
         self.detach()
         for index, (_, module, kind) in enumerate(self.layers):
-            self._handles.append(module.register_forward_hook(self._forward_hook(index, module, kind)))
+            self._handles.append(module.register_forward_hook(self._forward_hook(index, kind)))
 
     def detach(self) -> None:
         for handle in self._handles:
@@ -128,8 +134,8 @@ class NormLayerProbe:
         return mismatched
 
     # -------------------------------------------------------------------------------------------- hooks
-    def _forward_hook(self, index: int, module: torch.nn.Module, kind: str) -> Any:
-        def hook(mod: torch.nn.Module, args: tuple[Any, ...], output: Any) -> None:
+    def _forward_hook(self, index: int, kind: str) -> Any:
+        def hook(module: torch.nn.Module, args: tuple[Any, ...], output: Any) -> None:
             if not self._active or not args or not isinstance(output, torch.Tensor) or not output.requires_grad:
                 return
             if torch._C._current_graph_task_id() != -1:  # recomputed inside a backward (activation checkpointing)

@@ -28,6 +28,7 @@ from lightning_scaling.callbacks._ledger import (
     SAMPLES,
     StepRecord,
 )
+from lightning_scaling.run_report import format_count
 
 SKETCH_FAILED = "repetition/sketch_failed"
 _STATE_VERSION = 1
@@ -408,9 +409,9 @@ class DataRepetition(LedgerCallback):
         ceiling = unique * (1.0 + float(getattr(law, "r_star_d", math.inf)))  # D' as the epochs grow without end
         headroom = ceiling / effective - 1.0 if effective > 0 else math.nan
         text = (
-            f"the run is projected to {self.projected_epochs:.1f} epochs over {_fmt(unique)} unique tokens "
-            f"({_fmt(tokens)} training tokens), past {threshold:g} epochs: {meaning}. By the end a repeated token "
-            f"is worth {end_value:.0%} of a fresh one, the {_fmt(tokens)} tokens are worth {_fmt(effective)} fresh "
+            f"the run is projected to {self.projected_epochs:.1f} epochs over {format_count(unique)} unique tokens "
+            f"({format_count(tokens)} training tokens), past {threshold:g} epochs: {meaning}. By the end a repeated token "
+            f"is worth {end_value:.0%} of a fresh one, the {format_count(tokens)} tokens are worth {format_count(effective)} fresh "
             f"ones (D'), and more repeats can raise D' by at most {headroom:.0%} (Muennighoff et al. 2023, eq. 5)."
         )
         if self.params:
@@ -418,9 +419,9 @@ class DataRepetition(LedgerCallback):
             try:
                 best = law.compute_optimal(flops, unique)
                 text += (
-                    f" For the same compute ({_fmt(flops)} FLOPs, 6·N·D) and unique data, the data-constrained "
-                    f"optimum is {_fmt(float(best.params))} parameters for {float(best.epochs):.1f} epochs "
-                    f"({_fmt(float(best.tokens))} tokens) instead of {_fmt(self.params)} parameters for "
+                    f" For the same compute ({format_count(flops)} FLOPs, 6·N·D) and unique data, the data-constrained "
+                    f"optimum is {format_count(float(best.params))} parameters for {float(best.epochs):.1f} epochs "
+                    f"({format_count(float(best.tokens))} tokens) instead of {format_count(self.params)} parameters for "
                     f"{self.projected_epochs:.1f} epochs."
                 )
             except Exception:  # noqa: BLE001 - the advice is optional, the warning is not
@@ -466,12 +467,3 @@ def _dataset_length(loader: Any) -> int | None:
     except (TypeError, NotImplementedError):
         return None
     return int(length) * rows_per_item if length > 0 else None
-
-
-def _fmt(value: float | None) -> str:
-    if value is None:
-        return "?"
-    for bound, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "k")):
-        if abs(value) >= bound:
-            return f"{value / bound:.3g}{suffix}"
-    return f"{value:.3g}"

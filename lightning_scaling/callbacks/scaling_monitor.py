@@ -250,16 +250,18 @@ class ScalingMonitor(Callback):
             os.makedirs(directory, exist_ok=True)
         except OSError as err:
             rank_zero_info(f"{type(self).__name__}: could not create {directory} for the report: {err}")
+        report = self.report if self.report is not None else self.build_report()
         pixels = None
         note = matplotlib_missing()
         if note is None:
             try:
-                figure = draw_run_report(self.report or self.build_report())
+                figure = draw_run_report(report)
                 pixels = save_picture(figure, os.path.join(directory, PICTURE_FILE))
                 self.picture_path = os.path.join(directory, PICTURE_FILE)
             except Exception as err:  # noqa: BLE001 - the picture must not fail the end of a run
                 note = f"not drawn: {type(err).__name__}: {err}"
-        report = self.build_report(report_path, self.picture_path, note)
+        # the report built in on_fit_end, with where its files went (the picture does not draw them)
+        report["files"] = {"report": report_path, "picture": self.picture_path, "picture_note": note}
         try:
             with open(report_path, "w") as fh:
                 json.dump(report, fh, indent=2, allow_nan=False)

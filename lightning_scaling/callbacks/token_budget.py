@@ -22,7 +22,7 @@ from lightning_scaling.callbacks._common import (
     untouched_random_state,
 )
 from lightning_scaling.callbacks._ledger import MICRO_BATCHES, SUPERVISED, StepRecord
-from lightning_scaling.run_report import format_count, format_duration, format_flops, format_percent
+from lightning_scaling.run_report import format_count, format_duration, format_flops, format_percent, law_name
 
 
 class TokenBudget(LedgerCallback):
@@ -255,7 +255,7 @@ class TokenBudget(LedgerCallback):
                 f"this run is projected to end at {ratio:.3g} tokens per parameter ({format_count(d)} tokens for "
                 f"{format_count(n)} parameters), under the ~{self.tokens_per_param:g}x rule, spending "
                 f"{format_percent(overhead)} more compute than needed for the loss it will reach "
-                f"({_law_name(self.law)}). For the same {format_flops(flops)} FLOPs (6ND) the compute-optimal run "
+                f"({law_name(self.law)}). For the same {format_flops(flops)} FLOPs (6ND) the compute-optimal run "
                 f"is a {format_count(optimum.params)}-parameter model on {format_count(optimum.tokens)} tokens; "
                 f"or keep this model and train on {format_count(self.tokens_per_param * n)} tokens."
                 + _extrapolation_note(self.law, n, d, " Both are extrapolations: the {law} was fitted on {range}."),
@@ -303,7 +303,7 @@ class TokenBudget(LedgerCallback):
                 f"planned tokens: {format_count(tokens)} ({format_count(per_step)} per step, from 8 samples or fewer)",
                 f"planned tokens per parameter: {tokens / self.params:.3g} (rule of thumb: ~{self.tokens_per_param:g})",
                 f"planned training FLOPs (6ND): {format_flops(flops)}; compute-optimal for that budget "
-                f"({_law_name(self.law)}): {format_count(optimum.params)} parameters on "
+                f"({law_name(self.law)}): {format_count(optimum.params)} parameters on "
                 f"{format_count(optimum.tokens)} tokens"
                 + _extrapolation_note(self.law, self.params, tokens, " (an extrapolation: the {law} was fitted on {range})"),
             ]
@@ -354,11 +354,6 @@ def _resolve_law(law: Any) -> Any:
     return law
 
 
-def _law_name(law: Any) -> str:
-    name = getattr(law, "name", "") or ""
-    return f"{name} law" if name else type(law).__name__
-
-
 def _extrapolation_note(law: Any, params: float, tokens: float, template: str) -> str:
     """``template`` filled with the law's name and fitted range when (params, tokens) lies beyond the runs a preset
     law was fitted on (``laws.FittedRange.outside``), else ""."""
@@ -367,4 +362,4 @@ def _extrapolation_note(law: Any, params: float, tokens: float, template: str) -
     found = fitted_range(law)
     if found is None or params <= 0 or tokens <= 0 or not found.outside(params, tokens):
         return ""
-    return template.format(law=_law_name(law), range=found.describe())
+    return template.format(law=law_name(law), range=found.describe())
