@@ -1,4 +1,4 @@
-"""Input handling shared by the MLP ops: autocast as ``nn.Linear`` does it, and checks that name the argument."""
+"""Input handling shared by the ops: autocast as ``nn.Linear`` does it, and checks that name the argument."""
 
 from __future__ import annotations
 
@@ -19,6 +19,20 @@ def autocast_like_linear(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
                  for t in tensors)
 
 
+def check_float_tensor(name: str, t: object, like: torch.Tensor | None = None, same_dtype: bool = True) -> torch.Tensor:
+    """Raise ``ValueError`` naming the argument unless ``t`` is a floating-point tensor (on the device of ``like``,
+    the tensor called x, and of its dtype when ``same_dtype``); returns ``t``."""
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    if like is not None and same_dtype and t.dtype != like.dtype:
+        raise ValueError(f"{name} must have the dtype of x ({like.dtype}), got {t.dtype}")
+    if like is not None and t.device != like.device:
+        raise ValueError(f"{name} must be on the device of x ({like.device}), got {t.device}")
+    return t
+
+
 def check_2d(x: torch.Tensor) -> None:
     """The ops take x as [tokens, d_model]; their public wrappers flatten the leading dimensions."""
     if x.dim() != 2:
@@ -30,14 +44,7 @@ def check_gate_up_inputs(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tens
     """Raise ``ValueError`` naming the argument unless x [..., d_model] and w_gate, w_up [d_ff, d_model] (and the
     ``extra`` tensors) are floating-point tensors of one dtype and device, with at least one token."""
     for name, t in (("x", x), ("w_gate", w_gate), ("w_up", w_up), *(extra or {}).items()):
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if not t.is_floating_point():
-            raise ValueError(f"{name} must be a floating-point tensor, got {t.dtype}")
-        if t.dtype != x.dtype:
-            raise ValueError(f"{name} must have the dtype of x ({x.dtype}), got {t.dtype}")
-        if t.device != x.device:
-            raise ValueError(f"{name} must be on the device of x ({x.device}), got {t.device}")
+        check_float_tensor(name, t, like=x)
     if w_gate.dim() != 2 or x.dim() < 1 or w_gate.shape[1] != x.shape[-1]:
         raise ValueError(f"w_gate must be [d_ff, d_model={x.shape[-1] if x.dim() else '?'}], got "
                          f"{tuple(w_gate.shape)} for x of shape {tuple(x.shape)}")

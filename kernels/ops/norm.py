@@ -45,6 +45,7 @@ import triton.language as tl
 
 from lightning_scaling.flop_counting import register_flop_formula
 from lightning_scaling.kernels import run_kernels, use_triton
+from lightning_scaling.kernels.ops._inputs import check_float_tensor
 
 #: Widest row (H, elements) the Triton kernels take: a whole row is held in registers (see the module docstring).
 MAX_WIDTH = 16384
@@ -463,30 +464,20 @@ register_flop_formula(torch.ops.lightning_scaling.norm_backward, _backward_flops
 # ----------------------------------------------------------------------------------------------------------
 # Public entry points
 # ----------------------------------------------------------------------------------------------------------
-def _check_tensor(name: str, t: object, x: torch.Tensor) -> torch.Tensor:
-    if not isinstance(t, torch.Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if not t.is_floating_point():
-        raise ValueError(f"{name} must be a floating-point tensor, got {t.dtype}")
-    if t.device != x.device:
-        raise ValueError(f"{name} must be on the device of x ({x.device}), got {t.device}")
-    return t
-
-
 def _examples_of(x: torch.Tensor) -> int:
     return 1 if x.dim() == 1 else x.shape[0]
 
 
 def _normalize(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float | None,
                per_example_sink: torch.Tensor | None, rms_norm: bool) -> torch.Tensor:
-    _check_tensor("x", x, x)
+    check_float_tensor("x", x)
     if x.dim() == 0 or x.numel() == 0:
         raise ValueError(f"x must have at least one dimension and one element, got shape {tuple(x.shape)}")
     width = x.shape[-1]
     for name, t in (("weight", weight), ("bias", bias)):
         if t is None and name == "bias":
             continue
-        t = _check_tensor(name, t, x)
+        t = check_float_tensor(name, t, like=x, same_dtype=False)  # fp32 weights with 16-bit x
         if t.shape != (width,):
             raise ValueError(f"{name} must be 1-D [H={width}] (x's last dimension), got shape {tuple(t.shape)}")
     if eps is None:
@@ -495,7 +486,7 @@ def _normalize(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
         raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
     examples = _examples_of(x)
     if per_example_sink is not None:
-        _check_tensor("per_example_sink", per_example_sink, x)
+        check_float_tensor("per_example_sink", per_example_sink, like=x, same_dtype=False)
         if per_example_sink.shape != (examples,):
             raise ValueError(f"per_example_sink must be 1-D [{examples}] (one entry per example, x's first "
                              f"dimension), got shape {tuple(per_example_sink.shape)}")

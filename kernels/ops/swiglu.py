@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from lightning_scaling.kernels import interpreter_enabled, run_kernels
+from lightning_scaling.kernels.ops._inputs import check_float_tensor
 
 _BLOCK_SIZE = 256 if interpreter_enabled() else 1024
 
@@ -144,10 +145,7 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     On CUDA (and on the CPU under ``triton_on_cpu()``) runs the Triton kernels; otherwise the PyTorch reference.
     """
     for name, t in (("gate", gate), ("up", up)):
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if not t.is_floating_point():
-            raise ValueError(f"{name} must be a floating-point tensor, got {t.dtype}")
+        check_float_tensor(name, t)
     if up.shape != gate.shape:
         raise ValueError(f"up must have the shape of gate {tuple(gate.shape)}, got {tuple(up.shape)}")
     if up.dtype != gate.dtype:
