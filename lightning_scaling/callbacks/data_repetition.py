@@ -410,19 +410,20 @@ class DataRepetition(LedgerCallback):
         headroom = ceiling / effective - 1.0 if effective > 0 else math.nan
         text = (
             f"the run is projected to {self.projected_epochs:.1f} epochs over {format_count(unique)} unique tokens "
-            f"({format_count(tokens)} training tokens), past {threshold:g} epochs: {meaning}. By the end a repeated token "
-            f"is worth {end_value:.0%} of a fresh one, the {format_count(tokens)} tokens are worth {format_count(effective)} fresh "
-            f"ones (D'), and more repeats can raise D' by at most {headroom:.0%} (Muennighoff et al. 2023, eq. 5)."
+            f"({format_count(tokens)} training tokens), past {threshold:g} epochs: {meaning}. By the end a repeated "
+            f"token is worth {end_value:.0%} of a fresh one, the {format_count(tokens)} tokens are worth "
+            f"{format_count(effective)} fresh ones (D'), and more repeats can raise D' by at most {headroom:.0%} "
+            "(Muennighoff et al. 2023, eq. 5)."
         )
         if self.params:
             flops = 6.0 * self.params * tokens  # C ≈ 6·N·D (Kaplan 2020, Table 1)
             try:
                 best = law.compute_optimal(flops, unique)
                 text += (
-                    f" For the same compute ({format_count(flops)} FLOPs, 6·N·D) and unique data, the data-constrained "
-                    f"optimum is {format_count(float(best.params))} parameters for {float(best.epochs):.1f} epochs "
-                    f"({format_count(float(best.tokens))} tokens) instead of {format_count(self.params)} parameters for "
-                    f"{self.projected_epochs:.1f} epochs."
+                    f" For the same compute ({format_count(flops)} FLOPs, 6·N·D) and unique data, the "
+                    f"data-constrained optimum is {format_count(float(best.params))} parameters for "
+                    f"{float(best.epochs):.1f} epochs ({format_count(float(best.tokens))} tokens) instead of "
+                    f"{format_count(self.params)} parameters for {self.projected_epochs:.1f} epochs."
                 )
             except Exception:  # noqa: BLE001 - the advice is optional, the warning is not
                 pass

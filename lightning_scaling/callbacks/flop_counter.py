@@ -162,7 +162,8 @@ class FlopCounter(LedgerCallback):
                 self._warn.info(
                     "estimate",
                     f"{self._shapes.measured} input shapes have been measured; further shapes are estimated from "
-                    f"them (raise {self.option_hint('max_measured_shapes')}, or bucket sequence lengths, to measure more).",
+                    f"them (raise {self.option_hint('max_measured_shapes')}, or bucket sequence lengths, to measure "
+                    "more).",
                 )
         if counted is None:
             self.ledger.add(UNCOUNTED, 1)

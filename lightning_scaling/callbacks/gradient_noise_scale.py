@@ -466,7 +466,8 @@ class GradientNoiseScale(LedgerCallback):
             return False
         if getattr(pl_module, "_compiler_ctx", None) or any(
                 getattr(m, "_compiled_call_impl", None) is not None for m in pl_module.modules()):
-            self._norm_layers_missing = "the model is compiled (torch.compile), where the norm-layer hooks would break graphs"
+            self._norm_layers_missing = ("the model is compiled (torch.compile), where the norm-layer hooks would "
+                                         "break graphs")
             return False
         self.norm_layers_found = self._probe.find(pl_module)
         if not self.norm_layers_found:
