@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import triton
 
-    from lightning_scaling.flops import attention_flops
+    from lightning_scaling.flops.formulas import attention_flops
 
     causal = not args.full
     print(f"device: {torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__} | "

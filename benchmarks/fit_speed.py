@@ -4,7 +4,7 @@ Both minimise the same objective (Hoffmann et al. 2022, App. D.2: the sum over r
 on log loss) from the same 4,500-start grid, on the same data: the digitised Chinchilla points of
 Besiroglu et al. 2024 with the 5 highest-loss rows dropped (240 points).
 
-- ours: ``lightning_scaling.fit.fit_approach3(points)``, the whole call as a user makes it (checks, every
+- ours: ``lightning_scaling.laws.fitting.fit_approach3(points)``, the whole call as a user makes it (checks, every
   start, the refinement, the result);
 - scipy loop: ``scipy.optimize.minimize(method="L-BFGS-B")`` with default options and the analytic gradient,
   one start at a time. The full loop takes a minute or more, so each repeat times a random sample of the
@@ -73,12 +73,11 @@ def main() -> int:
     import numpy as np
     from scipy.optimize import minimize
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     from _table import print_table
 
-    from lightning_scaling import _batched_lbfgs as opt
-    from lightning_scaling import fit as F
-    from lightning_scaling.fit_io import read_csv
+    from lightning_scaling.laws import batched_bfgs as opt
+    from lightning_scaling.laws import fitting as F
+    from lightning_scaling.laws.runs import read_csv
 
     points = read_csv(CSV).drop_highest_loss(5)
     grid = F.approach3_grid()

@@ -4,7 +4,7 @@ synchronisations per optimizer step that ScalingMonitor adds. Runs 4 and 5b of `
 ``mfu``: the example GPT (``examples/gpt.py``, loaded by file path; ``MFU_SHAPE``: about 100M parameters, head
 dim 128, 16k tokens per optimizer step) trains for ``--steps`` optimizer steps in bf16-mixed, with our Triton
 kernels and then without them, under ``FlopCounter(peak_flops=None)`` (the dense peak comes from the hardware
-table, ``lightning_scaling.hardware``). Per run it prints:
+table, ``lightning_scaling.flops.hardware``). Per run it prints:
 
 - MFU, FLOP/s and FLOPs per step as the callback logs them (``scaling/mfu``, ``scaling/flops_per_sec``,
   ``scaling/flops_per_step``), read from ``trainer.callback_metrics`` once, after the last step: reading them
@@ -113,7 +113,7 @@ def analytic_flops_per_step(shape: RunShape, convention: str) -> float:
 
     The model is causal; causal attention is counted as half the square (the library's convention).
     """
-    from lightning_scaling.flops import transformer_flops
+    from lightning_scaling.flops.formulas import transformer_flops
 
     per_sequence = transformer_flops(
         n_layer=shape.n_layer, d_model=shape.d_model, n_head=shape.n_head, seq_len=shape.seq_len,
@@ -206,7 +206,7 @@ def hardware_peak() -> dict[str, Any]:
     know it), and what Lightning's own table says. Without CUDA: no device, no peak."""
     import torch
 
-    from lightning_scaling.hardware import device_peak_flops, parse_device_name
+    from lightning_scaling.flops.hardware import device_peak_flops, parse_device_name
 
     if not torch.cuda.is_available():
         return {"device_name": "cpu", "table_key": None, "peak_bf16_flops": None, "lightning_peak_bf16_flops": None}

@@ -79,8 +79,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import triton
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-    from gpt import GPTConfig, SwiGLU
+    from _example import example_gpt
+
+    GPTConfig, SwiGLU = example_gpt().GPTConfig, example_gpt().SwiGLU
 
     from lightning_scaling.kernels.modules import FusedSwiGLU
 

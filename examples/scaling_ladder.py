@@ -22,7 +22,6 @@ import sys
 import warnings
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 SEQ_LEN = 64
 BATCH = 32
@@ -78,8 +77,8 @@ def main(argv: list[str] | None = None) -> int:
         for d_model in sizes:
             train_one(out, c, d_model, n_layer, max_bytes)
 
-    from lightning_scaling.fit import fit_approach2, fit_approach3
-    from lightning_scaling.fit_io import read_csv_logger
+    from lightning_scaling.laws.fitting import fit_approach2, fit_approach3
+    from lightning_scaling.laws.runs import read_csv_logger
 
     points = read_csv_logger(out / "logs", loss_column="val/loss")
     print(f"\nfitting {len(points)} runs")

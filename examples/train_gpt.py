@@ -16,7 +16,6 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import lightning as L  # noqa: E402
 from gpt import GPTConfig, GPTLightningModule, kernels_available, make_dataloaders  # noqa: E402

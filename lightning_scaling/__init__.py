@@ -1,7 +1,7 @@
 """lightning-scaling: keep a Lightning training run compute-optimal.
 
-The pure math (``laws``, ``flops``, ``noise``, ``fit``) imports neither Lightning nor Triton; the callbacks
-import Lightning when first used. Names below load lazily so ``import lightning_scaling`` stays cheap.
+The pure math (``laws``, ``flops``' formulas, ``estimators.noise_scale``, ``planner``, ``run_report``) imports
+neither Lightning nor Triton; the callbacks import Lightning when first used. Names below load lazily so ``import lightning_scaling`` stays cheap.
 """
 
 from __future__ import annotations
@@ -44,9 +44,9 @@ _LAZY = {
     "transformer_flops": "lightning_scaling.flops",
     "transformer_params": "lightning_scaling.flops",
     "attention_flops": "lightning_scaling.flops",
-    "count_parameters": "lightning_scaling.flop_counting",
-    "measure_training_flops": "lightning_scaling.flop_counting",
-    "register_flop_formula": "lightning_scaling.flop_counting",
+    "count_parameters": "lightning_scaling.flops",
+    "measure_training_flops": "lightning_scaling.flops",
+    "register_flop_formula": "lightning_scaling.flops",
     # callbacks
     "FlopCounter": "lightning_scaling.callbacks",
     "TokenBudget": "lightning_scaling.callbacks",

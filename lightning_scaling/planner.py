@@ -45,8 +45,8 @@ import os
 import warnings
 from typing import Any, Callable
 
-from lightning_scaling import laws as _laws
-from lightning_scaling._validation import boolean, fraction, one_of, positive_float, positive_int
+from lightning_scaling.laws import definitions as _laws
+from lightning_scaling.argument_checks import boolean, fraction, one_of, positive_float, positive_int
 
 _SHAPE = ("n_layer", "d_model", "n_head", "vocab_size")
 FLOPS_CONVENTIONS = ("chinchilla", "kaplan", "palm")
@@ -168,7 +168,7 @@ def _model(shape: dict[str, Any], seq_len: int | None, d_ff: int | None, gated_m
         raise ValueError(f"{', '.join(missing)} missing: a model shape needs all of {needed}")
     if head_dim is None and shape["d_model"] % shape["n_head"]:
         raise ValueError(f"{arg('d_model')} must be divisible by {arg('n_head')}, got {shape['d_model']} and {shape['n_head']}")
-    from lightning_scaling.flops import transformer_flops, transformer_params  # lazy: only shape mode needs it
+    from lightning_scaling.flops.formulas import transformer_flops, transformer_params  # lazy: only shape mode needs it
 
     convention = one_of(arg("flops_convention"), flops_convention or "chinchilla", FLOPS_CONVENTIONS)
     if n_kv_head is not None and shape["n_head"] % n_kv_head:
@@ -208,16 +208,10 @@ def _hardware(flops: float, gpu: str | None, num_gpus: int | None, mfu: float | 
     if dtype is not None and gpu is None:
         raise ValueError(f"{arg('dtype')} needs {arg('gpu')}: it picks the table figure that {arg('peak_flops')} replaces")
     if gpu is not None:
-        from lightning_scaling.hardware import DENSE_PEAK_FLOPS, GPU_ALIASES, canonical_gpu, dtype_key
+        from lightning_scaling.flops.hardware import dense_peak_flops
 
-        try:
-            table = DENSE_PEAK_FLOPS[canonical_gpu(gpu)]
-        except ValueError:
-            raise ValueError(f"{arg('gpu')} must be one of {', '.join(sorted(GPU_ALIASES))}, got {gpu!r}") from None
-        key = dtype_key(one_of(arg("dtype"), dtype or "bf16", DTYPES))
-        if key not in table:
-            raise ValueError(f"{arg('dtype')} for {gpu} must be one of {', '.join(table)}, got {dtype!r}")
-        peak = table[key]
+        peak = dense_peak_flops(gpu, one_of(arg("dtype"), dtype or "bf16", DTYPES), gpu_argument=arg("gpu"),
+                                dtype_argument=arg("dtype"))
     else:
         peak = peak_flops
     num_gpus = 1 if num_gpus is None else num_gpus

@@ -30,7 +30,8 @@ from typing import Any
 
 import numpy as np
 
-from lightning_scaling._validation import fraction, positive_float, positive_int
+from lightning_scaling.argument_checks import fraction, positive_float, positive_int
+from lightning_scaling import metric_names
 
 REPORT_VERSION = 1
 GROUPS = ("compute", "tokens", "batch_size", "data")
@@ -42,15 +43,15 @@ LOW_MFU = 0.20
 
 # The monitor's ``scaling/*`` metrics that the history keeps, under its own names (units in HISTORY_UNITS).
 HISTORY_FROM_METRICS = {
-    "scaling/tokens": "training_tokens",
-    "scaling/tokens_per_param": "tokens_per_parameter",
-    "scaling/projected_tokens_per_param": "projected_tokens_per_parameter",
-    "scaling/gns": "noise_scale_samples",
-    "scaling/batch_size": "batch_samples",
-    "scaling/epochs": "epochs",
-    "scaling/projected_epochs": "projected_epochs",
-    "scaling/repetition_value": "repetition_value",
-    "scaling/mfu": "mfu",
+    metric_names.TOKENS: "training_tokens",
+    metric_names.TOKENS_PER_PARAM: "tokens_per_parameter",
+    metric_names.PROJECTED_TOKENS_PER_PARAM: "projected_tokens_per_parameter",
+    metric_names.GNS: "noise_scale_samples",
+    metric_names.BATCH_SIZE: "batch_samples",
+    metric_names.EPOCHS: "epochs",
+    metric_names.PROJECTED_EPOCHS: "projected_epochs",
+    metric_names.REPETITION_VALUE: "repetition_value",
+    metric_names.MFU: "mfu",
 }
 HISTORY_UNITS = {
     "step": "optimizer steps",
@@ -235,7 +236,7 @@ def build_run_report(
         report_path, picture_path: where the JSON and the PNG were written; ``picture_note`` says why there
             is no picture.
     """
-    from lightning_scaling import laws
+    from lightning_scaling.laws import definitions as laws
 
     if not isinstance(summaries, Mapping):
         raise ValueError(f"summaries must be a dict of part name -> summary() dict, got {type(summaries).__name__}")
@@ -313,7 +314,7 @@ def _law_label(law: Any) -> str:
 
 
 def _law_record(law: Any) -> dict[str, Any]:
-    from lightning_scaling.laws import fitted_range
+    from lightning_scaling.laws.definitions import fitted_range
 
     record = dict(law.to_dict()) if callable(getattr(law, "to_dict", None)) else {"name": type(law).__name__}
     found = fitted_range(law)
@@ -323,7 +324,7 @@ def _law_record(law: Any) -> dict[str, Any]:
 
 def _outside(law: Any, params: float, tokens: float) -> tuple[list[str], Any]:
     """What of (params, tokens) lies beyond the law's fitted range (phrases), and the range (None: unknown)."""
-    from lightning_scaling.laws import fitted_range
+    from lightning_scaling.laws.definitions import fitted_range
 
     found = fitted_range(law)
     return ([] if found is None else found.outside(params, tokens)), found
@@ -903,7 +904,7 @@ def _panel_loss(ax: Any, report: Mapping[str, Any], history: Any, step: np.ndarr
         ax.text(0.98, 0.95, f"no law prediction: this run lies {why}" if group.get("flagged") else
                 f"no law prediction ({why})", transform=ax.transAxes, ha="right", va="top", fontsize=8, color="0.35")
     else:
-        from lightning_scaling.laws import law_from_dict
+        from lightning_scaling.laws.definitions import law_from_dict
 
         law: Any = law_from_dict(law_record)
         keep = np.isfinite(tokens) & (tokens > 0)

@@ -16,7 +16,6 @@ if not HAS_CUDA:
 REPO = Path(__file__).resolve().parents[1]
 # Reference data sits beside the checkout (../shared/data) locally and in CI.
 SHARED_DATA = REPO.parent / "shared" / "data"
-sys.path.insert(0, str(REPO / "examples"))
 
 
 @pytest.fixture

@@ -34,7 +34,7 @@ from lightning_scaling.callbacks.batch_size_schedule import BatchSizeSchedule
 from lightning_scaling.callbacks.gradient_noise_scale import GradientNoiseScale
 from helpers import TRUE_B_SIMPLE, regression_data
 from helpers import ClosedFormRegression as Regression
-from lightning_scaling.noise import NoiseScaleEstimate
+from lightning_scaling.estimators.noise_scale import NoiseScaleEstimate
 
 
 # --------------------------------------------------------------------------------------------------- fixtures

@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from lightning_scaling.callbacks.data_repetition import DataRepetition
-from lightning_scaling.laws import DataConstrainedLaw
+from lightning_scaling.laws.definitions import DataConstrainedLaw
 
 SEQ = 8
 VOCAB = 32

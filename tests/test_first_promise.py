@@ -24,7 +24,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils.data import DataLoader
 
 from lightning_scaling.callbacks import FlopCounter, ScalingMonitor
-from lightning_scaling.flop_counting import measure_training_flops
+from lightning_scaling.flops.counter import measure_training_flops
 
 CFG = GPTConfig(n_layer=1, d_model=32, n_head=2, seq_len=16, d_ff=64, dropout=0.1)
 

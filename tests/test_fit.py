@@ -10,9 +10,10 @@ import math
 import numpy as np
 import pytest
 
-from lightning_scaling import fit as F
-from lightning_scaling.fit_io import read_csv, read_csv_logger, read_points
-from lightning_scaling.laws import ChinchillaLaw, KaplanLaw
+from lightning_scaling.laws import fitting as F
+from lightning_scaling.laws import resampling as R
+from lightning_scaling.laws.runs import read_csv, read_csv_logger, read_points
+from lightning_scaling.laws.definitions import ChinchillaLaw, KaplanLaw
 
 TRUE = ChinchillaLaw(E=1.8, A=480.0, B=2100.0, alpha=0.35, beta=0.37)
 # a small grid of starts around the paper's, for the tests that are not about the grid itself
@@ -89,7 +90,7 @@ def test_the_old_polish_argument_is_accepted_with_a_deprecation_warning():
 
 
 def test_multistart_reports_its_stages():
-    from lightning_scaling._batched_lbfgs import multistart
+    from lightning_scaling.laws.batched_bfgs import multistart
 
     n, d, loss = ladder(TRUE, noise=0.01, seed=8)
     args = np.log(n), np.log(d), np.log(loss), F.HUBER_DELTA
@@ -104,7 +105,7 @@ def test_multistart_reports_its_stages():
 
 @pytest.mark.parametrize("method", ["bfgs", "newton"])
 def test_batched_optimisers_minimise_the_rosenbrock_function(method):
-    from lightning_scaling._batched_lbfgs import batched_bfgs, batched_newton
+    from lightning_scaling.laws.batched_bfgs import batched_bfgs, batched_newton
 
     def fun(x, w):
         a, b = x[:, 0], x[:, 1]
@@ -243,7 +244,7 @@ def test_bootstrap_intervals_cover_the_truth():
     n, d, loss = ladder(TRUE, noise=0.005, seed=4, sizes=10)
     points = F.ScalingPoints.from_arrays(n, d, loss)
     fit = F.fit_approach3(points, starts=SMALL_GRID)
-    boot = F.bootstrap(points, "3", 60, budget=1e21, fit=fit, seed=1)
+    boot = R.bootstrap(points, "3", 60, budget=1e21, fit=fit, seed=1)
     for key in ("E", "A", "B", "alpha", "beta", "a", "b", "n_opt", "d_opt", "loss_opt"):
         lo, hi = boot.intervals[key]
         assert math.isfinite(lo) and math.isfinite(hi) and lo <= hi, key
@@ -256,10 +257,10 @@ def test_bootstrap_intervals_cover_the_truth():
 def test_bootstrap_approach2_and_runs_are_resampled_whole():
     n, d, loss = ladder(TRUE, noise=0.002, seed=5, sizes=9)
     points = F.ScalingPoints.from_arrays(n, d, loss)
-    boot = F.bootstrap(points, "2", 40, seed=0)
+    boot = R.bootstrap(points, "2", 40, seed=0)
     lo, hi = boot.intervals["a"]
     assert lo <= TRUE.beta / (TRUE.alpha + TRUE.beta) + 0.03 and hi >= TRUE.beta / (TRUE.alpha + TRUE.beta) - 0.03
-    counts = F._resample_counts(F.ScalingPoints.from_arrays([1, 1, 2], [5, 6, 7], [3, 2, 1], runs=["x", "x", "y"]),
+    counts = R._resample_counts(F.ScalingPoints.from_arrays([1, 1, 2], [5, 6, 7], [3, 2, 1], runs=["x", "x", "y"]),
                                 50, np.random.default_rng(0))
     assert np.all(counts[:, 0] == counts[:, 1])  # the two points of run x always travel together
     assert np.all(counts[:, 0] + counts[:, 2] == 2)  # two runs drawn per resample
@@ -294,11 +295,11 @@ def test_bootstrap_rejects_bad_arguments():
     n, d, loss = ladder(TRUE)
     points = F.ScalingPoints.from_arrays(n, d, loss)
     with pytest.raises(ValueError, match="approach"):
-        F.bootstrap(points, "4")
+        R.bootstrap(points, "4")
     with pytest.raises(ValueError, match="n_resamples"):
-        F.bootstrap(points, "2", 0)
+        R.bootstrap(points, "2", 0)
     with pytest.raises(ValueError, match="confidence"):
-        F.bootstrap(points, "2", 5, confidence=1.0)
+        R.bootstrap(points, "2", 5, confidence=1.0)
 
 
 # ---------------------------------------------------------------- reading runs
@@ -369,7 +370,7 @@ def test_read_csv_logger_without_token_budget_columns(tmp_path):
 
 def test_plot_fit_writes_three_panels(tmp_path):
     pytest.importorskip("matplotlib", reason="plots need the plot extra (matplotlib)")
-    from lightning_scaling.plotting import plot_fit
+    from lightning_scaling.laws.plotting import plot_fit
 
     n, d, loss = ladder(TRUE, noise=0.003, seed=6)
     law_fit = F.fit_approach3(n, d, loss, starts=SMALL_GRID)

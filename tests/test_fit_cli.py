@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from lightning_scaling.cli import main
-from lightning_scaling.laws import ChinchillaLaw, load_law
+from lightning_scaling.laws.definitions import ChinchillaLaw, load_law
 
 SARDANA = str(files("lightning_scaling.data") / "sardana2023_trainingresults.csv")
 
@@ -91,7 +91,7 @@ def test_bad_input_exits_2_with_one_line(tmp_path, capsys, argv, match):
 
 @pytest.mark.slow
 def test_scaling_ladder_quick_path_fits_and_writes_a_law(tmp_path, capsys):
-    import scaling_ladder  # examples/ is on sys.path (tests/conftest.py)
+    import scaling_ladder  # examples/ is on the tests' path (pyproject: [tool.pytest.ini_options] pythonpath)
 
     assert scaling_ladder.main(["--quick", "--out", str(tmp_path)]) == 0
     text = capsys.readouterr().out
@@ -143,7 +143,7 @@ def test_bad_flags_exit_2_naming_the_flag(tmp_path, capsys, extra, flag):
 def test_a_fitter_value_error_is_one_clean_line(tmp_path, capsys, monkeypatch):
     # the fitter refuses degenerate runs (constant loss, one model size) with a ValueError: exit 2, one line, even
     # when its message spans lines
-    from lightning_scaling import fit as F
+    from lightning_scaling.laws import fitting as F
 
     def refuse(*args, **kwargs):
         raise ValueError("the loss is constant across runs;\nthere is nothing to fit")

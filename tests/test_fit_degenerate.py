@@ -9,10 +9,11 @@ import math
 import numpy as np
 import pytest
 
-from lightning_scaling import fit as F
-from lightning_scaling.fit import UndeterminedLawError
-from lightning_scaling.fit_io import read_csv
-from lightning_scaling.laws import ChinchillaLaw
+from lightning_scaling.laws import fitting as F
+from lightning_scaling.laws import resampling as R
+from lightning_scaling.laws.fitting import UndeterminedLawError
+from lightning_scaling.laws.runs import read_csv
+from lightning_scaling.laws.definitions import ChinchillaLaw
 
 TRUE = ChinchillaLaw(E=1.8, A=480.0, B=2100.0, alpha=0.35, beta=0.37)
 SMALL_GRID = F.approach3_grid()[::9]
@@ -214,7 +215,7 @@ def test_bootstrap_counts_undetermined_resamples_as_failed():
     loss = np.asarray(TRUE.loss(n, d)) * np.exp(0.003 * np.random.default_rng(3).standard_normal(n.size))
     points = F.ScalingPoints.from_arrays(n, d, loss, runs=[f"{size:g}" for size in n])
     fit = F.fit_approach3(points, starts=SMALL_GRID)
-    boot = F.bootstrap(points, "3", 40, fit=fit, seed=0)
+    boot = R.bootstrap(points, "3", 40, fit=fit, seed=0)
     assert boot.failed >= 20  # 21 of every 27 draws repeat a run
     assert boot.failed + len(boot.samples["alpha"]) == 40
     assert np.all((boot.samples["alpha"] > 0) & (boot.samples["alpha"] <= F.MAX_EXPONENT))

@@ -13,7 +13,7 @@ from gpt import GPTConfig, GPTLightningModule, make_dataloaders
 from torch.utils.data import DataLoader
 
 from lightning_scaling.callbacks.flop_counter import FlopCounter
-from lightning_scaling.flops import transformer_flops
+from lightning_scaling.flops.formulas import transformer_flops
 
 TINY = GPTConfig(n_layer=1, d_model=32, n_head=2, seq_len=16, d_ff=64)
 
@@ -137,7 +137,7 @@ def test_torch_compiled_module_is_counted():
 
 def test_a_formula_that_fails_voids_the_measurement_never_the_step():
     """The counter runs inside the real step: an error in counting must not reach the user's code."""
-    from lightning_scaling.flop_counting import register_flop_formula
+    from lightning_scaling.flops.counter import register_flop_formula
 
     lib = torch.library.Library("lstest_fail", "DEF")  # noqa: TOR901
     lib.define("double(Tensor x) -> Tensor")
@@ -262,7 +262,7 @@ def test_shapes_beyond_the_limit_are_estimated_per_token():
 
 
 def test_hugging_face_llama_config_is_read_with_grouped_query_attention():
-    from lightning_scaling.callbacks._model_shape import shape_from
+    from lightning_scaling.flops.model_shape import shape_from
 
     llama = {"num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 8, "num_key_value_heads": 2,
              "vocab_size": 100, "max_position_embeddings": 16, "intermediate_size": 128, "hidden_act": "silu"}

@@ -1,4 +1,4 @@
-"""Measured FLOPs: the corrected FlopCounterMode (lightning_scaling.flop_counting)."""
+"""Measured FLOPs: the corrected FlopCounterMode (lightning_scaling.flops.counter)."""
 
 import gpt
 import pytest
@@ -6,15 +6,15 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from lightning_scaling import flop_counting
-from lightning_scaling.flop_counting import (
+from lightning_scaling.flops import counter as flop_counting
+from lightning_scaling.flops.counter import (
     count_parameters,
     measure_training_flops,
     register_flop_formula,
     registered_flop_formulas,
     training_flop_counter,
 )
-from lightning_scaling.flops import (
+from lightning_scaling.flops.formulas import (
     CAUSAL_ATTENTION_CONVENTIONS,
     attention_flops,
     transformer_flops,

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from lightning_scaling.flops import (
+from lightning_scaling.flops.formulas import (
     BREAKDOWN_COMPONENTS,
     CAUSAL_ATTENTION_CONVENTIONS,
     DEFAULT_CAUSAL_ATTENTION,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from lightning_scaling.flops_by_shape import ALL_TERMS, TOKEN_TERMS, FlopsByShape
+from lightning_scaling.flops.by_shape import ALL_TERMS, TOKEN_TERMS, FlopsByShape
 
 
 def _run(flops, shapes: list[tuple[int, int]], max_measured: int = 8) -> tuple[FlopsByShape, dict]:

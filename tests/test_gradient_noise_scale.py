@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 
 from helpers import TRUE_B_SIMPLE, ClosedFormRegression, regression_data
 from lightning_scaling.callbacks.gradient_noise_scale import GradientNoiseScale
-from lightning_scaling.noise import NoiseScaleEstimator
+from lightning_scaling.estimators.noise_scale import NoiseScaleEstimator
 
 
 
@@ -198,7 +198,7 @@ def test_ddp_two_processes_with_accumulation(tmp_path) -> None:
 def test_gpt_tokens_kaplan_and_identical_micro_batches() -> None:
     import gpt
 
-    from lightning_scaling.laws import KaplanLaw
+    from lightning_scaling.laws.definitions import KaplanLaw
 
     cfg = gpt.GPTConfig(seq_len=16, n_layer=1, n_head=2, d_model=32, d_ff=64)
     module = gpt.GPTLightningModule(cfg, lr=0.0, warmup_steps=1, use_kernels=False)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lightning_scaling import hardware
+from lightning_scaling.flops import hardware
 
 
 @pytest.mark.parametrize(

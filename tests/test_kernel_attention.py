@@ -162,8 +162,8 @@ def test_bad_scale_raises():
 # --------------------------------------------------------------------------- FLOP counting
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
 def test_flop_counters_count_forward_and_backward_at_the_formula(causal):
-    from lightning_scaling.flop_counting import training_flop_counter
-    from lightning_scaling.flops import attention_flops
+    from lightning_scaling.flops.counter import training_flop_counter
+    from lightning_scaling.flops.formulas import attention_flops
 
     b, h, s, d = 2, 3, 16, 8
     q, k, v, grad_out = make_inputs(b, h, s, s, d, torch.float32)
@@ -194,7 +194,7 @@ def test_flop_counters_count_forward_and_backward_at_the_formula(causal):
 
 
 def test_module_flops_match_the_sdpa_block_under_training_counter():
-    from lightning_scaling.flop_counting import training_flop_counter
+    from lightning_scaling.flops.counter import training_flop_counter
     from lightning_scaling.kernels.modules import FusedSelfAttention
     from gpt import CausalSelfAttention, GPTConfig
 

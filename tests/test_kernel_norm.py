@@ -400,7 +400,7 @@ def test_flop_counts_model_flops_as_torch_norms_and_hardware_flops_by_the_formul
     # Model FLOPs: norms count 0, as torch's counter counts nn.LayerNorm; the Linear's 3 × 2·rows·H·H remain.
     # Hardware FLOPs: the formula, LayerNorm with bias 7 per element forward, 13 backward, plus 2·B·H per
     # parameter vector for the per-example squared norms.
-    from lightning_scaling.flop_counting import training_flop_counter
+    from lightning_scaling.flops.counter import training_flop_counter
 
     torch.manual_seed(0)
     examples, tokens, width = 2, 5, 16

@@ -133,7 +133,7 @@ def test_flop_count_is_the_three_linear_layers(fusion):
     # Model FLOPs, as for eager. "elementwise": the op has no matmul, the counters see the gate, up and down
     # GEMMs. "gemm": the fused op's formula counts the gate and up GEMMs it replaces (a counter that missed it
     # would see only down's third); its backward's recomputation is not model FLOPs.
-    from lightning_scaling.flop_counting import training_flop_counter
+    from lightning_scaling.flops.counter import training_flop_counter
 
     eager, fused = _eager_and_fused(d_model=32, d_ff=80, fusion=fusion)
     x = torch.randn(2, 9, 32, requires_grad=True)  # so every backward GEMM (input and weight grads) runs

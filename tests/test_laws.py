@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lightning_scaling.laws import (
+from lightning_scaling.laws.definitions import (
     BESIROGLU_2024,
     BESIROGLU_2024_FITTED_RANGE,
     DEFAULT_LAW,

@@ -1,4 +1,4 @@
-"""The pure estimator (lightning_scaling.noise) against the closed-form linear-regression problem of docs/math.md §5."""
+"""The pure estimator (lightning_scaling.estimators.noise_scale) against the closed-form linear-regression problem of docs/math.md §5."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lightning_scaling.noise import NoiseScaleEstimator, noise_scale, unbiased_estimates
+from lightning_scaling.estimators.noise_scale import NoiseScaleEstimator, noise_scale, unbiased_estimates
 
 D, SIGMA, DELTA_NORM = 16, 1.0, 1.0
 TRUE_B_SIMPLE = D + 1 + D * SIGMA**2 / DELTA_NORM**2  # docs/math.md §5: B_simple = d + 1 + dσ²/|δ|²
@@ -141,7 +141,7 @@ def test_ema_decay_validated(bad: object) -> None:
 
 
 def test_noise_module_is_pure() -> None:
-    code = "import sys, lightning_scaling.noise; assert 'lightning' not in sys.modules and 'triton' not in sys.modules"
+    code = "import sys, lightning_scaling.estimators.noise_scale; assert 'lightning' not in sys.modules and 'triton' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -152,7 +152,7 @@ def _line_sums(points: list[tuple[float, float, float]]) -> tuple[float, float, 
 
 
 def test_least_squares_line_with_two_batch_sizes_is_the_two_batch_estimator() -> None:
-    from lightning_scaling.noise import least_squares_line
+    from lightning_scaling.estimators.noise_scale import least_squares_line
 
     # k micro-batches of 8 samples (each its own |G_8|²) against the step's |G_32|²: McCandlish's estimator with
     # the small-batch norms averaged
@@ -168,7 +168,7 @@ def test_least_squares_line_with_two_batch_sizes_is_the_two_batch_estimator() ->
 
 
 def test_least_squares_line_is_exact_on_the_expected_line_and_refuses_one_batch_size() -> None:
-    from lightning_scaling.noise import least_squares_line
+    from lightning_scaling.estimators.noise_scale import least_squares_line
 
     grad_sq, trace_cov = 0.7, 12.0
     points = [(1 / b, grad_sq + trace_cov / b, 1.0) for b in (4, 8, 12, 16, 64)]

@@ -13,8 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lightning_scaling import cli
-from lightning_scaling.flops import transformer_flops, transformer_params
-from lightning_scaling.laws import (
+from lightning_scaling.flops.formulas import transformer_flops, transformer_params
+from lightning_scaling.laws.definitions import (
     BESIROGLU_2024,
     HOFFMANN_2022,
     DataConstrainedLaw,

@@ -17,8 +17,8 @@ import torch.nn.functional as F  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-from lightning_scaling.callbacks._model_shape import find_model_shape, shape_from  # noqa: E402
-from lightning_scaling.flop_counting import count_parameters, measure_training_flops  # noqa: E402
+from lightning_scaling.flops.model_shape import find_model_shape, shape_from  # noqa: E402
+from lightning_scaling.flops.counter import count_parameters, measure_training_flops  # noqa: E402
 
 try:
     import transformers

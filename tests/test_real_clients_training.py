@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 
 from lightning_scaling.callbacks import ScalingMonitor
 from lightning_scaling.callbacks._common import RULE_ATTENTION_MASK, RULE_LABELS
-from lightning_scaling.flop_counting import count_parameters, measure_training_flops
+from lightning_scaling.flops.counter import count_parameters, measure_training_flops
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers", reason="transformers is not installed (it is in the test extra)")

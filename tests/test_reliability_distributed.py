@@ -34,7 +34,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
 
 from lightning_scaling.callbacks import ScalingMonitor
-from lightning_scaling.flop_counting import count_parameters
+from lightning_scaling.flops.counter import count_parameters
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 UNDERTRAINED = "ScalingMonitor (tokens): this run is projected to end at"

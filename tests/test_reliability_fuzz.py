@@ -19,12 +19,12 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from lightning_scaling import fit as F
-from lightning_scaling._validation import boolean
+from lightning_scaling.laws import fitting as F
+from lightning_scaling.argument_checks import boolean
 from lightning_scaling.callbacks import DataRepetition, FlopCounter, GradientNoiseScale, ScalingMonitor, TokenBudget
 from lightning_scaling.cli import main
-from lightning_scaling.flops import attention_flops, causal_attention_factor, transformer_flops, transformer_params
-from lightning_scaling.laws import (
+from lightning_scaling.flops.formulas import attention_flops, causal_attention_factor, transformer_flops, transformer_params
+from lightning_scaling.laws.definitions import (
     BESIROGLU_2024,
     HOFFMANN_2022,
     HOFFMANN_2022_FITTED_RANGE,
@@ -527,7 +527,7 @@ def test_token_budget_rejects_a_law_that_is_not_one(law):
 
 
 def test_token_budget_takes_a_preset_name():
-    from lightning_scaling.laws import HOFFMANN_2022
+    from lightning_scaling.laws.definitions import HOFFMANN_2022
 
     assert TokenBudget(law="hoffmann").law is HOFFMANN_2022
 

@@ -13,7 +13,7 @@ from helpers import TINY, quick_trainer, target_tokens
 from helpers import token_rows as _data
 from torch.utils.data import DataLoader
 
-from lightning_scaling.laws import BESIROGLU_2024, DataConstrainedLaw
+from lightning_scaling.laws.definitions import BESIROGLU_2024, DataConstrainedLaw
 from lightning_scaling.run_report import (
     GROUPS,
     HISTORY_COLUMNS,

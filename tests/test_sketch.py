@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from lightning_scaling.sketch import HyperLogLog, hash_rows, mix64
+from lightning_scaling.estimators.distinct_samples import HyperLogLog, hash_rows, mix64
 
 M64 = (1 << 64) - 1
 

@@ -12,7 +12,7 @@ from gpt import GPTConfig, GPTLightningModule
 from torch.utils.data import DataLoader
 
 from lightning_scaling.callbacks.token_budget import TokenBudget
-from lightning_scaling.flop_counting import count_parameters
+from lightning_scaling.flops.counter import count_parameters
 
 TINY = GPTConfig(n_layer=1, d_model=32, n_head=2, seq_len=16, d_ff=64)
 

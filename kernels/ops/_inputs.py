@@ -52,3 +52,8 @@ def check_gate_up_inputs(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tens
         raise ValueError(f"w_up must have the shape of w_gate {tuple(w_gate.shape)}, got {tuple(w_up.shape)}")
     if x.numel() == 0:
         raise ValueError(f"x must hold at least one token, got shape {tuple(x.shape)}")
+
+
+def reference_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the ops' PyTorch reference paths compute in: float64 for float64 inputs, float32 for the rest."""
+    return torch.float64 if dtype == torch.float64 else torch.float32

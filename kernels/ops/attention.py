@@ -19,9 +19,10 @@ import torch
 import triton
 import triton.language as tl
 
-from lightning_scaling.flop_counting import register_flop_formula
-from lightning_scaling.flops import attention_flops
+from lightning_scaling.flops.counter import register_flop_formula
+from lightning_scaling.flops.formulas import attention_flops
 from lightning_scaling.kernels import interpreter_enabled, run_kernels, use_triton
+from lightning_scaling.kernels.ops._inputs import reference_dtype
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 _LOG2E = 1.4426950408889634  # log2(e): the kernels use exp2, so scores are pre-multiplied by log2(e)
@@ -429,13 +430,9 @@ def _reference_probabilities(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor
     return torch.exp(scores - lse.unsqueeze(-1)), lse
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _reference_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
                        scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    ct = _compute_dtype(q.dtype)
+    ct = reference_dtype(q.dtype)
     p, lse = _reference_probabilities(q.to(ct), k.to(ct), None, causal, scale)
     return torch.matmul(p, v.to(ct)).to(q.dtype), lse.to(torch.float32)
 
@@ -443,7 +440,7 @@ def _reference_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal
 def _reference_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                         out: torch.Tensor, lse: torch.Tensor, causal: bool,
                         scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    ct = _compute_dtype(q.dtype)
+    ct = reference_dtype(q.dtype)
     q32, k32, v32, do32 = q.to(ct), k.to(ct), v.to(ct), grad_out.to(ct)
     p, _ = _reference_probabilities(q32, k32, lse.to(ct), causal, scale)
     delta = (do32 * out.to(ct)).sum(-1, keepdim=True)

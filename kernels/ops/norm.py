@@ -43,9 +43,9 @@ import torch
 import triton
 import triton.language as tl
 
-from lightning_scaling.flop_counting import register_flop_formula
+from lightning_scaling.flops.counter import register_flop_formula
 from lightning_scaling.kernels import run_kernels, use_triton
-from lightning_scaling.kernels.ops._inputs import check_float_tensor
+from lightning_scaling.kernels.ops._inputs import check_float_tensor, reference_dtype
 
 #: Widest row (H, elements) the Triton kernels take: a whole row is held in registers (see the module docstring).
 MAX_WIDTH = 16384
@@ -309,13 +309,9 @@ def _triton_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tens
 # ----------------------------------------------------------------------------------------------------------
 # PyTorch reference (the CPU path and float64), computing in fp32 or wider.
 # ----------------------------------------------------------------------------------------------------------
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _reference_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float,
                        rms_norm: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    ct = _compute_dtype(x.dtype)
+    ct = reference_dtype(x.dtype)
     xf = x.to(ct)
     if rms_norm:
         mean = xf.new_empty(0)
@@ -333,7 +329,7 @@ def _reference_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
 def _reference_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor,
                         rstd: torch.Tensor, has_bias: bool, rms_norm: bool,
                         examples: int) -> tuple[torch.Tensor, ...]:
-    ct = _compute_dtype(x.dtype)
+    ct = reference_dtype(x.dtype)
     xf, dy, r = x.to(ct), grad_out.to(ct), rstd.to(ct)[:, None]
     xhat = xf * r if rms_norm else (xf - mean.to(ct)[:, None]) * r
     wdy = dy * weight.to(ct)
@@ -358,7 +354,7 @@ def _reference_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.T
 # forward: its gradient is the per-example squared norms, which is how they leave the backward through autograd.
 # ----------------------------------------------------------------------------------------------------------
 def _stats_dtype(x: torch.Tensor) -> torch.dtype:
-    return _compute_dtype(x.dtype)
+    return reference_dtype(x.dtype)
 
 
 @torch.library.custom_op("lightning_scaling::norm_forward", mutates_args=())

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from lightning_scaling.kernels import interpreter_enabled, run_kernels
-from lightning_scaling.kernels.ops._inputs import check_float_tensor
+from lightning_scaling.kernels.ops._inputs import check_float_tensor, reference_dtype
 
 _BLOCK_SIZE = 256 if interpreter_enabled() else 1024
 
@@ -81,18 +81,14 @@ def _triton_backward(grad_out: torch.Tensor, gate: torch.Tensor, up: torch.Tenso
     return (d_gate, d_up, product) if with_product else (d_gate, d_up)
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _reference_forward(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    ct = _compute_dtype(gate.dtype)
+    ct = reference_dtype(gate.dtype)
     return (F.silu(gate.to(ct)) * up.to(ct)).to(gate.dtype)
 
 
 def _reference_backward(grad_out: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
                         with_product: bool = False) -> tuple[torch.Tensor, ...]:
-    ct = _compute_dtype(gate.dtype)
+    ct = reference_dtype(gate.dtype)
     dh, g, u = grad_out.to(ct), gate.to(ct), up.to(ct)
     sig = torch.sigmoid(g)
     d_gate = dh * u * sig * (1 + g * (1 - sig))  # d silu(g)/dg = sigmoid(g)·(1 + g·(1 − sigmoid(g)))

@@ -20,9 +20,9 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from lightning_scaling.flop_counting import register_flop_formula
+from lightning_scaling.flops.counter import register_flop_formula
 from lightning_scaling.kernels import interpreter_enabled, run_kernels
-from lightning_scaling.kernels.ops._inputs import autocast_like_linear, check_2d, check_gate_up_inputs
+from lightning_scaling.kernels.ops._inputs import autocast_like_linear, check_2d, check_gate_up_inputs, reference_dtype
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -211,19 +211,15 @@ def _triton_backward(grad_h: torch.Tensor, x: torch.Tensor, w_gate: torch.Tensor
 # ----------------------------------------------------------------------------------------------------------
 # PyTorch reference (the CPU path), in fp32 or wider.
 # ----------------------------------------------------------------------------------------------------------
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _reference_forward(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor) -> torch.Tensor:
-    ct = _compute_dtype(x.dtype)
+    ct = reference_dtype(x.dtype)
     x32 = x.to(ct)
     return (F.silu(x32 @ w_gate.to(ct).t()) * (x32 @ w_up.to(ct).t())).to(x.dtype)
 
 
 def _reference_backward(grad_h: torch.Tensor, x: torch.Tensor, w_gate: torch.Tensor,
                         w_up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    ct = _compute_dtype(x.dtype)
+    ct = reference_dtype(x.dtype)
     x32, wg32, wu32, dh = x.to(ct), w_gate.to(ct), w_up.to(ct), grad_h.to(ct)
     g, u = x32 @ wg32.t(), x32 @ wu32.t()  # recomputed, as the Triton backward does
     sig = torch.sigmoid(g)

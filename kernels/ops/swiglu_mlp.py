@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from lightning_scaling.flop_counting import register_flop_formula
+from lightning_scaling.flops.counter import register_flop_formula
 from lightning_scaling.kernels import run_kernels
 from lightning_scaling.kernels.ops import swiglu as gate_kernels
 from lightning_scaling.kernels.ops._inputs import autocast_like_linear, check_2d, check_gate_up_inputs

@@ -16,7 +16,7 @@ TokensFn = Callable[[Any], "int | torch.Tensor"]
 _TOKEN_KEYS = ("input_ids", "tokens", "input", "inputs", "x")
 
 
-def _first_tensor(batch: Any) -> torch.Tensor | None:
+def first_tensor(batch: Any) -> torch.Tensor | None:
     if isinstance(batch, torch.Tensor):
         return batch
     if isinstance(batch, Mapping):
@@ -24,13 +24,13 @@ def _first_tensor(batch: Any) -> torch.Tensor | None:
             if isinstance(batch.get(key), torch.Tensor):
                 return batch[key]
         for value in batch.values():
-            found = _first_tensor(value)
+            found = first_tensor(value)
             if found is not None:
                 return found
         return None
     if isinstance(batch, Sequence) and not isinstance(batch, (str, bytes)):
         for value in batch:
-            found = _first_tensor(value)
+            found = first_tensor(value)
             if found is not None:
                 return found
     return None
@@ -51,7 +51,7 @@ def token_rule(batch: Any, tokens_fn: TokensFn | None = None) -> str | None:
         return getattr(tokens_fn, "rule", RULE_TOKENS_FN)
     if isinstance(batch, Mapping) and isinstance(batch.get("attention_mask"), torch.Tensor):
         return RULE_ATTENTION_MASK
-    tensor = _first_tensor(batch)
+    tensor = first_tensor(batch)
     if tensor is None or tensor.is_floating_point() or tensor.is_complex():
         return None
     return RULE_LABELS if _padding_labels(batch, tensor) is not None else RULE_ALL
@@ -84,7 +84,7 @@ def count_tokens(batch: Any, tokens_fn: TokensFn | None = None, *,
     if isinstance(batch, Mapping) and isinstance(batch.get("attention_mask"), torch.Tensor):
         mask_sum = batch["attention_mask"].detach().sum()
         return mask_sum if lazy else int(mask_sum.item())
-    tensor = _first_tensor(batch)
+    tensor = first_tensor(batch)
     if tensor is None or tensor.is_floating_point() or tensor.is_complex():
         return None
     labels = _padding_labels(batch, tensor)
@@ -113,7 +113,7 @@ def non_padding_tokens(pad_token_id: int) -> TokensFn:
         raise ValueError(f"pad_token_id must be a whole number (the tokenizer's pad id), got {pad_token_id!r}")
 
     def count(batch: Any) -> torch.Tensor:
-        tensor = _first_tensor(batch)
+        tensor = first_tensor(batch)
         if tensor is None or tensor.is_floating_point():
             raise ValueError("the batch has no integer token tensor to count")
         return (tensor.detach() != pad_token_id).sum()
@@ -142,7 +142,7 @@ def _tokens_before_trailing_ignore(labels: torch.Tensor) -> torch.Tensor:
 
 def count_samples(batch: Any) -> int | None:
     """Samples (sequences) in one batch: the leading dimension of its token tensor, or None."""
-    tensor = _first_tensor(batch)
+    tensor = first_tensor(batch)
     if tensor is None or tensor.dim() == 0:
         return None
     return int(tensor.shape[0])

@@ -12,9 +12,10 @@ from lightning.pytorch.callbacks import GradientAccumulationScheduler
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
-from lightning_scaling._validation import one_of, positive_float, positive_int
+from lightning_scaling.argument_checks import one_of, positive_float, positive_int
 from lightning_scaling.callbacks._common import WarnOnce
 from lightning_scaling.callbacks.gradient_noise_scale import GradientNoiseScale
+from lightning_scaling import metric_names
 
 LR_SCALING = ("none", "linear", "sqrt")
 # the learning-rate multiplier of one doubling of the batch, per rule
@@ -318,10 +319,10 @@ class BatchSizeSchedule(Callback):
         trainer.callback_metrics.update({name: torch.tensor(value) for name, value in metrics.items()})
 
     def _metrics(self, global_batch: float | None = None) -> dict[str, float]:
-        metrics = {"scaling/accumulate_grad_batches": float(self.accumulate_grad_batches or 0),
-                   "scaling/lr_factor": self.lr_factor}
+        metrics = {metric_names.ACCUMULATE_GRAD_BATCHES: float(self.accumulate_grad_batches or 0),
+                   metric_names.LR_FACTOR: self.lr_factor}
         if global_batch is not None:
-            metrics["scaling/global_batch"] = global_batch
+            metrics[metric_names.GLOBAL_BATCH] = global_batch
         return metrics
 
 

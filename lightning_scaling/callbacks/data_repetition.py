@@ -12,11 +12,11 @@ from lightning.pytorch import LightningModule, Trainer
 from torch.utils.data import DataLoader, IterableDataset
 from typing_extensions import override
 
-from lightning_scaling._validation import positive_float, positive_int
+from lightning_scaling.argument_checks import positive_float, positive_int
 from lightning_scaling.callbacks._base import LedgerCallback
 from lightning_scaling.callbacks._common import (
     TokensFn,
-    _first_tensor,
+    first_tensor,
     count_samples,
     planned_optimizer_steps,
     remaining_micro_batches,
@@ -29,6 +29,7 @@ from lightning_scaling.callbacks._ledger import (
     StepRecord,
 )
 from lightning_scaling.run_report import format_count
+from lightning_scaling import metric_names
 
 SKETCH_FAILED = "repetition/sketch_failed"
 _STATE_VERSION = 1
@@ -41,7 +42,7 @@ class DataRepetition(LedgerCallback):
     sample seen (tokens counted as :class:`TokenBudget` counts them, non-padding tokens when the batch carries
     an ``attention_mask``); else, for a dataset without a length (a stream, an ``IterableDataset``), the
     distinct samples seen, estimated by a HyperLogLog sketch over 64-bit hashes of each sample's token ids
-    (:mod:`lightning_scaling.sketch`), × the mean tokens per sample.
+    (:mod:`lightning_scaling.estimators.distinct_samples`), × the mean tokens per sample.
 
     Logged at the trainer's logging interval (global over data-parallel ranks and accumulation micro-batches):
 
@@ -123,7 +124,7 @@ class DataRepetition(LedgerCallback):
         self.params: float | None = self.params_arg
         self.dataset_len: int | None = None
         self.sketch_on = False
-        self._sketch: Any = None  # a lightning_scaling.sketch.HyperLogLog while the sketch is on
+        self._sketch: Any = None  # a lightning_scaling.estimators.distinct_samples.HyperLogLog while the sketch is on
         self._planned_steps: int | None = None
         # checkpointed state: global totals, identical on every rank
         self.tokens = 0
@@ -168,7 +169,7 @@ class DataRepetition(LedgerCallback):
         self.dataset_len = _dataset_length(trainer.train_dataloader)
         self.sketch_on = self.sketch_arg if self.sketch_arg is not None else self.dataset_len is None
         if self.sketch_on:
-            from lightning_scaling.sketch import HyperLogLog
+            from lightning_scaling.estimators.distinct_samples import HyperLogLog
 
             self._sketch = HyperLogLog(self.sketch_precision, device=trainer.strategy.root_device)
             if self._loaded_registers is not None:
@@ -190,7 +191,7 @@ class DataRepetition(LedgerCallback):
                 f"{self.option_hint('unique_tokens')} or {self.option_hint('sketch', 'True')}.",
             )
         if self.law is None:
-            from lightning_scaling.laws import DataConstrainedLaw
+            from lightning_scaling.laws.definitions import DataConstrainedLaw
 
             self.law = DataConstrainedLaw()
         self._planned_steps = planned_optimizer_steps(trainer)
@@ -202,7 +203,7 @@ class DataRepetition(LedgerCallback):
         if self._sketch is None:
             return
         try:
-            rows = _first_tensor(batch)
+            rows = first_tensor(batch)
             mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
             mask = mask if isinstance(mask, torch.Tensor) and rows is not None and mask.shape == rows.shape else None
             self._sketch.add_rows(rows, mask)
@@ -432,18 +433,18 @@ class DataRepetition(LedgerCallback):
     def _metrics(self) -> dict[str, float]:
         self._update_law_values()
         metrics = {
-            "scaling/epochs": self.epochs,
-            "scaling/effective_tokens": self.effective_tokens,
-            "scaling/effective_tokens_per_param": self.effective_tokens_per_param,
-            "scaling/repetition_value": self.repetition_value,
-            "scaling/projected_epochs": self.projected_epochs,
-            "scaling/distinct_fraction": self.distinct_fraction,
+            metric_names.EPOCHS: self.epochs,
+            metric_names.EFFECTIVE_TOKENS: self.effective_tokens,
+            metric_names.EFFECTIVE_TOKENS_PER_PARAM: self.effective_tokens_per_param,
+            metric_names.REPETITION_VALUE: self.repetition_value,
+            metric_names.PROJECTED_EPOCHS: self.projected_epochs,
+            metric_names.DISTINCT_FRACTION: self.distinct_fraction,
         }
         return {name: float(value) for name, value in metrics.items() if value is not None and math.isfinite(value)}
 
 
 def _count_params(pl_module: LightningModule) -> float | None:
-    from lightning_scaling.flop_counting import count_parameters
+    from lightning_scaling.flops.counter import count_parameters
 
     return float(count_parameters(pl_module)) or None
 

@@ -14,10 +14,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from typing_extensions import override
 
 from lightning_scaling.callbacks._base import LedgerCallback, guarded
-from lightning_scaling.callbacks._common import _first_tensor, shape_signature
+from lightning_scaling.callbacks._common import first_tensor, shape_signature
 from lightning_scaling.callbacks._ledger import StepRecord
-from lightning_scaling.callbacks._model_shape import ModelShape, find_model_shape
-from lightning_scaling.flop_counting import TrainingFlopCounter
+from lightning_scaling.flops.model_shape import ModelShape, find_model_shape
+from lightning_scaling.flops.counter import TrainingFlopCounter
+from lightning_scaling import metric_names
 
 MODEL = "flops/model"
 HARDWARE = "flops/hardware"
@@ -32,14 +33,14 @@ class FlopCounter(LedgerCallback):
 
     The first micro-batch of a new input shape is counted while it really trains: its forward, loss and backward
     run once, as always, under a torch dispatch mode that runs every op as called and asks the formulas of
-    :class:`lightning_scaling.flop_counting.TrainingFlopCounter` (torch's table with our corrections: CPU
+    :class:`lightning_scaling.flops.counter.TrainingFlopCounter` (torch's table with our corrections: CPU
     attention counted, causal attention under one convention on every attention path, our Triton kernels'
     formulas) what it cost. Nothing of the user's is run twice. A ``torch.compile``d model runs its measured
     micro-batches eagerly (the counter must see each op), so their rounding can differ from the compiled
     steps'; eager models are bit-identical. A few shapes are measured at all
     (``max_measured_shapes``); further shapes of the same batch structure are predicted by the formula
     ``F = p·b + q·b·s + r·b·s²`` fitted to the measured ones (b sequences of length s), trusted only once it has
-    predicted a measured shape to 0.2% (:mod:`lightning_scaling.flops_by_shape`). A measured step runs slower
+    predicted a measured shape to 0.2% (:mod:`lightning_scaling.flops.by_shape`). A measured step runs slower
     (the counter intercepts every op); it is left out of the FLOP/s window.
 
     Logged at the trainer's logging interval (``log_every_n_steps``), totals over data-parallel ranks and
@@ -53,7 +54,7 @@ class FlopCounter(LedgerCallback):
     - ``scaling/flops_analytic``: cumulative analytic count (Chinchilla App. F) when the model's shape is known
 
     Args:
-        peak_flops: dense peak FLOP/s of ONE device; overrides the table in :mod:`lightning_scaling.hardware`.
+        peak_flops: dense peak FLOP/s of ONE device; overrides the table in :mod:`lightning_scaling.flops.hardware`.
             Unknown device and no override: no MFU (one info line), never a guess.
         causal_attention: ``"half"`` (default: a causal kernel computes the lower triangle only) or ``"full"``
             (torch's convention). See :mod:`lightning_scaling.flops`.
@@ -76,8 +77,8 @@ class FlopCounter(LedgerCallback):
         max_measured_shapes: int = 8,
         measure: bool = True,
     ) -> None:
-        from lightning_scaling._validation import one_of, positive_float, positive_int
-        from lightning_scaling.flops import CAUSAL_ATTENTION_CONVENTIONS
+        from lightning_scaling.argument_checks import one_of, positive_float, positive_int
+        from lightning_scaling.flops.formulas import CAUSAL_ATTENTION_CONVENTIONS
 
         super().__init__()
         self.peak_flops_override = None if peak_flops is None else positive_float("peak_flops", peak_flops)
@@ -117,7 +118,7 @@ class FlopCounter(LedgerCallback):
     @override
     @guarded
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        from lightning_scaling.flops_by_shape import FlopsByShape
+        from lightning_scaling.flops.by_shape import FlopsByShape
 
         self._shape = find_model_shape(pl_module, self.model_shape_arg)
         self._shapes = FlopsByShape(max_measured=self.max_measured_shapes)
@@ -131,7 +132,7 @@ class FlopCounter(LedgerCallback):
             )
         peak = self.peak_flops_override
         if peak is None:
-            from lightning_scaling.hardware import device_peak_flops
+            from lightning_scaling.flops.hardware import device_peak_flops
 
             dtype = _compute_dtype(trainer)
             peak = device_peak_flops(trainer.strategy.root_device, dtype)
@@ -213,17 +214,17 @@ class FlopCounter(LedgerCallback):
 
         metrics: dict[str, float] = {}
         if self.total_flops > 0:  # nothing measured (counting failed or off): only the analytic count
-            metrics["scaling/flops"] = float(self.total_flops)
-            metrics["scaling/flops_per_step"] = float(step_flops)
+            metrics[metric_names.FLOPS] = float(self.total_flops)
+            metrics[metric_names.FLOPS_PER_STEP] = float(step_flops)
             if self.last_flops_per_sec:
-                metrics["scaling/flops_per_sec"] = self.last_flops_per_sec
+                metrics[metric_names.FLOPS_PER_SEC] = self.last_flops_per_sec
                 if self._peak_total:
                     self.last_mfu = self.last_flops_per_sec / self._peak_total
-                    metrics["scaling/mfu"] = self.last_mfu
+                    metrics[metric_names.MFU] = self.last_mfu
             if self.total_hardware_flops != self.total_flops:
-                metrics["scaling/hardware_flops"] = float(self.total_hardware_flops)
+                metrics[metric_names.HARDWARE_FLOPS] = float(self.total_hardware_flops)
         if self._shape is not None:
-            metrics["scaling/flops_analytic"] = float(self.total_analytic_flops)
+            metrics[metric_names.FLOPS_ANALYTIC] = float(self.total_analytic_flops)
             if record[UNCOUNTED] == 0:
                 self._check_against_analytic(step_flops, int(record[ANALYTIC_MATMUL]))
         return metrics
@@ -337,7 +338,7 @@ class FlopCounter(LedgerCallback):
         if self._shape is None:
             return
         assert self.ledger is not None
-        tokens = _first_tensor(batch)
+        tokens = first_tensor(batch)
         if tokens is None or tokens.dim() < 2:
             return
         # The model sees at most config.seq_len tokens (a [B, S + 1] window feeds S inputs).
@@ -356,7 +357,7 @@ class FlopCounter(LedgerCallback):
                 "analytic-mismatch",
                 f"measured FLOPs are {ratio:.2f}x the analytic count of the model's matmuls (PaLM App. B, causal "
                 f"attention counted as {self.causal_attention!r}). Below 1 usually means a kernel nothing "
-                "counted (register its formula with lightning_scaling.flop_counting.register_flop_formula); "
+                "counted (register its formula with lightning_scaling.flops.counter.register_flop_formula); "
                 "above 1, a model shape that does not match the module.",
             )
 
@@ -407,7 +408,7 @@ class _InStepCounter(TorchDispatchMode):
     torch's ``FlopCounterMode`` cannot be used as is inside the real step: its dispatch tries to decompose every
     op it meets (so some ops run as their decomposition, which changes the rounding of the results) and it
     hooks every module. This mode runs each op exactly as called and only asks the formulas of a
-    :class:`~lightning_scaling.flop_counting.TrainingFlopCounter` (our corrected attention, our kernels, the
+    :class:`~lightning_scaling.flops.counter.TrainingFlopCounter` (our corrected attention, our kernels, the
     forward/backward split) how many FLOPs it made. A formula that fails voids the measurement; it never raises
     into the user's code.
     """
@@ -461,7 +462,7 @@ def _shape_key(batch: Any) -> tuple[Any, Any, int, int]:
     """(exact key, family key, batch size b, sequence length s) of a micro-batch. The family abstracts b and s
     in every tensor's shape, so that batches of the same structure share one fitted formula."""
     key = shape_signature(batch)
-    tokens = _first_tensor(batch)
+    tokens = first_tensor(batch)
     if tokens is None or tokens.dim() == 0:
         return key, key, 1, 1
     b = int(tokens.shape[0])

@@ -12,12 +12,13 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from typing_extensions import override
 
-from lightning_scaling._validation import fraction, positive_float, positive_int
+from lightning_scaling.argument_checks import fraction, positive_float, positive_int
 from lightning_scaling.callbacks._base import LedgerCallback, guarded
 from lightning_scaling.callbacks._common import TokensFn
 from lightning_scaling.callbacks._ledger import SAMPLES, StepRecord
 from lightning_scaling.callbacks._norm_layers import NormLayerProbe
-from lightning_scaling.noise import NoiseScaleEstimate, NoiseScaleEstimator, least_squares_line
+from lightning_scaling.estimators.noise_scale import NoiseScaleEstimate, NoiseScaleEstimator, least_squares_line
+from lightning_scaling import metric_names
 
 # The step's least-squares sums over (x = 1/B, y = |G_B|²) points: Σw, Σw·x, Σw·x², Σw·y, Σw·x·y.
 _POINT_SLOTS = ("gns/points", "gns/x", "gns/xx", "gns/y", "gns/xy")
@@ -396,24 +397,24 @@ class GradientNoiseScale(LedgerCallback):
     # internals
     def _metrics(self) -> dict[str, float]:
         est = self.estimator
-        metrics: dict[str, float] = {"scaling/batch_size": self.batch_size}
+        metrics: dict[str, float] = {metric_names.BATCH_SIZE: self.batch_size}
         norm = self.norm_estimator.b_simple
         if self.norm_estimator.count and math.isfinite(norm) and norm > 0:
-            metrics["scaling/gns_norm_layers"] = norm
+            metrics[metric_names.GNS_NORM_LAYERS] = norm
         if math.isfinite(self.batch_tokens):
-            metrics["scaling/batch_tokens"] = self.batch_tokens
+            metrics[metric_names.BATCH_TOKENS] = self.batch_tokens
         if est.count:
-            metrics["scaling/grad_sq"] = est.grad_sq
-            metrics["scaling/grad_trace_cov"] = est.trace_cov
+            metrics[metric_names.GRAD_SQ] = est.grad_sq
+            metrics[metric_names.GRAD_TRACE_COV] = est.trace_cov
             b_simple = est.b_simple
             if math.isfinite(b_simple) and b_simple > 0:
-                metrics["scaling/gns"] = b_simple
+                metrics[metric_names.GNS] = b_simple
                 if math.isfinite(self.tokens_per_sample):
-                    metrics["scaling/gns_tokens"] = b_simple * self.tokens_per_sample
+                    metrics[metric_names.GNS_TOKENS] = b_simple * self.tokens_per_sample
         if math.isfinite(self.batch_tokens):
             kaplan = self._kaplan_critical_batch(self.last_loss)
             if kaplan is not None:
-                metrics["scaling/kaplan_critical_batch_tokens"] = kaplan
+                metrics[metric_names.KAPLAN_CRITICAL_BATCH_TOKENS] = kaplan
         return metrics
 
     def _status_text(self, est: NoiseScaleEstimate) -> str:
@@ -597,7 +598,7 @@ class GradientNoiseScale(LedgerCallback):
     def _kaplan_critical_batch(self, loss: float) -> float | None:
         if not (math.isfinite(loss) and loss > 0):
             return None
-        from lightning_scaling.laws import KaplanLaw
+        from lightning_scaling.laws.definitions import KaplanLaw
 
         # Kaplan 2020 §5.1: B_crit(L) ≈ B*/L^(1/α_B) tokens (WebText2 nats/token)
         return float(KaplanLaw().critical_batch_size(loss))

@@ -16,10 +16,11 @@ from typing_extensions import override
 from lightning_scaling.callbacks._base import LedgerCallback, publish_metrics
 from lightning_scaling.callbacks._common import TokensFn, planned_optimizer_steps
 from lightning_scaling.run_report import HISTORY_FROM_METRICS, ReportThresholds, RunHistory
+from lightning_scaling import metric_names
 
 REPORT_FILE = "scaling_report.json"
 PICTURE_FILE = "scaling_report.png"
-PICTURE_TAG = "scaling/report"  # the image's name in TensorBoard and Weights & Biases
+PICTURE_TAG = metric_names.REPORT_PICTURE  # the image's name in TensorBoard and Weights & Biases
 
 
 class ScalingMonitor(Callback):

@@ -23,6 +23,7 @@ from lightning_scaling.callbacks._common import (
 )
 from lightning_scaling.callbacks._ledger import MICRO_BATCHES, SUPERVISED, StepRecord
 from lightning_scaling.run_report import format_count, format_duration, format_flops, format_percent, law_name
+from lightning_scaling import metric_names
 
 
 class TokenBudget(LedgerCallback):
@@ -73,7 +74,7 @@ class TokenBudget(LedgerCallback):
         params: int | None = None,
         projection_warmup_steps: int = 10,
     ) -> None:
-        from lightning_scaling._validation import (
+        from lightning_scaling.argument_checks import (
             non_negative_float,
             positive_float,
             positive_int,
@@ -126,7 +127,7 @@ class TokenBudget(LedgerCallback):
         if not self.params:  # layers built in configure_model: count now (DTensor numel is the full shape)
             self.params = self._count_params(pl_module)
         if self.law is None:
-            from lightning_scaling.laws import DEFAULT_LAW
+            from lightning_scaling.laws.definitions import DEFAULT_LAW
 
             self.law = DEFAULT_LAW
         for key in self.warned:
@@ -165,20 +166,20 @@ class TokenBudget(LedgerCallback):
         if not self.params:
             return None
         metrics = {
-            "scaling/tokens": float(self.tokens),
-            "scaling/params": float(self.params),
-            "scaling/tokens_per_param": self.tokens / self.params,
+            metric_names.TOKENS: float(self.tokens),
+            metric_names.PARAMS: float(self.params),
+            metric_names.TOKENS_PER_PARAM: self.tokens / self.params,
         }
         if self.supervised_tokens:
-            metrics["scaling/supervised_tokens"] = float(self.supervised_tokens)
+            metrics[metric_names.SUPERVISED_TOKENS] = float(self.supervised_tokens)
         steps_this_fit = trainer.global_step - self._fit_start_steps
         due = self.projected_tokens is None or record.log_now  # first chance, then at each log interval
         if due and steps_this_fit >= min(self.projection_warmup_steps, planned_optimizer_steps(trainer) or 1):
             self._project(trainer, steps_this_fit)
             if self.projected_tokens is not None:
-                metrics["scaling/projected_tokens_per_param"] = self.projected_tokens / self.params
+                metrics[metric_names.PROJECTED_TOKENS_PER_PARAM] = self.projected_tokens / self.params
             if self.compute_overhead is not None:
-                metrics["scaling/compute_overhead"] = self.compute_overhead
+                metrics[metric_names.COMPUTE_OVERHEAD] = self.compute_overhead
             self._advise()
         return metrics
 
@@ -216,7 +217,7 @@ class TokenBudget(LedgerCallback):
     def _count_params(self, pl_module: LightningModule) -> int:
         if self.params_override is not None:
             return self.params_override
-        from lightning_scaling.flop_counting import count_parameters
+        from lightning_scaling.flops.counter import count_parameters
 
         return int(count_parameters(pl_module, non_embedding=self.non_embedding))
 
@@ -268,7 +269,7 @@ class TokenBudget(LedgerCallback):
                 "model's cost."
             )
             if self.inference_tokens is not None:
-                from lightning_scaling.laws import inference_optimal
+                from lightning_scaling.laws.definitions import inference_optimal
 
                 target = float(self.law.loss(n, d))
                 alt = inference_optimal(self.law, target, self.inference_tokens)
@@ -343,7 +344,7 @@ def _resolve_law(law: Any) -> Any:
     if law is None:
         return None
     if isinstance(law, str):
-        from lightning_scaling.laws import get_law
+        from lightning_scaling.laws.definitions import get_law
 
         return get_law(law)
     if not all(callable(getattr(law, name, None)) for name in ("loss", "compute_optimal", "compute_overhead")):
@@ -357,7 +358,7 @@ def _resolve_law(law: Any) -> Any:
 def _extrapolation_note(law: Any, params: float, tokens: float, template: str) -> str:
     """``template`` filled with the law's name and fitted range when (params, tokens) lies beyond the runs a preset
     law was fitted on (``laws.FittedRange.outside``), else ""."""
-    from lightning_scaling.laws import fitted_range
+    from lightning_scaling.laws.definitions import fitted_range
 
     found = fitted_range(law)
     if found is None or params <= 0 or tokens <= 0 or not found.outside(params, tokens):

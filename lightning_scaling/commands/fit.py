@@ -57,7 +57,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _fit(args: argparse.Namespace, points: Any) -> Any:
-    from lightning_scaling import fit as F
+    from lightning_scaling.laws import fitting as F
 
     if args.approach == "1":
         return F.fit_approach1(points)
@@ -87,7 +87,7 @@ def _column_flags(args: argparse.Namespace) -> list[tuple[str, str | None]]:
 
 def _check_flags(args: argparse.Namespace) -> None:
     """Reject bad flags before reading or fitting anything (a fit can take seconds), naming each flag."""
-    from lightning_scaling._validation import fraction, positive_float
+    from lightning_scaling.argument_checks import fraction, positive_float
 
     if args.bootstrap < 0:
         raise ValueError(f"--bootstrap must be a whole number >= 0, got {args.bootstrap}")
@@ -122,7 +122,7 @@ def _check_flags(args: argparse.Namespace) -> None:
 
 def _read(args: argparse.Namespace, points_mode: str) -> Any:
     """The runs, with a column error blamed on the --*-column flag that asked for the column."""
-    from lightning_scaling.fit_io import read_points
+    from lightning_scaling.laws.runs import read_points
 
     try:
         return read_points(args.paths, params_column=args.params_column, tokens_column=args.tokens_column,
@@ -144,7 +144,7 @@ def _budget_said(args: argparse.Namespace, budget: float) -> str:
 def _check_budget(args: argparse.Namespace, points: Any, budget: float, optimum: dict[str, float]) -> list[str]:
     """Refuse an optimum of under one parameter or one token per parameter; warn when --budget lies more than
     EXTRAPOLATION_MARGIN times outside the FLOPs of the runs."""
-    from lightning_scaling.laws import EXTRAPOLATION_MARGIN
+    from lightning_scaling.laws.definitions import EXTRAPOLATION_MARGIN
     from lightning_scaling.planner import MIN_PARAMS, MIN_TOKENS_PER_PARAM
 
     n, d = optimum.get("n_opt"), optimum.get("d_opt")
@@ -172,10 +172,10 @@ def _finite_or_none(value: Any) -> Any:
 
 
 def _report(args: argparse.Namespace, points: Any, result: Any, budget: float, boot: Any) -> dict[str, Any]:
-    from lightning_scaling.fit import _optimum_of
+    from lightning_scaling.laws.fitting import optimum_at
 
     report: dict[str, Any] = {"fit": result.to_dict(), "law": None if result.law is None else result.law.to_dict(),
-                              "budget": budget, "optimum": _optimum_of(result, budget), "n_points": len(points),
+                              "budget": budget, "optimum": optimum_at(result, budget), "n_points": len(points),
                               "n_runs": len(set(points.runs.tolist()))}
     if boot is not None:
         report["bootstrap"] = boot.to_dict()
@@ -211,7 +211,7 @@ def _print_table(report: dict[str, Any], approach: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Read the runs, fit, print; exit status 0, or ValueError (exit 2) on bad input."""
-    from lightning_scaling import fit as F
+    from lightning_scaling.laws.resampling import bootstrap
 
     _check_flags(args)
     points_mode = args.points or ("all" if args.approach == "1" else "final")
@@ -228,8 +228,8 @@ def run(args: argparse.Namespace) -> int:
     if args.bootstrap:
         kwargs = {"budget_tolerance": args.budget_tolerance} if args.approach == "2" else {}
         try:
-            boot = F.bootstrap(points, args.approach, args.bootstrap, budget=budget, confidence=args.confidence,
-                               seed=args.seed, fit=result, **kwargs)
+            boot = bootstrap(points, args.approach, args.bootstrap, budget=budget, confidence=args.confidence,
+                             seed=args.seed, fit=result, **kwargs)
         except ValueError as err:
             raise ValueError(f"--bootstrap {args.bootstrap}: {err}") from None
     try:
@@ -254,7 +254,7 @@ def run(args: argparse.Namespace) -> int:
         except OSError as err:
             raise ValueError(f"--out {args.out!r} cannot be written: {err.strerror or err}") from None
     if args.plot:
-        from lightning_scaling.plotting import plot_fit
+        from lightning_scaling.laws.plotting import plot_fit
 
         try:
             plot_fit(points, result, args.plot, budget_tolerance=args.budget_tolerance)

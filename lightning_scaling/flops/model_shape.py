@@ -54,7 +54,7 @@ class ModelShape:
     head_dim: int | None = None  # default: d_model / n_head
 
     def __post_init__(self) -> None:
-        from lightning_scaling._validation import positive_int
+        from lightning_scaling.argument_checks import positive_int
 
         for name in ("n_layer", "d_model", "n_head", "vocab_size", "seq_len"):
             positive_int(f"model_shape.{name}", getattr(self, name))
@@ -80,7 +80,7 @@ class ModelShape:
         ``convention="chinchilla"`` is Hoffmann et al. 2022 App. F (embeddings and softmax included);
         ``"palm"`` (Chowdhery et al. 2022 App. B) counts matmuls only, which is what a FLOP counter measures.
         """
-        from lightning_scaling.flops import transformer_flops
+        from lightning_scaling.flops.formulas import transformer_flops
 
         return transformer_flops(
             n_layer=self.n_layer,

@@ -27,7 +27,7 @@ from typing import Any, Callable, TypeVar, Union
 
 import numpy as np
 
-from lightning_scaling._validation import fraction, non_negative_float, one_of, positive_array, positive_float
+from lightning_scaling.argument_checks import fraction, non_negative_float, one_of, positive_array, positive_float
 
 ArrayLike = Union[float, np.ndarray]
 _F = TypeVar("_F", bound=Callable[..., Any])

@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from lightning_scaling._validation import fraction
+from lightning_scaling.argument_checks import fraction
 
 __all__ = ["NoiseScaleEstimate", "NoiseScaleEstimator", "unbiased_estimates", "least_squares_line", "noise_scale"]
 

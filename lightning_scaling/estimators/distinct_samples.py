@@ -21,7 +21,7 @@ import math
 
 import torch
 
-from lightning_scaling._validation import positive_int
+from lightning_scaling.argument_checks import positive_int
 
 _MASK64 = (1 << 64) - 1
 

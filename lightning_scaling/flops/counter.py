@@ -61,8 +61,8 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._pytree import tree_map
 from torch.utils.flop_counter import FlopCounterMode
 
-from lightning_scaling._validation import one_of
-from lightning_scaling.flops import (
+from lightning_scaling.argument_checks import one_of
+from lightning_scaling.flops.formulas import (
     CAUSAL_ATTENTION_CONVENTIONS,
     DEFAULT_CAUSAL_ATTENTION,
     causal_attention_factor,

@@ -1,25 +1,39 @@
-"""Bootstrap over runs for :mod:`lightning_scaling.fit`: resample whole runs with replacement, refit, and
-report percentile intervals (Efron & Tibshirani 1993, ch. 13). :func:`bootstrap` and :class:`BootstrapResult`
-are re-exported by :mod:`lightning_scaling.fit`.
-
-The fitters and result types live in :mod:`lightning_scaling.fit`, which imports this module; they are
-imported inside the functions here so that either module can be imported first. Pure numpy: imports
-neither scipy, lightning, torch nor triton.
+"""The bootstrap over runs: resample whole runs with replacement, refit with the fitters of
+:mod:`lightning_scaling.laws.fitting`, and report percentile intervals (Efron & Tibshirani 1993, ch. 13).
+:func:`bootstrap` and :class:`BootstrapResult` are re-exported by :mod:`lightning_scaling.laws`. Pure numpy:
+imports neither scipy, lightning, torch nor triton.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-from lightning_scaling._batched_lbfgs import batched_bfgs, batched_newton, distinct_best
-from lightning_scaling._validation import fraction, one_of, positive_float, positive_int
-
-if TYPE_CHECKING:
-    from lightning_scaling.fit import FrontierFit, LawFit, ScalingPoints
+from lightning_scaling.laws.batched_bfgs import batched_bfgs, batched_newton, distinct_best
+from lightning_scaling.argument_checks import fraction, one_of, positive_float, positive_int
+from lightning_scaling.laws.definitions import ChinchillaLaw, KaplanLaw
+from lightning_scaling.laws.fitting import (
+    APPROACHES,
+    HUBER_DELTA,
+    FrontierFit,
+    LawFit,
+    ScalingPoints,
+    _approach3_hessian,
+    _approach3_objective,
+    _distinct,
+    _effect_problem,
+    _exponent_problem,
+    _kaplan_objective,
+    fit_approach1,
+    fit_approach2,
+    fit_approach3,
+    fit_kaplan,
+    frontier_exponents,
+    optimum_at,
+)
 
 
 @dataclass(frozen=True)
@@ -42,24 +56,10 @@ class BootstrapResult:
                 "failed": self.failed, "intervals": {k: list(v) for k, v in self.intervals.items()}}
 
 
-def _optimum_of(fit: LawFit | FrontierFit, budget: float) -> dict[str, float]:
-    from lightning_scaling.fit import FrontierFit, optimal_params_numeric
-
-    if isinstance(fit, FrontierFit):
-        n, d = fit.optimal(budget)
-        return {"n_opt": n, "d_opt": d}
-    if fit.approach == "3":
-        alloc = fit.law.compute_optimal(budget)
-        return {"n_opt": float(alloc.params), "d_opt": float(alloc.tokens), "loss_opt": float(alloc.loss)}
-    n = optimal_params_numeric(fit.law.loss, budget)
-    d = budget / (6.0 * n)  # C = 6ND
-    return {"n_opt": n, "d_opt": d, "loss_opt": float(fit.law.loss(n, d))}
-
-
 def _summary(fit: LawFit | FrontierFit, budget: float) -> dict[str, float]:
     out = dict(fit.parameters)
     out.update(a=fit.a, b=fit.b)
-    out.update(_optimum_of(fit, budget))
+    out.update(optimum_at(fit, budget))
     return out
 
 
@@ -86,7 +86,6 @@ def bootstrap(points: ScalingPoints, approach: str = "3", n_resamples: int = 200
     failed. ``budget`` (FLOPs) is where the optimum is reported; default:
     the largest budget in the data.
     """
-    from lightning_scaling.fit import APPROACHES, HUBER_DELTA, fit_approach1, fit_approach2, fit_approach3, fit_kaplan
 
     approach = one_of("approach", str(approach), APPROACHES)
     n_resamples = positive_int("n_resamples", n_resamples)
@@ -124,17 +123,6 @@ def _bootstrap_law(points: ScalingPoints, fit: LawFit, counts: np.ndarray, budge
     multiplicities as point weights. Approach 3 runs Newton's method (its exact Hessian); Kaplan runs BFGS. A
     resample whose best fit the full fit would reject (fewer distinct model sizes or token counts than the
     fit needs, an exponent outside (0, MAX_EXPONENT], a term below the Huber threshold) counts as failed."""
-    from lightning_scaling.fit import (
-        LawFit,
-        _approach3_hessian,
-        _approach3_objective,
-        _distinct,
-        _effect_problem,
-        _exponent_problem,
-        _kaplan_objective,
-        frontier_exponents,
-    )
-    from lightning_scaling.laws import ChinchillaLaw, KaplanLaw
 
     log_n, log_d, log_l = np.log(points.params), np.log(points.tokens), np.log(points.loss)
     starts = fit.local_minima if fit.local_minima is not None else fit.theta[None, :]

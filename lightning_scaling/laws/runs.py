@@ -11,22 +11,23 @@ from typing import Sequence
 
 import numpy as np
 
-from lightning_scaling._validation import one_of
-from lightning_scaling.fit import ScalingPoints
+from lightning_scaling.argument_checks import one_of
+from lightning_scaling.laws.fitting import ScalingPoints
+from lightning_scaling import metric_names
 
 # Candidate column names, first match wins (case-insensitive). Includes the Chinchilla digitised CSV of
 # Besiroglu et al. 2024 ("Model Size", "Training FLOP", "loss") and Sardana et al. 2023's ("Parameters",
 # "Tokens", "Smoothed Loss").
-PARAMS_COLUMNS = ("params", "parameters", "n", "model size", "model_size", "scaling/params", "num_params")
-TOKENS_COLUMNS = ("tokens", "d", "training tokens", "train_tokens", "scaling/tokens", "num_tokens")
-FLOPS_COLUMNS = ("flops", "c", "training flop", "training flops", "compute", "scaling/flops")
+PARAMS_COLUMNS = ("params", "parameters", "n", "model size", "model_size", metric_names.PARAMS, "num_params")
+TOKENS_COLUMNS = ("tokens", "d", "training tokens", "train_tokens", metric_names.TOKENS, "num_tokens")
+FLOPS_COLUMNS = ("flops", "c", "training flop", "training flops", "compute", metric_names.FLOPS)
 LOSS_COLUMNS = ("loss", "smoothed loss", "final loss", "val/loss", "val_loss", "train/loss", "train_loss")
 RUN_COLUMNS = ("run", "run_id")
 
 # CSVLogger metrics: the loss column preferred when none is named
 LOGGER_LOSS_COLUMNS = ("val/loss", "val_loss", "train/loss", "train_loss", "loss")
-LOGGER_TOKENS = "scaling/tokens"
-LOGGER_PARAMS = "scaling/params"
+LOGGER_TOKENS = metric_names.TOKENS
+LOGGER_PARAMS = metric_names.PARAMS
 
 
 def _pick(header: Sequence[str], wanted: str | None, candidates: Sequence[str], what: str, path: Path,

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from lightning_scaling.fit import FrontierFit, LawFit, ScalingPoints, group_budgets, optimal_params_numeric
+from lightning_scaling.laws.fitting import FrontierFit, LawFit, ScalingPoints, group_budgets, optimal_params_numeric
 
 
 def _pyplot() -> Any:

@@ -37,7 +37,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from lightning_scaling._validation import boolean, one_of, positive_int
+from lightning_scaling.argument_checks import boolean, one_of, positive_int
 
 CAUSAL_ATTENTION_CONVENTIONS: tuple[str, ...] = ("half", "full")
 DEFAULT_CAUSAL_ATTENTION: str = "half"

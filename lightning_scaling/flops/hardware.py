@@ -55,14 +55,14 @@ class PeakFlops:
     flops_per_sec: float
 
 
-def canonical_gpu(name: str) -> str:
+def canonical_gpu(name: str, argument: str = "gpu") -> str:
     """Map a user-typed GPU name (``H100``, ``h100-pcie``, ``MI300X``) to its table key.
 
-    Raises ``ValueError`` naming the allowed names when it is unknown.
+    Raises ``ValueError`` naming ``argument`` and the allowed names when it is unknown.
     """
     key = str(name).strip().lower().replace("_", "-").replace(" ", "-")
     if key not in GPU_ALIASES:
-        raise ValueError(f"gpu must be one of {', '.join(sorted(GPU_ALIASES))}, got {name!r}")
+        raise ValueError(f"{argument} must be one of {', '.join(sorted(GPU_ALIASES))}, got {name!r}")
     return GPU_ALIASES[key]
 
 
@@ -108,16 +108,17 @@ def dtype_key(dtype: object) -> str:
     return "fp32"
 
 
-def dense_peak_flops(gpu: str, dtype: object = "bf16") -> float:
+def dense_peak_flops(gpu: str, dtype: object = "bf16", *, gpu_argument: str = "gpu",
+                     dtype_argument: str = "dtype") -> float:
     """Dense peak FLOP/s of a named GPU (``--gpu`` names) for a compute dtype.
 
-    Raises ``ValueError`` when the GPU is unknown or has no figure for that dtype.
+    Raises ``ValueError`` naming ``gpu_argument`` when the GPU is unknown, or ``dtype_argument`` when the table has
+    no figure for that dtype on that GPU (the names let a caller's own flags appear in the message).
     """
-    key = canonical_gpu(gpu)
-    table = DENSE_PEAK_FLOPS[key]
+    table = DENSE_PEAK_FLOPS[canonical_gpu(gpu, gpu_argument)]
     dkey = dtype_key(dtype)
     if dkey not in table:
-        raise ValueError(f"dtype {dkey!r} has no peak figure for {gpu!r}; allowed: {', '.join(table)}")
+        raise ValueError(f"{dtype_argument} for {gpu} must be one of {', '.join(table)}, got {dtype!r}")
     return table[dkey]
 
 

@@ -1,6 +1,6 @@
 """Batched multi-start quasi-Newton and Newton minimisation: many starts of one smooth objective, all at once.
 
-Generic numerical machinery used by :mod:`lightning_scaling.fit`; nothing here knows about scaling laws.
+Generic numerical machinery used by :mod:`lightning_scaling.laws.fitting`; nothing here knows about scaling laws.
 
 * :func:`batched_bfgs`: BFGS (Nocedal & Wright 2006, Algorithm 6.1) over S starts in lock-step. The fitted
   laws have at most five parameters, so each start keeps its dense P × P inverse-Hessian estimate: an

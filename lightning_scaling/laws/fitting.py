@@ -9,14 +9,15 @@
 * :func:`fit_approach2`: isoFLOP parabolas, N_opt ∝ C^a and D_opt ∝ C^b (Hoffmann et al. 2022, §3.2).
 * :func:`fit_approach1`: the envelope of lowest loss per FLOP across training curves (§3.1).
 * :func:`fit_kaplan`: Kaplan et al. 2020's L(N, D) = [(N_c/N)^(α_N/α_D) + D_c/D]^α_D (eq. 1.5).
-* :func:`bootstrap`: resample runs, refit, percentile intervals (in :mod:`lightning_scaling.fit_bootstrap`,
-  re-exported here).
+* :func:`optimum_at`: a fit's compute-optimal N, D (and loss) at a budget.
+
+The bootstrap over runs is in :mod:`lightning_scaling.laws.resampling`.
 
 Runs that cannot determine a law (constant loss, a single model size or token count, too few points, a best
 fit whose exponents lie outside the range the start grid spans) raise :class:`UndeterminedLawError`, a
 ``ValueError`` that says what is missing; such a law is never returned as a fit.
 
-The generic batched optimiser lives in :mod:`lightning_scaling._batched_lbfgs`; this module holds the
+The generic batched optimiser lives in :mod:`lightning_scaling.laws.batched_bfgs`; this module holds the
 scaling-law objectives, fitters and result types.
 
 Units: N in parameters, D in training tokens, C in training FLOPs (C = 6ND unless given), loss in nats per
@@ -32,14 +33,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from lightning_scaling._batched_lbfgs import HessianFn, ObjectiveFn, batched_bfgs, distinct_best, multistart
-from lightning_scaling._validation import positive_array, positive_float, positive_int
-from lightning_scaling.fit_bootstrap import (  # noqa: F401  (re-exported: the bootstrap's home since the split)
-    BootstrapResult,
-    _optimum_of,
-    _resample_counts,
-    bootstrap,
-)
+from lightning_scaling.laws.batched_bfgs import HessianFn, ObjectiveFn, batched_bfgs, distinct_best, multistart
+from lightning_scaling.argument_checks import positive_array, positive_float, positive_int
 
 HUBER_DELTA = 1e-3  # Hoffmann et al. 2022, App. D.2: Huber δ = 1e-3 on log loss
 
@@ -418,7 +413,7 @@ def fit_approach3(params: Any, tokens: Any = None, loss: Any = None, *, flops: A
 
     Minimises Σ_i Huber_δ(LSE(a − α log N_i, b − β log D_i, e) − log L_i) from every row of ``starts``
     (default: the paper's 4,500-point grid, :func:`approach3_grid`), all starts at once (see
-    :func:`lightning_scaling._batched_lbfgs.multistart`): float32 BFGS from every start, the better half
+    :func:`lightning_scaling.laws.batched_bfgs.multistart`): float32 BFGS from every start, the better half
     kept after each iteration until ``survivors`` remain (``None``: no start is dropped), the survivors run
     on in float32, then the ``refine`` lowest distinct end points are refined by Newton's method in float64
     until no further decrease is found (about 1e-15 relative); the lowest objective wins. A, B, E =
@@ -432,7 +427,7 @@ def fit_approach3(params: Any, tokens: Any = None, loss: Any = None, *, flops: A
     (0, :data:`MAX_EXPONENT`] or a term that moves the loss by less than ``delta`` across the runs.
     ``polish`` is deprecated and ignored (it sized a scipy polish that no longer exists).
     """
-    from lightning_scaling.laws import ChinchillaLaw
+    from lightning_scaling.laws.definitions import ChinchillaLaw
 
     pts = _points(params, tokens, loss, flops)
     delta = positive_float("delta", delta)
@@ -526,7 +521,7 @@ def fit_kaplan(params: Any, tokens: Any = None, loss: Any = None, *, flops: Any 
     Raises :class:`UndeterminedLawError` when the runs cannot determine the law: 4 or fewer points, fewer
     than 2 distinct model sizes or token counts, a constant loss, or a best fit with an exponent outside
     (0, :data:`MAX_EXPONENT`] or a variable that moves the loss by less than ``delta`` across the runs."""
-    from lightning_scaling.laws import KaplanLaw
+    from lightning_scaling.laws.definitions import KaplanLaw
 
     pts = _points(params, tokens, loss, flops)
     delta = positive_float("delta", delta)
@@ -758,3 +753,17 @@ def fit_approach1(params: Any, tokens: Any = None, loss: Any = None, *, flops: A
         raise UndeterminedLawError("approach 1: one run is lowest at every FLOP value, so the envelope gives "
                                    "no exponent; train a wider range of model sizes")
     return _frontier("1", optima_arr, len(pts))
+
+
+def optimum_at(fit: LawFit | FrontierFit, budget: float) -> dict[str, float]:
+    """The compute-optimal point of a fit at ``budget`` FLOPs: ``n_opt`` (parameters), ``d_opt`` (tokens) and,
+    for a law, ``loss_opt`` (nats per token)."""
+    if isinstance(fit, FrontierFit):
+        n, d = fit.optimal(budget)
+        return {"n_opt": n, "d_opt": d}
+    if fit.approach == "3":
+        alloc = fit.law.compute_optimal(budget)
+        return {"n_opt": float(alloc.params), "d_opt": float(alloc.tokens), "loss_opt": float(alloc.loss)}
+    n = optimal_params_numeric(fit.law.loss, budget)
+    d = budget / (6.0 * n)  # C = 6ND
+    return {"n_opt": n, "d_opt": d, "loss_opt": float(fit.law.loss(n, d))}
