@@ -19,7 +19,6 @@ import argparse
 import sys
 
 import torch
-
 from _table import print_table  # benchmarks/ is on sys.path when run as a script
 
 
@@ -40,8 +39,10 @@ def _peak_mib(fn) -> float:
 
 def measure(impl, batch: int, heads: int, seq: int, head_dim: int, causal: bool) -> dict[str, float]:
     """Median ms of forward, backward, forward+backward and peak MiB of forward+backward for one implementation."""
-    q, k, v = (torch.randn(batch, heads, seq, head_dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-               for _ in range(3))
+    q, k, v = (
+        torch.randn(batch, heads, seq, head_dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        for _ in range(3)
+    )
     grad_out = torch.randn(batch, heads, seq, head_dim, device="cuda", dtype=torch.bfloat16)
     inputs = [q, k, v]
 
@@ -87,8 +88,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--markdown", action="store_true", help="print a Markdown table")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
-        print("benchmarks/attention.py: no CUDA GPU here; the Triton kernels are benchmarked on a GPU only. "
-              "Nothing measured.")
+        print(
+            "benchmarks/attention.py: no CUDA GPU here; the Triton kernels are benchmarked on a GPU only. "
+            "Nothing measured."
+        )
         return 0
 
     import triton
@@ -96,10 +99,24 @@ def main(argv: list[str] | None = None) -> int:
     from lightning_scaling.flops.formulas import attention_flops
 
     causal = not args.full
-    print(f"device: {torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__} | "
-          f"bf16 | {'causal' if causal else 'full'} | {args.tokens} tokens, d_model {args.d_model}")
-    header = ["head_dim", "seq", "batch", "heads", "pass", "ours ms", "sdpa ms", "ours TFLOP/s", "sdpa TFLOP/s",
-              "speed ours/sdpa", "ours peak MiB", "sdpa peak MiB"]
+    print(
+        f"device: {torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__} | "
+        f"bf16 | {'causal' if causal else 'full'} | {args.tokens} tokens, d_model {args.d_model}"
+    )
+    header = [
+        "head_dim",
+        "seq",
+        "batch",
+        "heads",
+        "pass",
+        "ours ms",
+        "sdpa ms",
+        "ours TFLOP/s",
+        "sdpa TFLOP/s",
+        "speed ours/sdpa",
+        "ours peak MiB",
+        "sdpa peak MiB",
+    ]
     rows = []
     for head_dim in args.head_dims:
         for seq in args.seqs:
@@ -110,9 +127,21 @@ def main(argv: list[str] | None = None) -> int:
             b = measure(sdpa_flash, batch, heads, seq, head_dim, causal)
             for mode in ("fwd", "bwd", "fwd+bwd"):
                 peak = (f"{a['peak_mib']:.0f}", f"{b['peak_mib']:.0f}") if mode == "fwd+bwd" else ("", "")
-                rows.append([str(head_dim), str(seq), str(batch), str(heads), mode, f"{a[mode]:.3f}",
-                             f"{b[mode]:.3f}", f"{flops[mode] / a[mode] / 1e9:.1f}",
-                             f"{flops[mode] / b[mode] / 1e9:.1f}", f"{b[mode] / a[mode]:.2f}", *peak])
+                rows.append(
+                    [
+                        str(head_dim),
+                        str(seq),
+                        str(batch),
+                        str(heads),
+                        mode,
+                        f"{a[mode]:.3f}",
+                        f"{b[mode]:.3f}",
+                        f"{flops[mode] / a[mode] / 1e9:.1f}",
+                        f"{flops[mode] / b[mode] / 1e9:.1f}",
+                        f"{b[mode] / a[mode]:.2f}",
+                        *peak,
+                    ]
+                )
             torch.cuda.empty_cache()
     print_table(header, rows, args.markdown)
     return 0

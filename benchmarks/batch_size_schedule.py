@@ -27,10 +27,10 @@ other processes' load; the CPU time is steadier).
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 import os
 import platform
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -48,12 +48,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--micro-batches", type=int, default=2048, help="micro-batches in the run (the token budget)")
     p.add_argument("--micro-batch", type=int, default=4, help="sequences per micro-batch")
-    p.add_argument("--small", type=int, default=2,
-                   help="accumulation of the fixed small batch (and the schedule's start)")
-    p.add_argument("--large", type=int, default=16,
-                   help="accumulation of the fixed large batch (and the schedule's maximum)")
-    p.add_argument("--lr-scaling", nargs="+", default=["none", "sqrt"], choices=["none", "linear", "sqrt"],
-                   help="one scheduled run per rule")
+    p.add_argument(
+        "--small", type=int, default=2, help="accumulation of the fixed small batch (and the schedule's start)"
+    )
+    p.add_argument(
+        "--large", type=int, default=16, help="accumulation of the fixed large batch (and the schedule's maximum)"
+    )
+    p.add_argument(
+        "--lr-scaling",
+        nargs="+",
+        default=["none", "sqrt"],
+        choices=["none", "linear", "sqrt"],
+        help="one scheduled run per rule",
+    )
     p.add_argument("--trigger-ratio", type=float, default=2.0)
     p.add_argument("--min-steps-between-changes", type=int, default=50)
     p.add_argument("--n-layer", type=int, default=2)
@@ -87,8 +94,13 @@ def make_module(gpt: Any, args: argparse.Namespace) -> Any:
 
     class TokenScheduledGPT(gpt.GPTLightningModule):
         def __init__(self) -> None:
-            cfg = gpt.GPTConfig(n_layer=args.n_layer, d_model=args.d_model, n_head=args.n_head,
-                                d_ff=4 * args.d_model, seq_len=args.seq_len)
+            cfg = gpt.GPTConfig(
+                n_layer=args.n_layer,
+                d_model=args.d_model,
+                n_head=args.n_head,
+                d_ff=4 * args.d_model,
+                seq_len=args.seq_len,
+            )
             super().__init__(cfg, lr=args.lr, use_kernels=False)
             self.micro_batches_seen = 0
 
@@ -117,7 +129,7 @@ def make_module(gpt: Any, args: argparse.Namespace) -> Any:
 @torch.no_grad()
 def validation_loss(module: Any, loader: Any, batches: int) -> float:
     module.eval()
-    losses = [float(module._loss(batch)) for _, batch in zip(range(batches), loader)]
+    losses = [float(module._loss(batch)) for batch in itertools.islice(loader, batches)]
     module.train()
     return sum(losses) / len(losses)
 
@@ -136,13 +148,28 @@ def run(gpt: Any, args: argparse.Namespace, accumulate: int, lr_scaling: str | N
     callbacks: list[Any] = [gns]
     schedule = None
     if lr_scaling is not None:
-        schedule = BatchSizeSchedule(max_accumulate_grad_batches=args.large, trigger_ratio=args.trigger_ratio,
-                                     min_steps_between_changes=args.min_steps_between_changes, lr_scaling=lr_scaling)
+        schedule = BatchSizeSchedule(
+            max_accumulate_grad_batches=args.large,
+            trigger_ratio=args.trigger_ratio,
+            min_steps_between_changes=args.min_steps_between_changes,
+            lr_scaling=lr_scaling,
+        )
         callbacks.append(schedule)
-    trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=1, limit_train_batches=args.micro_batches,
-                        accumulate_grad_batches=accumulate, callbacks=callbacks, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        limit_val_batches=0, num_sanity_val_steps=0, gradient_clip_val=1.0)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=1,
+        limit_train_batches=args.micro_batches,
+        accumulate_grad_batches=accumulate,
+        callbacks=callbacks,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        gradient_clip_val=1.0,
+    )
     start, cpu_start = time.perf_counter(), time.process_time()
     trainer.fit(module, train)
     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
@@ -170,15 +197,21 @@ def main(argv: list[str] | None = None) -> None:
         import logging
 
         logging.getLogger(name).setLevel(logging.WARNING)
-    print(f"machine: {platform.machine()}, {os.cpu_count()} logical CPUs ({platform.processor() or 'cpu'}); "
-          f"torch threads: {torch.get_num_threads()}; python {platform.python_version()}, torch {torch.__version__}, "
-          f"lightning {L.__version__}, lightning_scaling {lightning_scaling.__version__}; "
-          f"date {time.strftime('%Y-%m-%d')}", flush=True)
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} logical CPUs ({platform.processor() or 'cpu'}); "
+        f"torch threads: {torch.get_num_threads()}; python {platform.python_version()}, torch {torch.__version__}, "
+        f"lightning {L.__version__}, lightning_scaling {lightning_scaling.__version__}; "
+        f"date {time.strftime('%Y-%m-%d')}",
+        flush=True,
+    )
     gpt = example_gpt()
     tokens = args.micro_batches * args.micro_batch * args.seq_len
-    print(f"model: example GPT, {args.n_layer} layers, d_model {args.d_model}, seq {args.seq_len}; "
-          f"{args.micro_batches} micro-batches of {args.micro_batch} sequences = {tokens:,} training tokens per run; "
-          f"AdamW peak lr {args.lr:g}, by-token warm-up and cosine", flush=True)
+    print(
+        f"model: example GPT, {args.n_layer} layers, d_model {args.d_model}, seq {args.seq_len}; "
+        f"{args.micro_batches} micro-batches of {args.micro_batch} sequences = {tokens:,} training tokens per run; "
+        f"AdamW peak lr {args.lr:g}, by-token warm-up and cosine",
+        flush=True,
+    )
 
     plan: list[tuple[str, int, str | None]] = [
         (f"fixed small ({args.small * args.micro_batch} seq)", args.small, None),
@@ -191,20 +224,40 @@ def main(argv: list[str] | None = None) -> None:
         result = run(gpt, args, accumulate, rule)
         assert result["micro_batches"] == args.micro_batches, result  # the same tokens in every run
         results.append((label, result))
-        changes = ", ".join(f"step {int(c['step'])}: {int(c['from'] * args.micro_batch)}->"
-                            f"{int(c['to'] * args.micro_batch)} seq (B_simple {c['b_simple']:.0f})"
-                            for c in result["changes"])
-        print(f"  done in {result['seconds']:.0f} s ({result['cpu_seconds']:.0f} s CPU); "
-              f"val loss {result['val_loss']:.4f}; {result['steps']} steps"
-              + (f"; changes: {changes or 'none'}" if rule is not None else ""), flush=True)
+        changes = ", ".join(
+            f"step {int(c['step'])}: {int(c['from'] * args.micro_batch)}->"
+            f"{int(c['to'] * args.micro_batch)} seq (B_simple {c['b_simple']:.0f})"
+            for c in result["changes"]
+        )
+        print(
+            f"  done in {result['seconds']:.0f} s ({result['cpu_seconds']:.0f} s CPU); "
+            f"val loss {result['val_loss']:.4f}; {result['steps']} steps"
+            + (f"; changes: {changes or 'none'}" if rule is not None else ""),
+            flush=True,
+        )
 
     base, cpu_base = results[0][1]["seconds"], results[0][1]["cpu_seconds"]
-    header = ["run", "val loss (nats/byte)", "optimizer steps", "final global batch (seq)", "B_simple at end (seq)",
-              "wall-clock (ratio)", "CPU time (ratio)"]
-    rows = [[label, f"{r['val_loss']:.4f}", str(r["steps"]), str(r["final_batch"]),
-             f"{r['b_simple']:.0f}" if math.isfinite(r["b_simple"]) else "n/a", f"{r['seconds'] / base:.2f}",
-             f"{r['cpu_seconds'] / cpu_base:.2f}"]
-            for label, r in results]
+    header = [
+        "run",
+        "val loss (nats/byte)",
+        "optimizer steps",
+        "final global batch (seq)",
+        "B_simple at end (seq)",
+        "wall-clock (ratio)",
+        "CPU time (ratio)",
+    ]
+    rows = [
+        [
+            label,
+            f"{r['val_loss']:.4f}",
+            str(r["steps"]),
+            str(r["final_batch"]),
+            f"{r['b_simple']:.0f}" if math.isfinite(r["b_simple"]) else "n/a",
+            f"{r['seconds'] / base:.2f}",
+            f"{r['cpu_seconds'] / cpu_base:.2f}",
+        ]
+        for label, r in results
+    ]
     print()
     print_table(header, rows, args.markdown)
 

@@ -49,8 +49,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
-from _example import example_gpt  # noqa: E402
-from _table import print_table  # noqa: E402
+from _example import example_gpt
+from _table import print_table
 
 CONFIGS = ("gpt-acc2", "gpt-acc1", "llama-fixed", "llama-pad10", "llama-pad30", "llama-pad64")
 PER_STEP_HOOKS = ("on_train_batch_start", "on_after_backward", "on_before_optimizer_step", "on_train_batch_end")
@@ -71,8 +71,15 @@ def _llama_workload(args: argparse.Namespace, distinct: int | None) -> tuple[Any
     import lightning as L
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=344, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    config = LlamaConfig(
+        vocab_size=512,
+        hidden_size=128,
+        intermediate_size=344,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+    )
 
     class LlamaModule(L.LightningModule):
         def __init__(self) -> None:
@@ -91,7 +98,7 @@ def _llama_workload(args: argparse.Namespace, distinct: int | None) -> tuple[Any
     g = torch.Generator().manual_seed(0)
     batches = []
     lengths = [128] if distinct is None else torch.linspace(16, 128, distinct).round().int().tolist()
-    for i in range(args.steps):
+    for _ in range(args.steps):
         longest = lengths[int(torch.randint(0, len(lengths), (1,), generator=g))] if distinct else 128
         rows = torch.randint(1, 512, (16, longest), generator=g)
         mask = torch.ones_like(rows)
@@ -158,11 +165,11 @@ class StepClock:
         """Seconds the FLOP-measured steps took beyond what an unmeasured step of the same size takes: the
         median of the unmeasured steps with the same token count, else of the three nearest in token count (with
         pad-to-longest batches a measured step is often longer than the median step, which is not our cost)."""
-        plain = [(n, t) for t, m, n in zip(self.times, self.measured, self.tokens) if not m]
+        plain = [(n, t) for t, m, n in zip(self.times, self.measured, self.tokens, strict=True) if not m]
         if not plain:
             return 0.0
         extra = 0.0
-        for t, m, n in zip(self.times, self.measured, self.tokens):
+        for t, m, n in zip(self.times, self.measured, self.tokens, strict=True):
             if not m:
                 continue
             same = [pt for pn, pt in plain if pn == n]
@@ -214,11 +221,21 @@ def fit_once(name: str, with_monitor: bool, args: argparse.Namespace) -> dict[st
         monitor, spent = _timed_monitor()
         callbacks.append(monitor)
         clock.probe = lambda: monitor.flops.measured_shapes
-    trainer = L.Trainer(accelerator=args.device, devices=1, max_steps=args.steps // accumulate,
-                        accumulate_grad_batches=accumulate,
-                        gradient_clip_val=1.0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, limit_val_batches=0, log_every_n_steps=10,
-                        precision="bf16-mixed" if args.device == "cuda" else "32-true", callbacks=callbacks)
+    trainer = L.Trainer(
+        accelerator=args.device,
+        devices=1,
+        max_steps=args.steps // accumulate,
+        accumulate_grad_batches=accumulate,
+        gradient_clip_val=1.0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        log_every_n_steps=10,
+        precision="bf16-mixed" if args.device == "cuda" else "32-true",
+        callbacks=callbacks,
+    )
     module = make()
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -236,7 +253,7 @@ def fit_once(name: str, with_monitor: bool, args: argparse.Namespace) -> dict[st
         # what the same fit would have taken without us, from this run alone: minus our hooks' time and the
         # measured steps' extra time (free of the machine's drift between runs)
         "own_seconds": spent[0] + clock.measurement_extra(),
-        "steady": statistics.median(clock.times[args.warmup:]) if len(clock.times) > args.warmup else float("nan"),
+        "steady": statistics.median(clock.times[args.warmup :]) if len(clock.times) > args.warmup else float("nan"),
         "hooks_ms_per_step": 1e3 * spent[0] / steps,
         "measured": monitor.flops.measured_shapes if monitor else 0,
         "shapes": len(shapes),
@@ -267,8 +284,18 @@ def peak_memory_ratio(name: str, args: argparse.Namespace) -> float | None:
     """Peak memory with the monitor over without, each fit in a fresh process."""
     peaks = []
     for with_monitor in (False, True):
-        cmd = [sys.executable, __file__, "--child", name, "--steps", str(args.steps), "--device", args.device,
-               "--threads", str(args.threads)] + (["--with-monitor"] if with_monitor else [])
+        cmd = [
+            sys.executable,
+            __file__,
+            "--child",
+            name,
+            "--steps",
+            str(args.steps),
+            "--device",
+            args.device,
+            "--threads",
+            str(args.threads),
+        ] + (["--with-monitor"] if with_monitor else [])
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         out, _ = proc.communicate()
         result = json.loads(out.strip().splitlines()[-1])
@@ -318,9 +345,12 @@ def main(argv: list[str] | None = None) -> int:
     import lightning_scaling
 
     device = torch.cuda.get_device_name() if args.device == "cuda" else f"cpu ({os.cpu_count()} cores)"
-    print(f"device={device} threads={torch.get_num_threads()} torch={torch.__version__} lightning={L.__version__} "
-          f"lightning_scaling={lightning_scaling.__version__} date={time.strftime('%Y-%m-%d')} "
-          f"repeats={args.repeats} micro-batches/fit={args.steps}", flush=True)
+    print(
+        f"device={device} threads={torch.get_num_threads()} torch={torch.__version__} lightning={L.__version__} "
+        f"lightning_scaling={lightning_scaling.__version__} date={time.strftime('%Y-%m-%d')} "
+        f"repeats={args.repeats} micro-batches/fit={args.steps}",
+        flush=True,
+    )
     rows = []
     for name in names:
         fit_once(name, False, args)  # warm this configuration's code paths once, untimed
@@ -335,13 +365,33 @@ def main(argv: list[str] | None = None) -> int:
             hooks.append(pair[True]["hooks_ms_per_step"])
             measured, shapes = pair[True]["measured"], pair[True]["shapes"]
         memory = peak_memory_ratio(name, args) if args.memory else None
-        rows.append([name, _spread(whole), _spread(same_run), _spread(steady), f"{statistics.median(hooks):.2f}",
-                     f"{measured}/{shapes}", "-" if memory is None else f"{memory:.3f}"])
+        rows.append(
+            [
+                name,
+                _spread(whole),
+                _spread(same_run),
+                _spread(steady),
+                f"{statistics.median(hooks):.2f}",
+                f"{measured}/{shapes}",
+                "-" if memory is None else f"{memory:.3f}",
+            ]
+        )
         print(f"  {name}: whole {rows[-1][1]}", file=sys.stderr, flush=True)
 
     print()
-    print_table(["configuration", "whole fit on/off", "same-run whole fit", "steady on/off", "hooks ms/step",
-                       "measured/shapes", "peak mem on/off"], rows, args.markdown)
+    print_table(
+        [
+            "configuration",
+            "whole fit on/off",
+            "same-run whole fit",
+            "steady on/off",
+            "hooks ms/step",
+            "measured/shapes",
+            "peak mem on/off",
+        ],
+        rows,
+        args.markdown,
+    )
     return 0
 
 

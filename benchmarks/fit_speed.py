@@ -18,8 +18,8 @@ matters on a machine shared with other jobs (scipy's L-BFGS-B makes small BLAS c
 with a pool of 2 on 2 busy cores they can cost milliseconds each). The optimum is checked twice: on every
 pair our objective must be no higher than the loop's best (to 1e-10 relative), and it must equal, to 1e-10
 relative, the loop's best end point run on to convergence by scipy's trust-exact Newton method (the loop
-itself stops at scipy's default relative tolerance, 2.2e-9). Then one instrumented run shows where our time goes: each stage's wall time, the
-objective evaluations it made and the time spent inside them.
+itself stops at scipy's default relative tolerance, 2.2e-9). Then one instrumented run shows where our time
+goes: each stage's wall time, the objective evaluations it made and the time spent inside them.
 
     python benchmarks/fit_speed.py [--repeats 5] [--sample 100] [--full] [--threads 1] [--markdown]
 """
@@ -42,8 +42,7 @@ SAME_OPTIMUM_RTOL = 1e-10
 
 def _spread(values: list[float], fmt: str = "{:.3g}") -> str:
     """'median [min–max]'."""
-    return (fmt.format(statistics.median(values)) + " [" + fmt.format(min(values)) + "–" + fmt.format(max(values))
-            + "]")
+    return fmt.format(statistics.median(values)) + " [" + fmt.format(min(values)) + "–" + fmt.format(max(values)) + "]"
 
 
 def _version(name: str) -> str:
@@ -56,8 +55,12 @@ def _version(name: str) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5, help="timed pairs (default 5)")
-    parser.add_argument("--sample", type=int, default=100,
-                        help="scipy loop: starts timed per repeat, drawn at random from the grid (default 100)")
+    parser.add_argument(
+        "--sample",
+        type=int,
+        default=100,
+        help="scipy loop: starts timed per repeat, drawn at random from the grid (default 100)",
+    )
     parser.add_argument("--full", action="store_true", help="scipy loop over all 4,500 starts (tens of seconds each)")
     parser.add_argument("--threads", type=int, default=1, help="OpenMP/BLAS threads (default 1)")
     parser.add_argument("--markdown", action="store_true", help="print the tables as Markdown")
@@ -67,13 +70,11 @@ def main() -> int:
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[var] = str(args.threads)  # before numpy is imported
     if not CSV.is_file():
-        sys.exit(f"fit_speed: reference data not found at {CSV} (../shared/data beside the checkout); "
-                 "nothing to time")
+        sys.exit(f"fit_speed: reference data not found at {CSV} (../shared/data beside the checkout); nothing to time")
 
     import numpy as np
-    from scipy.optimize import minimize
-
     from _table import print_table
+    from scipy.optimize import minimize
 
     from lightning_scaling.laws import batched_bfgs as opt
     from lightning_scaling.laws import fitting as F
@@ -138,32 +139,50 @@ def main() -> int:
         ratios.append(t_loop / t_ours)
         same.append(f_ours <= f_loop * (1 + SAME_OPTIMUM_RTOL))
 
-    print(f"approach 3 on {len(points)} points (digitised Chinchilla, Besiroglu et al. 2024, 5 highest-loss rows "
-          f"dropped), {grid.shape[0]} starts")
-    print(f"machine: {platform.machine()}, {os.cpu_count()} logical CPUs; threads: {args.threads}; python "
-          f"{platform.python_version()}, numpy {np.__version__}, scipy {_version('scipy')}, "
-          f"torch {_version('torch')} (not used by either side)")
-    print(f"{args.repeats} interleaved pairs after one warm-up of each; seconds for the whole grid, "
-          "median [min–max]\n")
-    loop_label = ("scipy L-BFGS-B, one start at a time" + ("" if n_timed == grid.shape[0] else
-                  f" ({n_timed} random starts timed, x{grid.shape[0] / n_timed:.0f} extrapolated)"))
-    rows = [["ours: fit_approach3 (batched, pruned, Newton refine)", _spread(ours_s), f"{f_ours:.13g}"],
-            [loop_label, _spread(loop_s), f"{f_loop:.13g}"],
-            ["speed-up (loop / ours, per pair)", _spread(ratios, "{:.1f}x"), ""]]
+    print(
+        f"approach 3 on {len(points)} points (digitised Chinchilla, Besiroglu et al. 2024, 5 highest-loss rows "
+        f"dropped), {grid.shape[0]} starts"
+    )
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} logical CPUs; threads: {args.threads}; python "
+        f"{platform.python_version()}, numpy {np.__version__}, scipy {_version('scipy')}, "
+        f"torch {_version('torch')} (not used by either side)"
+    )
+    print(f"{args.repeats} interleaved pairs after one warm-up of each; seconds for the whole grid, median [min–max]\n")
+    loop_label = "scipy L-BFGS-B, one start at a time" + (
+        ""
+        if n_timed == grid.shape[0]
+        else f" ({n_timed} random starts timed, x{grid.shape[0] / n_timed:.0f} extrapolated)"
+    )
+    rows = [
+        ["ours: fit_approach3 (batched, pruned, Newton refine)", _spread(ours_s), f"{f_ours:.13g}"],
+        [loop_label, _spread(loop_s), f"{f_loop:.13g}"],
+        ["speed-up (loop / ours, per pair)", _spread(ratios, "{:.1f}x"), ""],
+    ]
     print_table(["method", "seconds", "objective (last pair)"], rows, args.markdown, align_right=False)
     # the loop stops at scipy's default tolerance (relative decrease 2.2e-9), and L-BFGS-B cannot go much
     # further on this nearly piecewise-linear objective; run its best end point on with scipy's trust-region
     # Newton (trust-exact, exact Hessian; untimed) to compare optima at 1e-10
     hessian = F._approach3_hessian(log_n, log_d, log_l, delta)
-    polished = minimize(scalar_objective, loop_best_x[0], jac=True, method="trust-exact",
-                        hess=lambda theta: hessian(theta[None, :], None)[0], options={"gtol": 1e-13})
+    polished = minimize(
+        scalar_objective,
+        loop_best_x[0],
+        jac=True,
+        method="trust-exact",
+        hess=lambda theta: hessian(theta[None, :], None)[0],
+        options={"gtol": 1e-13},
+    )
     f_polished = min(float(polished.fun), f_loop)
     same_polished = abs(f_ours - f_polished) <= SAME_OPTIMUM_RTOL * f_polished
-    print(f"\nours <= loop best x (1 + {SAME_OPTIMUM_RTOL:g}) on every pair: {all(same)} (ours - loop = "
-          f"{f_ours - f_loop:.2g}, relative {(f_ours - f_loop) / f_loop:.2g}, the loop stopping at scipy's "
-          "default tolerance)")
-    print(f"same optimum as the loop's best run on by trust-exact ({f_polished:.15g}), relative "
-          f"{SAME_OPTIMUM_RTOL:g}: {same_polished} (relative difference {(f_ours - f_polished) / f_polished:.2g})")
+    print(
+        f"\nours <= loop best x (1 + {SAME_OPTIMUM_RTOL:g}) on every pair: {all(same)} (ours - loop = "
+        f"{f_ours - f_loop:.2g}, relative {(f_ours - f_loop) / f_loop:.2g}, the loop stopping at scipy's "
+        "default tolerance)"
+    )
+    print(
+        f"same optimum as the loop's best run on by trust-exact ({f_polished:.15g}), relative "
+        f"{SAME_OPTIMUM_RTOL:g}: {same_polished} (relative difference {(f_ours - f_polished) / f_polished:.2g})"
+    )
     print(f"goal: full grid well under 1 s: median {statistics.median(ours_s):.2f} s")
 
     # where our time goes: the same stages fit_approach3 runs, with every objective call counted and timed
@@ -178,6 +197,7 @@ def main() -> int:
             entry[1] += x.shape[0]
             entry[2] += time.perf_counter() - start
             return out
+
         return wrapper
 
     stats: dict[str, float] = {}
@@ -187,16 +207,26 @@ def main() -> int:
     start = time.perf_counter()
     opt.multistart(fun64, fun32, grid, hess64=hess, stats=stats)
     total = time.perf_counter() - start
-    print("\nwhere our time goes (one instrumented run of the optimiser; fit_approach3 adds its input checks "
-          "and the result):")
-    rows = [[stage, f"{stats[stage + '_starts']:.0f}", f"{stats[stage + '_iterations']:.0f}",
-             f"{stats[stage + '_seconds']:.3f}"] for stage in ("scout", "finish", "refine")]
+    print(
+        "\nwhere our time goes (one instrumented run of the optimiser; fit_approach3 adds its input checks "
+        "and the result):"
+    )
+    rows = [
+        [
+            stage,
+            f"{stats[stage + '_starts']:.0f}",
+            f"{stats[stage + '_iterations']:.0f}",
+            f"{stats[stage + '_seconds']:.3f}",
+        ]
+        for stage in ("scout", "finish", "refine")
+    ]
     print_table(["stage", "starts in", "iterations (slowest start)", "seconds"], rows, args.markdown)
     print()
     inside = sum(v[2] for v in spent.values())
     rows = [[tag, f"{v[0]:.0f}", f"{v[1]:.0f}", f"{v[2]:.3f}", f"{v[2] / total:.0%}"] for tag, v in spent.items()]
-    rows.append(["optimiser bookkeeping (Python, numpy)", "", "", f"{total - inside:.3f}",
-                 f"{(total - inside) / total:.0%}"])
+    rows.append(
+        ["optimiser bookkeeping (Python, numpy)", "", "", f"{total - inside:.3f}", f"{(total - inside) / total:.0%}"]
+    )
     print_table(["where", "calls", "rows evaluated", "seconds", "share"], rows, args.markdown)
     return 0 if all(same) and same_polished else 1
 

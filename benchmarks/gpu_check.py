@@ -3,7 +3,7 @@
 Runs, in this order (most important first), each as a subprocess with its own time limit, carrying on to the
 next when one fails or runs out of time, and recording that:
 
-1. ``pytest tests/test_kernels_gpu.py``: the Triton kernels on the real compiler (bf16/fp16/fp32, causal and
+1. ``pytest tests/kernels/test_gpu.py``: the Triton kernels on the real compiler (bf16/fp16/fp32, causal and
    full). With pytest-xdist installed, 8 workers (the compiles run in parallel); with pytest-timeout, 120 s per
    test.
 2. ``benchmarks/attention.py --markdown``, causal (2a) and ``--full`` (2b): ours vs SDPA flash, forward,
@@ -153,29 +153,80 @@ def build_items(pytest_xdist: bool, pytest_timeout: bool) -> list[Item]:
     # -P (Python >= 3.11): the repository root stays off sys.path, so `lightning_scaling` is the installed package
     # (which has .kernels), not the source folder of the same name.
     safe_path = ["-P"] if sys.version_info >= (3, 11) else []
-    pytest_argv = ["{python}", *safe_path, "-m", "pytest", "tests/test_kernels_gpu.py", "-v", "-rfE", "-p",
-                   "no:cacheprovider", "--durations=10"]
+    pytest_argv = [
+        "{python}",
+        *safe_path,
+        "-m",
+        "pytest",
+        "tests/kernels/test_gpu.py",
+        "-v",
+        "-rfE",
+        "-p",
+        "no:cacheprovider",
+        "--durations=10",
+    ]
     if pytest_xdist:
         pytest_argv += ["-n", str(PYTEST_WORKERS)]
     if pytest_timeout:
         pytest_argv += [f"--timeout={PYTEST_TEST_TIMEOUT_S}"]
     return [
         Item("1", 1, "Kernel correctness on the real compiler", tuple(pytest_argv), "pytest", "60-150 s"),
-        Item("2a", 2, "Attention: ours vs SDPA flash, causal",
-             ("{python}", "benchmarks/attention.py", "--markdown"), "attention", "30-50 s"),
-        Item("2b", 2, "Attention: ours vs SDPA flash, full",
-             ("{python}", "benchmarks/attention.py", "--markdown", "--full"), "attention", "20-40 s"),
-        Item("3", 3, "SwiGLU MLP: eager vs both fusions", ("{python}", "benchmarks/mlp.py", "--markdown"), "mlp",
-             "30-60 s"),
-        Item("4", 4, "Example GPT MFU: callback vs hand, kernels on/off", ("{python}", "benchmarks/gpu_mfu.py", "mfu"),
-             "json", "35-60 s"),
-        Item("5a", 5, "Callback overhead on the GPU",
-             ("{python}", "benchmarks/callback_overhead.py", "--device", "cuda", *CALLBACK_OVERHEAD_ARGS), "text",
-             "25-40 s"),
-        Item("5b", 5, "Host syncs per optimizer step, ScalingMonitor on/off",
-             ("{python}", "benchmarks/gpu_mfu.py", "syncs"), "json", "15-25 s"),
-        Item("6", 6, "Norms with per-example gradient norms: fused vs torch",
-             ("{python}", "benchmarks/norm.py", "--markdown"), "norm", "20-40 s"),
+        Item(
+            "2a",
+            2,
+            "Attention: ours vs SDPA flash, causal",
+            ("{python}", "benchmarks/attention.py", "--markdown"),
+            "attention",
+            "30-50 s",
+        ),
+        Item(
+            "2b",
+            2,
+            "Attention: ours vs SDPA flash, full",
+            ("{python}", "benchmarks/attention.py", "--markdown", "--full"),
+            "attention",
+            "20-40 s",
+        ),
+        Item(
+            "3",
+            3,
+            "SwiGLU MLP: eager vs both fusions",
+            ("{python}", "benchmarks/mlp.py", "--markdown"),
+            "mlp",
+            "30-60 s",
+        ),
+        Item(
+            "4",
+            4,
+            "Example GPT MFU: callback vs hand, kernels on/off",
+            ("{python}", "benchmarks/gpu_mfu.py", "mfu"),
+            "json",
+            "35-60 s",
+        ),
+        Item(
+            "5a",
+            5,
+            "Callback overhead on the GPU",
+            ("{python}", "benchmarks/callback_overhead.py", "--device", "cuda", *CALLBACK_OVERHEAD_ARGS),
+            "text",
+            "25-40 s",
+        ),
+        Item(
+            "5b",
+            5,
+            "Host syncs per optimizer step, ScalingMonitor on/off",
+            ("{python}", "benchmarks/gpu_mfu.py", "syncs"),
+            "json",
+            "15-25 s",
+        ),
+        Item(
+            "6",
+            6,
+            "Norms with per-example gradient norms: fused vs torch",
+            ("{python}", "benchmarks/norm.py", "--markdown"),
+            "norm",
+            "20-40 s",
+        ),
     ]
 
 
@@ -212,8 +263,10 @@ def plan(items: list[Item], budget_s: float) -> list[tuple[Item, float]]:
     planned = [(i, float(int(available * PLAN_SHARES[i.id] / total_share))) for i in items]
     short = [i.id for i, s in planned if s < MIN_RUN_S]
     if short:
-        raise ValueError(f"budget_s={budget_s:g} leaves runs {', '.join(short)} under {MIN_RUN_S:.0f} s each; "
-                         "raise it or pick fewer runs with --only")
+        raise ValueError(
+            f"budget_s={budget_s:g} leaves runs {', '.join(short)} under {MIN_RUN_S:.0f} s each; "
+            "raise it or pick fewer runs with --only"
+        )
     return planned
 
 
@@ -293,7 +346,7 @@ def parse_markdown_table(lines: list[str], must_have: str) -> tuple[list[str], l
         if line.startswith("|") and must_have in _split_row(line):
             header = _split_row(line)
             rows = []
-            for row_line in lines[n + 2:]:
+            for row_line in lines[n + 2 :]:
                 if not row_line.startswith("|"):
                     break
                 rows.append(_split_row(row_line))
@@ -316,16 +369,22 @@ def read_pytest(lines: list[str]) -> tuple[bool, str, str]:
         word = re.search(r"\b(PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\b", line)
         if test and word:
             outcomes[test.group(1)] = word.group(1)
-    summary = next((m.group(1) for line in reversed(lines)
-                    if (m := re.match(r"^=+ (.*\d+ (?:passed|failed|error|errors|skipped|deselected).*) =+$",
-                                      line.strip()))), None)
+    summary = next(
+        (
+            m.group(1)
+            for line in reversed(lines)
+            if (m := re.match(r"^=+ (.*\d+ (?:passed|failed|error|errors|skipped|deselected).*) =+$", line.strip()))
+        ),
+        None,
+    )
     counts: dict[str, int] = {}
     for outcome in outcomes.values():
         counts[outcome] = counts.get(outcome, 0) + 1
     bad = sorted(t for t, o in outcomes.items() if o in ("FAILED", "ERROR"))
     passed = counts.get("PASSED", 0)
-    headline = summary or (", ".join(f"{v} {k.lower()}" for k, v in sorted(counts.items())) + " (cut short)"
-                           if counts else "no test ran")
+    headline = summary or (
+        ", ".join(f"{v} {k.lower()}" for k, v in sorted(counts.items())) + " (cut short)" if counts else "no test ran"
+    )
     section = [f"pytest: {headline}"]
     if bad:
         section += ["", "Failed:", *[f"- `{t}`" for t in bad[:30]]]
@@ -343,8 +402,9 @@ def read_pytest(lines: list[str]) -> tuple[bool, str, str]:
         section += ["", "Slowest:", _code_block(durations)]
     ok = passed > 0 and not bad and summary is not None
     if bad:
-        headline = f"{headline}; failed: {', '.join(t.split('::')[-1] for t in bad[:3])}" + (" ..." if len(bad) > 3
-                                                                                              else "")
+        headline = f"{headline}; failed: {', '.join(t.split('::')[-1] for t in bad[:3])}" + (
+            " ..." if len(bad) > 3 else ""
+        )
     return ok, headline, "\n".join(section)
 
 
@@ -356,7 +416,7 @@ def _table_section(lines: list[str], must_have: str) -> tuple[tuple[list[str], l
         end = start
         while end < len(lines) and lines[end].startswith("|"):
             end += 1
-        kept += [""] + lines[start:end]
+        kept += ["", *lines[start:end]]
     return table, "\n".join(kept)
 
 
@@ -431,8 +491,12 @@ def read_norm(lines: list[str]) -> tuple[bool, str, str]:
         return False, "result table not in the expected columns", section
     if not speeds:
         return False, "no fwd+bwd rows of the fused variant", section
-    headline = ("fwd+bwd fused vs torch " + ", ".join(f"{k}: {_range(v[0])}x" for k, v in speeds.items())
-                + "; vs torch + per-example " + ", ".join(f"{k}: {_range(v[1])}x" for k, v in speeds.items()))
+    headline = (
+        "fwd+bwd fused vs torch "
+        + ", ".join(f"{k}: {_range(v[0])}x" for k, v in speeds.items())
+        + "; vs torch + per-example "
+        + ", ".join(f"{k}: {_range(v[1])}x" for k, v in speeds.items())
+    )
     return True, headline, section
 
 
@@ -442,13 +506,13 @@ def read_json_result(lines: list[str]) -> tuple[bool, str, str, Any]:
     for line in reversed(lines):
         if line.startswith(RESULT_PREFIX):
             try:
-                data = json.loads(line[len(RESULT_PREFIX):])
+                data = json.loads(line[len(RESULT_PREFIX) :])
             except json.JSONDecodeError:
                 data = None
             break
     section_lines: list[str] = []
     if BEGIN_MARK in lines and END_MARK in lines:
-        section_lines = lines[lines.index(BEGIN_MARK) + 1: lines.index(END_MARK)]
+        section_lines = lines[lines.index(BEGIN_MARK) + 1 : lines.index(END_MARK)]
     section = "\n".join(section_lines).strip()
     if data is None:
         return False, "no result line in the output", section, None
@@ -495,16 +559,26 @@ def read_outcome(outcome: Outcome, lines: list[str], timed_out: bool) -> None:
 # ------------------------------------------------------------------------------------------ running
 
 
-def run_command(argv: list[str], limit_s: float, log: Any, cwd: Path, env: dict[str, str],
-                outcome: Outcome) -> tuple[int | None, bool, float]:
+def run_command(
+    argv: list[str], limit_s: float, log: Any, cwd: Path, env: dict[str, str], outcome: Outcome
+) -> tuple[int | None, bool, float]:
     """Run ``argv`` in its own process group for at most ``limit_s`` seconds, copying its output (stdout and
     stderr) into ``log`` (up to ``LOG_CAP_BYTES``) and into ``outcome.output_head``/``output_tail``.
 
     Returns (exit code, timed out, seconds). At the limit the whole group gets SIGTERM, then SIGKILL 5 s later.
     """
     started = time.monotonic()
-    proc = subprocess.Popen(argv, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            errors="replace", bufsize=1, start_new_session=True)
+    proc = subprocess.Popen(
+        argv,
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        errors="replace",
+        bufsize=1,
+        start_new_session=True,
+    )
     written = [0]
 
     def pump() -> None:
@@ -561,15 +635,23 @@ def child_environment() -> tuple[dict[str, str], list[str]]:
     return env, notes
 
 
-def run_items(planned: list[tuple[Item, float]], out_dir: Path, env_facts: dict[str, Any], budget_s: float,
-              started: float, python: str = sys.executable,
-              on_progress: Callable[[str], None] | None = None) -> list[Outcome]:
+def run_items(
+    planned: list[tuple[Item, float]],
+    out_dir: Path,
+    env_facts: dict[str, Any],
+    budget_s: float,
+    started: float,
+    python: str = sys.executable,
+    on_progress: Callable[[str], None] | None = None,
+) -> list[Outcome]:
     """Run the planned items in order within ``budget_s`` seconds counted from ``started`` (``time.monotonic``),
     writing the log and the report into ``out_dir`` after each; ``on_progress`` gets one line per start and end
     (default: printed). Returns what each run did."""
     if on_progress is None:
+
         def on_progress(line: str) -> None:
             print(line, flush=True)
+
     out_dir.mkdir(parents=True, exist_ok=True)
     env, notes = child_environment()
     outcomes = [Outcome(item, planned_s) for item, planned_s in planned]
@@ -580,12 +662,14 @@ def run_items(planned: list[tuple[Item, float]], out_dir: Path, env_facts: dict[
         log.write(render_plan(planned, budget_s) + "\n")
         write_report(out_dir, env_facts, outcomes, budget_s, time.monotonic() - started, notes)
         for n, outcome in enumerate(outcomes):
-            later = sum(o.planned_s for o in outcomes[n + 1:])
+            later = sum(o.planned_s for o in outcomes[n + 1 :])
             granted = deadline - time.monotonic() - later
             item = outcome.item
             argv = [python if a == "{python}" else a for a in item.argv]
-            log.write(f"\n===== {item.id}. {item.title}: {display_command(item)} "
-                      f"(planned {outcome.planned_s:.0f} s, granted {max(granted, 0):.0f} s) =====\n")
+            log.write(
+                f"\n===== {item.id}. {item.title}: {display_command(item)} "
+                f"(planned {outcome.planned_s:.0f} s, granted {max(granted, 0):.0f} s) =====\n"
+            )
             log.flush()
             if granted < MIN_RUN_S:
                 outcome.status = "skipped: budget spent"
@@ -611,13 +695,16 @@ def render_plan(planned: list[tuple[Item, float]], budget_s: float) -> str:
     """The plan as a Markdown table, with the total against the budget."""
     rows = [[i.id, i.title, f"`{display_command(i)}`", f"{s:.0f}", i.expected] for i, s in planned]
     total = sum(s for _, s in planned)
-    return (markdown_table(["run", "what", "command", "time limit s", "should take (estimate)"], rows)
-            + f"\n\ntotal planned: {total:.0f} s of {budget_s:.0f} s budget "
-              f"({budget_s - total:.0f} s kept for the environment probe and the report)")
+    return (
+        markdown_table(["run", "what", "command", "time limit s", "should take (estimate)"], rows)
+        + f"\n\ntotal planned: {total:.0f} s of {budget_s:.0f} s budget "
+        f"({budget_s - total:.0f} s kept for the environment probe and the report)"
+    )
 
 
-def render_report(env: dict[str, Any], outcomes: list[Outcome], budget_s: float, elapsed_s: float,
-                  notes: list[str] | None = None) -> str:
+def render_report(
+    env: dict[str, Any], outcomes: list[Outcome], budget_s: float, elapsed_s: float, notes: list[str] | None = None
+) -> str:
     """The whole ``gpu_check.md``: environment facts, one row per run, then each run's own tables."""
     facts = [
         ["device", env.get("device", "n/a")],
@@ -635,28 +722,69 @@ def render_report(env: dict[str, Any], outcomes: list[Outcome], budget_s: float,
     facts += [["note", note] for note in (notes or [])]
     rows = []
     for o in outcomes:
-        rows.append([o.item.id, o.item.title, f"`{display_command(o.item)}`", f"{o.planned_s:.0f}",
-                     "" if o.granted_s is None else f"{o.granted_s:.0f}",
-                     "" if o.seconds is None else f"{o.seconds:.0f}", o.status, o.result])
-    parts = [f"# GPU check: {env.get('device', 'unknown device')}, {env.get('date', '')}", "",
-             markdown_table(["fact", "value"], facts), "",
-             markdown_table(["run", "what", "command", "limit s", "granted s", "took s", "status", "result"], rows)]
+        rows.append(
+            [
+                o.item.id,
+                o.item.title,
+                f"`{display_command(o.item)}`",
+                f"{o.planned_s:.0f}",
+                "" if o.granted_s is None else f"{o.granted_s:.0f}",
+                "" if o.seconds is None else f"{o.seconds:.0f}",
+                o.status,
+                o.result,
+            ]
+        )
+    parts = [
+        f"# GPU check: {env.get('device', 'unknown device')}, {env.get('date', '')}",
+        "",
+        markdown_table(["fact", "value"], facts),
+        "",
+        markdown_table(["run", "what", "command", "limit s", "granted s", "took s", "status", "result"], rows),
+    ]
     for o in outcomes:
         if o.section:
-            parts += ["", f"## {o.item.id}. {o.item.title}", "", f"`{display_command(o.item)}`: {o.status}", "",
-                      o.section]
+            parts += [
+                "",
+                f"## {o.item.id}. {o.item.title}",
+                "",
+                f"`{display_command(o.item)}`: {o.status}",
+                "",
+                o.section,
+            ]
     return "\n".join(parts) + "\n"
 
 
-def write_report(out_dir: Path, env: dict[str, Any], outcomes: list[Outcome], budget_s: float, elapsed_s: float,
-                 notes: list[str] | None = None) -> None:
+def write_report(
+    out_dir: Path,
+    env: dict[str, Any],
+    outcomes: list[Outcome],
+    budget_s: float,
+    elapsed_s: float,
+    notes: list[str] | None = None,
+) -> None:
     """Write ``gpu_check.md`` and ``gpu_check.json`` into ``out_dir`` (atomically: a reader never sees half)."""
     report = render_report(env, outcomes, budget_s, elapsed_s, notes)
     data = {
-        "environment": env, "budget_s": budget_s, "elapsed_s": elapsed_s, "notes": notes or [],
-        "runs": [{"id": o.item.id, "item": o.item.number, "title": o.item.title, "command": display_command(o.item),
-                  "planned_s": o.planned_s, "granted_s": o.granted_s, "seconds": o.seconds, "exit_code": o.rc,
-                  "status": o.status, "result": o.result, "data": o.data} for o in outcomes],
+        "environment": env,
+        "budget_s": budget_s,
+        "elapsed_s": elapsed_s,
+        "notes": notes or [],
+        "runs": [
+            {
+                "id": o.item.id,
+                "item": o.item.number,
+                "title": o.item.title,
+                "command": display_command(o.item),
+                "planned_s": o.planned_s,
+                "granted_s": o.granted_s,
+                "seconds": o.seconds,
+                "exit_code": o.rc,
+                "status": o.status,
+                "result": o.result,
+                "data": o.data,
+            }
+            for o in outcomes
+        ],
     }
     for name, text in (("gpu_check.md", report), ("gpu_check.json", json.dumps(data, indent=1, default=str))):
         tmp = out_dir / f".{name}.tmp"
@@ -669,8 +797,10 @@ def write_report(out_dir: Path, env: dict[str, Any], outcomes: list[Outcome], bu
 
 def probe_environment() -> dict[str, Any]:
     """Facts about this machine for the report header. Imports torch first and stops there without CUDA."""
-    facts: dict[str, Any] = {"date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-                             "python": sys.version.split()[0]}
+    facts: dict[str, Any] = {
+        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "python": sys.version.split()[0],
+    }
     try:
         import torch
     except Exception as err:  # noqa: BLE001
@@ -683,8 +813,10 @@ def probe_environment() -> dict[str, Any]:
     if not facts["cuda_available"]:
         return facts
     props = torch.cuda.get_device_properties(0)
-    facts["device"] = (f"{props.name} (sm_{props.major}{props.minor}, {props.multi_processor_count} SMs, "
-                       f"{props.total_memory / 2**30:.1f} GiB), {torch.cuda.device_count()} visible")
+    facts["device"] = (
+        f"{props.name} (sm_{props.major}{props.minor}, {props.multi_processor_count} SMs, "
+        f"{props.total_memory / 2**30:.1f} GiB), {torch.cuda.device_count()} visible"
+    )
     for name in ("triton", "lightning"):
         try:
             facts[name] = __import__(name).__version__
@@ -696,8 +828,9 @@ def probe_environment() -> dict[str, Any]:
         facts["lightning_scaling"] = lightning_scaling.__version__
         importlib.import_module("lightning_scaling.kernels.ops.attention")
     except Exception as err:  # noqa: BLE001
-        facts["lightning_scaling"] = f"{facts.get('lightning_scaling', '?')}; kernels do not import: " \
-                                     f"{type(err).__name__}: {err}"
+        facts["lightning_scaling"] = (
+            f"{facts.get('lightning_scaling', '?')}; kernels do not import: {type(err).__name__}: {err}"
+        )
     facts["driver"], facts["gpu_state"] = _nvidia_smi()
     commit = _git_commit()
     if commit:
@@ -708,8 +841,13 @@ def probe_environment() -> dict[str, Any]:
 def _nvidia_smi() -> tuple[str, str]:
     query = "driver_version,memory.used,memory.total,clocks.sm,clocks.max.sm,temperature.gpu,utilization.gpu"
     try:
-        out = subprocess.run(["nvidia-smi", f"--query-gpu={query}", "--format=csv,noheader,nounits"],
-                             capture_output=True, text=True, timeout=20, check=True).stdout.splitlines()[0]
+        out = subprocess.run(
+            ["nvidia-smi", f"--query-gpu={query}", "--format=csv,noheader,nounits"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+            check=True,
+        ).stdout.splitlines()[0]
         driver, used, total, sm, sm_max, temp, util = (v.strip() for v in out.split(","))
     except Exception as err:  # noqa: BLE001
         return "n/a", f"nvidia-smi failed ({type(err).__name__})"
@@ -718,8 +856,17 @@ def _nvidia_smi() -> tuple[str, str]:
 
 def _git_commit() -> str | None:
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                              timeout=10, check=True).stdout.strip() or None
+        return (
+            subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"],
+                cwd=REPO,
+                capture_output=True,
+                text=True,
+                timeout=10,
+                check=True,
+            ).stdout.strip()
+            or None
+        )
     except Exception:  # noqa: BLE001 - the copy on the GPU machine may have no .git
         return None
 
@@ -727,8 +874,14 @@ def _git_commit() -> str | None:
 def _probe_in_subprocess(timeout_s: float = 60.0) -> dict[str, Any]:
     """The environment probe in a child process, so that this one never holds a CUDA context."""
     try:
-        done = subprocess.run([sys.executable, str(THIS), "--probe-env"], cwd=REPO, capture_output=True, text=True,
-                              timeout=timeout_s, check=False)
+        done = subprocess.run(
+            [sys.executable, str(THIS), "--probe-env"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+            check=False,
+        )
     except subprocess.TimeoutExpired:
         return {"cuda_available": False, "error": f"the environment probe took over {timeout_s:.0f} s"}
     for line in reversed(done.stdout.splitlines()):
@@ -757,12 +910,18 @@ def dry_run(planned: list[tuple[Item, float]], budget_s: float) -> int:
     print("gpu_check dry run: nothing runs on a GPU.\n")
     print(render_plan(planned, budget_s))
     missing = [m for m in REQUIRED_MODULES if importlib.util.find_spec(m) is None]
-    optional = {name: importlib.util.find_spec(mod) is not None
-                for name, mod in (("pytest-xdist", "xdist"), ("pytest-timeout", "pytest_timeout"))}
-    print(f"\nimports: {', '.join(m for m in REQUIRED_MODULES if m not in missing)} found"
-          + (f"; MISSING: {', '.join(missing)}" if missing else ""))
-    print("optional: " + ", ".join(f"{k} {'found' if v else 'not found (item 1 runs without it)'}"
-                                   for k, v in optional.items()))
+    optional = {
+        name: importlib.util.find_spec(mod) is not None
+        for name, mod in (("pytest-xdist", "xdist"), ("pytest-timeout", "pytest_timeout"))
+    }
+    print(
+        f"\nimports: {', '.join(m for m in REQUIRED_MODULES if m not in missing)} found"
+        + (f"; MISSING: {', '.join(missing)}" if missing else "")
+    )
+    print(
+        "optional: "
+        + ", ".join(f"{k} {'found' if v else 'not found (item 1 runs without it)'}" for k, v in optional.items())
+    )
     problems += [f"{m} is not installed" for m in missing]
     name = "gpu_check_dry_run_gpu_mfu"
     try:
@@ -781,12 +940,19 @@ def dry_run(planned: list[tuple[Item, float]], budget_s: float) -> int:
         problems += _static_check(item)
     if not (REPO / "examples" / "gpt.py").is_file():
         problems.append("examples/gpt.py is missing")
-    report = render_report({"device": "FAKE (dry run)", "date": "-"}, _fake_outcomes(planned), budget_s, 0.0,
-                           ["fake rows: the table writer exercised"])
+    report = render_report(
+        {"device": "FAKE (dry run)", "date": "-"},
+        _fake_outcomes(planned),
+        budget_s,
+        0.0,
+        ["fake rows: the table writer exercised"],
+    )
     table_problems = markdown_table_problems(report)
     problems += [f"table writer: {p}" for p in table_problems]
-    print(f"table writer: a fake report of {len(report.splitlines())} lines, "
-          f"{'well-formed' if not table_problems else 'MALFORMED'}")
+    print(
+        f"table writer: a fake report of {len(report.splitlines())} lines, "
+        f"{'well-formed' if not table_problems else 'MALFORMED'}"
+    )
     if problems:
         print("\nproblems:\n" + "\n".join(f"- {p}" for p in problems))
         return 1
@@ -806,7 +972,7 @@ def _static_check(item: Item) -> list[str]:
     if item.kind == "pytest":
         return []
     text = path.read_text(encoding="utf-8")
-    after = list(item.argv[item.argv.index(paths[0]) + 1:])
+    after = list(item.argv[item.argv.index(paths[0]) + 1 :])
     wanted = [a for a in after if a.startswith("--") or (a.isidentifier() and a == after[0])]
     wanted += COLUMNS_READ.get(item.kind, ())
     return [f"run {item.id}: {paths[0]} does not mention {a!r}" for a in wanted if f'"{a}"' not in text]
@@ -826,12 +992,19 @@ def _budget_seconds(text: str) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     epilog="Exit codes: 0 all passed, 1 a run failed or timed out, 2 no CUDA GPU.")
-    parser.add_argument("--out", type=Path, help="folder for gpu_check.md, gpu_check.log and gpu_check.json "
-                                                 "(needed unless --dry-run)")
-    parser.add_argument("--budget-s", type=_budget_seconds, default=DEFAULT_BUDGET_S,
-                        help=f"seconds for the whole check, at least {MIN_BUDGET_S:.0f} (default {DEFAULT_BUDGET_S:.0f})")
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        epilog="Exit codes: 0 all passed, 1 a run failed or timed out, 2 no CUDA GPU.",
+    )
+    parser.add_argument(
+        "--out", type=Path, help="folder for gpu_check.md, gpu_check.log and gpu_check.json (needed unless --dry-run)"
+    )
+    parser.add_argument(
+        "--budget-s",
+        type=_budget_seconds,
+        default=DEFAULT_BUDGET_S,
+        help=f"seconds for the whole check, at least {MIN_BUDGET_S:.0f} (default {DEFAULT_BUDGET_S:.0f})",
+    )
     parser.add_argument("--only", help="comma-separated runs to do, e.g. 2b,4 (item numbers mean all their runs)")
     parser.add_argument("--dry-run", action="store_true", help="print the plan and check the script; run nothing")
     parser.add_argument("--probe-env", action="store_true", help=argparse.SUPPRESS)
@@ -854,8 +1027,11 @@ def main(argv: list[str] | None = None) -> int:
     env = _probe_in_subprocess()
     if not env.get("cuda_available"):
         reason = env.get("error") or "torch.cuda.is_available() is False"
-        print(f"gpu_check: no CUDA GPU available here ({reason}); this check needs an NVIDIA GPU. "
-              "--dry-run prints the plan without one.", file=sys.stderr)
+        print(
+            f"gpu_check: no CUDA GPU available here ({reason}); this check needs an NVIDIA GPU. "
+            "--dry-run prints the plan without one.",
+            file=sys.stderr,
+        )
         return 2
     print(render_plan(planned, args.budget_s), flush=True)
     outcomes = run_items(planned, args.out, env, args.budget_s, started)

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import itertools
 import json
 import statistics
 import sys
@@ -116,8 +117,15 @@ def analytic_flops_per_step(shape: RunShape, convention: str) -> float:
     from lightning_scaling.flops.formulas import transformer_flops
 
     per_sequence = transformer_flops(
-        n_layer=shape.n_layer, d_model=shape.d_model, n_head=shape.n_head, seq_len=shape.seq_len,
-        vocab_size=shape.vocab_size, d_ff=shape.d_ff, gated_mlp=True, causal=True, convention=convention,
+        n_layer=shape.n_layer,
+        d_model=shape.d_model,
+        n_head=shape.n_head,
+        seq_len=shape.seq_len,
+        vocab_size=shape.vocab_size,
+        d_ff=shape.d_ff,
+        gated_mlp=True,
+        causal=True,
+        convention=convention,
         causal_attention="half",
     ).total
     return per_sequence * shape.batch_size * shape.accumulate
@@ -129,8 +137,14 @@ def target_tokens(batch: Any) -> int:
 
 
 def _gpt_config(gpt: ModuleType, shape: RunShape) -> Any:
-    return gpt.GPTConfig(vocab_size=shape.vocab_size, seq_len=shape.seq_len, n_layer=shape.n_layer,
-                         n_head=shape.n_head, d_model=shape.d_model, d_ff=shape.d_ff)
+    return gpt.GPTConfig(
+        vocab_size=shape.vocab_size,
+        seq_len=shape.seq_len,
+        n_layer=shape.n_layer,
+        n_head=shape.n_head,
+        d_model=shape.d_model,
+        d_ff=shape.d_ff,
+    )
 
 
 def _check_device(device: str) -> str:
@@ -176,16 +190,19 @@ def _make_step_boundary_callback(device: str) -> Any:
                 self.marks.append(mark())
 
         def on_train_end(self, trainer: Any, pl_module: Any) -> None:
-            found = {key: float(value) for key in CALLBACK_METRICS
-                     if (value := trainer.callback_metrics.get(key)) is not None}
+            found = {
+                key: float(value)
+                for key in CALLBACK_METRICS
+                if (value := trainer.callback_metrics.get(key)) is not None
+            }
             self.metrics[trainer.global_step] = found
 
         def step_seconds(self) -> list[float]:
             """Seconds of each optimizer step (on CUDA from the events: synchronises once)."""
             if device != "cuda":
-                return [b.seconds - a.seconds for a, b in zip(self.marks, self.marks[1:])]
+                return [b.seconds - a.seconds for a, b in itertools.pairwise(self.marks)]
             torch.cuda.synchronize()
-            return [a.elapsed_time(b) / 1e3 for a, b in zip(self.marks, self.marks[1:])]
+            return [a.elapsed_time(b) / 1e3 for a, b in itertools.pairwise(self.marks)]
 
     return StepBoundaries()
 
@@ -194,10 +211,19 @@ def _trainer(callbacks: list[Any], steps: int, accumulate: int, device: str) -> 
     import lightning as L
 
     return L.Trainer(
-        accelerator=device, devices=1, precision="bf16-mixed" if device == "cuda" else "32-true", max_steps=steps,
+        accelerator=device,
+        devices=1,
+        precision="bf16-mixed" if device == "cuda" else "32-true",
+        max_steps=steps,
         accumulate_grad_batches=accumulate,
-        gradient_clip_val=1.0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0, callbacks=callbacks,
+        gradient_clip_val=1.0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        callbacks=callbacks,
     )
 
 
@@ -252,8 +278,14 @@ def matmul_ceiling(size: int = 8192, repeats: int = 10, warmups: int = 3) -> flo
     return 2.0 * size**3 / seconds
 
 
-def compare_with_hand(step_seconds: list[float], metrics: dict[int, dict[str, float]], analytic_flops: float,
-                      peak_flops: float | None, window: int, first_step: int) -> dict[str, Any]:
+def compare_with_hand(
+    step_seconds: list[float],
+    metrics: dict[int, dict[str, float]],
+    analytic_flops: float,
+    peak_flops: float | None,
+    window: int,
+    first_step: int,
+) -> dict[str, Any]:
     """Callback MFU against the hand computation at each step the callback's metrics were read after.
 
     ``step_seconds[k - 1]`` is the measured time of optimizer step ``k`` (seconds); ``metrics[k]`` what the
@@ -268,22 +300,25 @@ def compare_with_hand(step_seconds: list[float], metrics: dict[int, dict[str, fl
         values = metrics[step]
         if step < first_step + window - 1 or step > len(step_seconds):
             continue
-        span = step_seconds[max(0, step - window):step]
+        span = step_seconds[max(0, step - window) : step]
         mean_seconds = sum(span) / len(span)
-        cb_mfu, cb_flops, cb_rate = (values.get(k) for k in ("scaling/mfu", "scaling/flops_per_step",
-                                                              "scaling/flops_per_sec"))
+        cb_mfu, cb_flops, cb_rate = (
+            values.get(k) for k in ("scaling/mfu", "scaling/flops_per_step", "scaling/flops_per_sec")
+        )
         hand = analytic_flops / mean_seconds / peak_flops if peak_flops else None
-        rows.append({
-            "step": step,
-            "callback_mfu": cb_mfu,
-            "hand_mfu": hand,
-            "mfu_ratio": cb_mfu / hand if (cb_mfu and hand) else None,
-            "flops_ratio": cb_flops / analytic_flops if cb_flops else None,
-            "time_ratio": mean_seconds * cb_rate / cb_flops if (cb_flops and cb_rate) else None,
-            "callback_flops_per_step": cb_flops,
-            "callback_flops_per_sec": cb_rate,
-            "measured_flops_per_sec": analytic_flops / mean_seconds,
-        })
+        rows.append(
+            {
+                "step": step,
+                "callback_mfu": cb_mfu,
+                "hand_mfu": hand,
+                "mfu_ratio": cb_mfu / hand if (cb_mfu and hand) else None,
+                "flops_ratio": cb_flops / analytic_flops if cb_flops else None,
+                "time_ratio": mean_seconds * cb_rate / cb_flops if (cb_flops and cb_rate) else None,
+                "callback_flops_per_step": cb_flops,
+                "callback_flops_per_sec": cb_rate,
+                "measured_flops_per_sec": analytic_flops / mean_seconds,
+            }
+        )
 
     def median(key: str) -> float | None:
         found = [value for r in rows if (value := r[key]) is not None]
@@ -304,8 +339,15 @@ def compare_with_hand(step_seconds: list[float], metrics: dict[int, dict[str, fl
     }
 
 
-def measure_mfu(use_kernels: bool, shape: RunShape = MFU_SHAPE, steps: int = 100, warmup: int = 10,
-                corpus_bytes: int = 4_000_000, device: str = "cuda", peak_flops: float | None = None) -> dict[str, Any]:
+def measure_mfu(
+    use_kernels: bool,
+    shape: RunShape = MFU_SHAPE,
+    steps: int = 100,
+    warmup: int = 10,
+    corpus_bytes: int = 4_000_000,
+    device: str = "cuda",
+    peak_flops: float | None = None,
+) -> dict[str, Any]:
     """Train the example GPT for ``steps`` optimizer steps under ``FlopCounter(peak_flops=peak_flops)`` and return
     the callback's MFU beside the hand computation (see the module docstring). Times in seconds, FLOPs as counts,
     MFU as a fraction of the dense peak (FLOP/s of one device; None: the hardware table's bf16 figure).
@@ -381,7 +423,7 @@ def _short_location(filename: str, lineno: int) -> str:
     parts = path.parts
     for anchor in ("site-packages", "dist-packages"):
         if anchor in parts:
-            parts = parts[parts.index(anchor) + 1:]
+            parts = parts[parts.index(anchor) + 1 :]
             break
     else:
         try:
@@ -391,8 +433,9 @@ def _short_location(filename: str, lineno: int) -> str:
     return f"{'/'.join(parts)}:{lineno}"
 
 
-def count_host_syncs(with_monitor: bool, shape: RunShape = SYNC_SHAPE, steps: int = 60, warmup: int = 10,
-                     device: str = "cuda") -> dict[str, Any]:
+def count_host_syncs(
+    with_monitor: bool, shape: RunShape = SYNC_SHAPE, steps: int = 60, warmup: int = 10, device: str = "cuda"
+) -> dict[str, Any]:
     """Synchronising CUDA calls per optimizer step after ``warmup`` steps, with or without ScalingMonitor.
 
     Two counts: ``torch.cuda.set_sync_debug_mode("warn")`` warnings (grouped by the source line that triggered
@@ -418,8 +461,9 @@ def count_host_syncs(with_monitor: bool, shape: RunShape = SYNC_SHAPE, steps: in
     profiler_error: list[str] = []
     profiler_read: list[bool] = []  # one True once the profiler's window was read
 
-    def record_warning(message: Any, category: Any, filename: str, lineno: int, file: Any = None,
-                       line: Any = None) -> None:
+    def record_warning(
+        message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None
+    ) -> None:
         records.append((str(message), filename, lineno))
 
     class SyncWindow(Callback):
@@ -478,8 +522,9 @@ def count_host_syncs(with_monitor: bool, shape: RunShape = SYNC_SHAPE, steps: in
             options["report"] = False  # no report file written into the checkout
         callbacks.insert(0, ScalingMonitor(**options))
     L.seed_everything(0, verbose=False)
-    model = gpt.GPTLightningModule(_gpt_config(gpt, shape), warmup_steps=min(10, steps),
-                                   use_kernels=device == "cuda" and gpt.kernels_available())
+    model = gpt.GPTLightningModule(
+        _gpt_config(gpt, shape), warmup_steps=min(10, steps), use_kernels=device == "cuda" and gpt.kernels_available()
+    )
     train, _ = gpt.make_dataloaders(shape.seq_len, shape.batch_size, max_bytes=2_000_000)
     trainer = _trainer(callbacks, steps, shape.accumulate, device)
     cuda = device == "cuda"
@@ -496,14 +541,16 @@ def count_host_syncs(with_monitor: bool, shape: RunShape = SYNC_SHAPE, steps: in
                 torch.cuda.set_sync_debug_mode(previous_mode)
     is_sync = [SYNC_WARNING_TEXT in message for message, _, _ in records]
     # ends[k] = warnings so far at the end of optimizer step k; steps warmup+1 .. last are counted
-    per_step = [sum(is_sync[ends[k - 1]:ends[k]]) for k in range(warmup + 1, len(ends))]
+    per_step = [sum(is_sync[ends[k - 1] : ends[k]]) for k in range(warmup + 1, len(ends))]
     start, end = (ends[warmup], ends[-1]) if len(ends) > warmup else (0, 0)
     locations: dict[str, int] = {}
-    for (_, filename, lineno), sync in zip(records[start:end], is_sync[start:end]):
+    for (_, filename, lineno), sync in zip(records[start:end], is_sync[start:end], strict=True):
         if sync:
             key = _short_location(filename, lineno)
             locations[key] = locations.get(key, 0) + 1
-    other = sorted({message.splitlines()[0][:160] for (message, _, _), s in zip(records, is_sync) if not s})
+    other = sorted(
+        {message.splitlines()[0][:160] for (message, _, _), s in zip(records, is_sync, strict=True) if not s}
+    )
     timed_steps = max(len(per_step), 1)
     return {
         "monitor": with_monitor,
@@ -537,36 +584,65 @@ def _print_markdown_table(header: list[str], rows: list[list[str]]) -> None:
     print_table(header, rows, markdown=True)
 
 
-def _mfu_report(results: list[dict[str, Any]], errors: dict[str, str],
-                matmul_flops: float | None = None) -> dict[str, Any]:
+def _mfu_report(
+    results: list[dict[str, Any]], errors: dict[str, str], matmul_flops: float | None = None
+) -> dict[str, Any]:
     peak = next((r["peak"] for r in results), None)
     known = peak["peak_bf16_flops"] if peak else None
     print(BEGIN_MARK)
     if peak:
-        print(f"Hardware table: `{peak['device_name']}` -> `{peak['table_key']}`, dense bf16 peak "
-              f"{_fmt(known, '.1f', 1e-12)} TFLOP/s (Lightning's own table: "
-              f"{_fmt(peak['lightning_peak_bf16_flops'], '.1f', 1e-12)} TFLOP/s).")
+        print(
+            f"Hardware table: `{peak['device_name']}` -> `{peak['table_key']}`, dense bf16 peak "
+            f"{_fmt(known, '.1f', 1e-12)} TFLOP/s (Lightning's own table: "
+            f"{_fmt(peak['lightning_peak_bf16_flops'], '.1f', 1e-12)} TFLOP/s)."
+        )
     if matmul_flops:
         share = f" = {matmul_flops / known:.2f} of the table's peak" if known else ""
-        print(f"A bf16 8192x8192x8192 matmul (torch, random inputs, mean of 10) runs at "
-              f"{matmul_flops / 1e12:.1f} TFLOP/s on this device{share}: the practical ceiling for MFU.")
+        print(
+            f"A bf16 8192x8192x8192 matmul (torch, random inputs, mean of 10) runs at "
+            f"{matmul_flops / 1e12:.1f} TFLOP/s on this device{share}: the practical ceiling for MFU."
+        )
     print()
-    header = ["kernels", "steps", "step ms (median)", "FLOPs/step callback", "FLOPs/step PaLM",
-              "FLOPs/step Chinchilla", "TFLOP/s callback", "TFLOP/s measured", "MFU callback", "MFU hand",
-              "callback / hand", "FLOP ratio", "time ratio", "MFU hand (median step)",
-              "final loss", "peak GiB"]
+    header = [
+        "kernels",
+        "steps",
+        "step ms (median)",
+        "FLOPs/step callback",
+        "FLOPs/step PaLM",
+        "FLOPs/step Chinchilla",
+        "TFLOP/s callback",
+        "TFLOP/s measured",
+        "MFU callback",
+        "MFU hand",
+        "callback / hand",
+        "FLOP ratio",
+        "time ratio",
+        "MFU hand (median step)",
+        "final loss",
+        "peak GiB",
+    ]
     rows = []
     for r in results:
-        rows.append([
-            "on" if r["kernels"] else "off", str(r["steps"]), _fmt(r["step_seconds_median"], ".2f", 1e3),
-            _fmt(r["callback_flops_per_step"], ".4g"), _fmt(r["analytic_flops_per_step_palm"], ".4g"),
-            _fmt(r["analytic_flops_per_step_chinchilla"], ".4g"), _fmt(r["callback_flops_per_sec"], ".1f", 1e-12),
-            _fmt(r["measured_flops_per_sec"], ".1f", 1e-12), _fmt(r["callback_mfu"], ".4f"),
-            _fmt(r["hand_mfu_window"], ".4f"), _fmt(r["mfu_ratio_callback_over_hand"], ".4f"),
-            _fmt(r["flops_ratio_callback_over_analytic"], ".4f"),
-            _fmt(r["time_ratio_measured_over_callback"], ".4f"), _fmt(r["hand_mfu_median_step"], ".4f"),
-            _fmt(r["final_loss"], ".3f"), _fmt(r["peak_memory_gib"], ".1f"),
-        ])
+        rows.append(
+            [
+                "on" if r["kernels"] else "off",
+                str(r["steps"]),
+                _fmt(r["step_seconds_median"], ".2f", 1e3),
+                _fmt(r["callback_flops_per_step"], ".4g"),
+                _fmt(r["analytic_flops_per_step_palm"], ".4g"),
+                _fmt(r["analytic_flops_per_step_chinchilla"], ".4g"),
+                _fmt(r["callback_flops_per_sec"], ".1f", 1e-12),
+                _fmt(r["measured_flops_per_sec"], ".1f", 1e-12),
+                _fmt(r["callback_mfu"], ".4f"),
+                _fmt(r["hand_mfu_window"], ".4f"),
+                _fmt(r["mfu_ratio_callback_over_hand"], ".4f"),
+                _fmt(r["flops_ratio_callback_over_analytic"], ".4f"),
+                _fmt(r["time_ratio_measured_over_callback"], ".4f"),
+                _fmt(r["hand_mfu_median_step"], ".4f"),
+                _fmt(r["final_loss"], ".3f"),
+                _fmt(r["peak_memory_gib"], ".1f"),
+            ]
+        )
     if rows:
         _print_markdown_table(header, rows)
     for name, err in errors.items():
@@ -574,42 +650,66 @@ def _mfu_report(results: list[dict[str, Any]], errors: dict[str, str],
     if results:
         r0 = results[0]
         clock = "CUDA-event" if r0["device"] == "cuda" else "host-clock"
-        print(f"\nShape: {r0['shape']}; {r0['tokens_per_step']} tokens per optimizer step; "
-              f"{'bf16-mixed' if r0['device'] == 'cuda' else 'fp32 on the CPU (plumbing check, not a measurement)'}. "
-              f"MFU hand = analytic PaLM FLOPs per step (lightning_scaling.flops, causal attention as half) / "
-              f"{clock} step time / dense peak, over the callback's {r0['window_steps']}-step window ending at the "
-              "last step (the callback's metrics are read once, after training: reading them during training "
-              "would synchronise with the device). callback / hand = FLOP ratio (callback FLOPs per step / "
-              f"analytic) x time ratio ({clock} step time / step time implied by the callback's FLOP/s). "
-              f"MFU hand (median step): the median step after {r0['warmup_steps']} warm-up steps instead of the "
-              "window mean.")
+        print(
+            f"\nShape: {r0['shape']}; {r0['tokens_per_step']} tokens per optimizer step; "
+            f"{'bf16-mixed' if r0['device'] == 'cuda' else 'fp32 on the CPU (plumbing check, not a measurement)'}. "
+            f"MFU hand = analytic PaLM FLOPs per step (lightning_scaling.flops, causal attention as half) / "
+            f"{clock} step time / dense peak, over the callback's {r0['window_steps']}-step window ending at the "
+            "last step (the callback's metrics are read once, after training: reading them during training "
+            "would synchronise with the device). callback / hand = FLOP ratio (callback FLOPs per step / "
+            f"analytic) x time ratio ({clock} step time / step time implied by the callback's FLOP/s). "
+            f"MFU hand (median step): the median step after {r0['warmup_steps']} warm-up steps instead of the "
+            "window mean."
+        )
     print(END_MARK)
     parts = []
     for r in results:
         ratio = r.get("mfu_ratio_callback_over_hand")
         gap = "n/a" if ratio is None else f"{100 * (ratio - 1):+.1f}%"
-        parts.append(f"kernels {'on' if r['kernels'] else 'off'}: MFU {_fmt(r['callback_mfu'], '.3f')} callback vs "
-                     f"{_fmt(r.get('hand_mfu_window'), '.3f')} hand ({gap})")
+        parts.append(
+            f"kernels {'on' if r['kernels'] else 'off'}: MFU {_fmt(r['callback_mfu'], '.3f')} callback vs "
+            f"{_fmt(r.get('hand_mfu_window'), '.3f')} hand ({gap})"
+        )
     parts += [f"{name if name == 'matmul ceiling' else 'kernels ' + name}: failed" for name in errors]
     if peak:
         parts.append(f"peak {peak['table_key']} {_fmt(peak['peak_bf16_flops'], '.0f', 1e-12)} TFLOP/s")
     if matmul_flops:
         parts.append(f"matmul {matmul_flops / 1e12:.0f} TFLOP/s")
     summary = "; ".join(parts)
-    return {"summary": summary, "runs": results, "errors": errors, "matmul_bf16_flops": matmul_flops,
-            "ok": bool(results) and not errors}
+    return {
+        "summary": summary,
+        "runs": results,
+        "errors": errors,
+        "matmul_bf16_flops": matmul_flops,
+        "ok": bool(results) and not errors,
+    }
 
 
 def _syncs_report(results: list[dict[str, Any]], errors: dict[str, str]) -> dict[str, Any]:
     print(BEGIN_MARK)
-    header = ["callbacks", "kernels", "steps counted", "sync warnings / step (mean)", "max",
-              "profiler *Synchronize / step", "top sources"]
+    header = [
+        "callbacks",
+        "kernels",
+        "steps counted",
+        "sync warnings / step (mean)",
+        "max",
+        "profiler *Synchronize / step",
+        "top sources",
+    ]
     rows = []
     for r in results:
         top = ", ".join(f"{loc} ×{n}" for loc, n in list(r["sync_warnings_by_location"].items())[:4]) or "none"
-        rows.append(["ScalingMonitor" if r["monitor"] else "none", "on" if r["kernels"] else "off",
-                     str(r["steps_counted"]), f"{r['sync_warnings_per_step_mean']:.2f}",
-                     str(r["sync_warnings_per_step_max"]), _fmt(r["profiler_synchronize_per_step"], ".2f"), top])
+        rows.append(
+            [
+                "ScalingMonitor" if r["monitor"] else "none",
+                "on" if r["kernels"] else "off",
+                str(r["steps_counted"]),
+                f"{r['sync_warnings_per_step_mean']:.2f}",
+                str(r["sync_warnings_per_step_max"]),
+                _fmt(r["profiler_synchronize_per_step"], ".2f"),
+                top,
+            ]
+        )
     if rows:
         _print_markdown_table(header, rows)
     for r in results:
@@ -619,17 +719,21 @@ def _syncs_report(results: list[dict[str, Any]], errors: dict[str, str]) -> dict
         print(f"\n{name}: FAILED: {err}")
     if results:
         r0 = results[0]
-        print(f"\nShape: {r0['shape']}; {r0['micro_batches_per_step']} micro-batches per optimizer step; "
-              f"{r0['steps_counted']} steps counted after the warm-up. Warnings: "
-              "torch.cuda.set_sync_debug_mode('warn'), by the source line that triggered them; profiler: the CUDA "
-              "runtime's *Synchronize calls over the same steps (explicit torch.cuda.synchronize() included).")
+        print(
+            f"\nShape: {r0['shape']}; {r0['micro_batches_per_step']} micro-batches per optimizer step; "
+            f"{r0['steps_counted']} steps counted after the warm-up. Warnings: "
+            "torch.cuda.set_sync_debug_mode('warn'), by the source line that triggered them; profiler: the CUDA "
+            "runtime's *Synchronize calls over the same steps (explicit torch.cuda.synchronize() included)."
+        )
     print(END_MARK)
     by_name = {("monitor" if r["monitor"] else "none"): r for r in results}
     if "none" in by_name and "monitor" in by_name:
         added = by_name["monitor"]["sync_warnings_per_step_mean"] - by_name["none"]["sync_warnings_per_step_mean"]
-        summary = (f"ScalingMonitor adds {added:.2f} syncs per optimizer step (none "
-                   f"{by_name['none']['sync_warnings_per_step_mean']:.2f}, monitor "
-                   f"{by_name['monitor']['sync_warnings_per_step_mean']:.2f})")
+        summary = (
+            f"ScalingMonitor adds {added:.2f} syncs per optimizer step (none "
+            f"{by_name['none']['sync_warnings_per_step_mean']:.2f}, monitor "
+            f"{by_name['monitor']['sync_warnings_per_step_mean']:.2f})"
+        )
     else:
         summary = "incomplete: " + "; ".join(f"{k} failed" for k in errors)
     return {"summary": summary, "runs": results, "errors": errors, "ok": len(results) == 2 and not errors}
@@ -653,8 +757,10 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     if not torch.cuda.is_available():
-        print("gpu_mfu: no CUDA GPU is available here; this measurement needs an NVIDIA GPU. Nothing measured.",
-              file=sys.stderr)
+        print(
+            "gpu_mfu: no CUDA GPU is available here; this measurement needs an NVIDIA GPU. Nothing measured.",
+            file=sys.stderr,
+        )
         return 2
     print(f"device: {torch.cuda.get_device_name()} | torch {torch.__version__}", flush=True)
     results: list[dict[str, Any]] = []

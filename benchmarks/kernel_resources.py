@@ -28,13 +28,12 @@ from typing import Any
 
 os.environ.pop("TRITON_INTERPRET", None)  # the interpreter replaces the compiler; it must be off before import
 
-import torch  # noqa: E402
-import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.runtime import driver  # noqa: E402
-from triton.runtime.autotuner import Autotuner  # noqa: E402
-
-from _table import print_table  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+import torch
+import triton
+from _table import print_table
+from triton.backends.compiler import GPUTarget
+from triton.runtime import driver
+from triton.runtime.autotuner import Autotuner
 
 H100 = GPUTarget("cuda", 90, 32)
 H100_SHARED_BYTES = 232448  # 227 KiB: the most dynamic shared memory one program may opt into on sm_90
@@ -69,19 +68,22 @@ def compile_only(kernels: dict[str, Any], target: GPUTarget = H100) -> Iterator[
 
     def autotuned(name: str, kernel: Autotuner):
         def run(*args: Any, grid: Any, warmup: bool = False, **kwargs: Any) -> None:
-            kernel.nargs = dict(zip(kernel.arg_names, args))
+            # as Triton's Autotuner.run: trailing arguments may come by keyword, so args can be the shorter
+            kernel.nargs = dict(zip(kernel.arg_names, args, strict=False))
             configs = kernel.prune_configs(kwargs)  # the configs warmup compiles, in its order
             compiled = kernel.warmup(*args, grid=grid, **kwargs)
             for config, binary in zip(configs, compiled, strict=True):
-                records.append((name, {**config.kwargs, "warps": config.num_warps, "stages": config.num_stages},
-                                binary))
+                records.append(
+                    (name, {**config.kwargs, "warps": config.num_warps, "stages": config.num_stages}, binary)
+                )
+
         return run
 
     def plain(name: str, kernel: Any):
         def run(*args: Any, grid: Any, warmup: bool = False, **kwargs: Any) -> None:
             binary = type(kernel).run(kernel, *args, grid=grid, warmup=True, **kwargs)
-            records.append((name, {"warps": binary.metadata.num_warps, "stages": binary.metadata.num_stages},
-                            binary))
+            records.append((name, {"warps": binary.metadata.num_warps, "stages": binary.metadata.num_stages}, binary))
+
         return run
 
     previous = driver._active
@@ -101,10 +103,12 @@ def resources(binary: Any) -> dict[str, int]:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "kernel.cubin"
         path.write_bytes(binary.asm["cubin"])
-        usage = subprocess.run([str(_BIN / "cuobjdump"), "--dump-resource-usage", str(path)], check=True,
-                               capture_output=True, text=True).stdout
-        sass = subprocess.run([str(_BIN / "cuobjdump"), "--dump-sass", str(path)], check=True,
-                              capture_output=True, text=True).stdout
+        usage = subprocess.run(
+            [str(_BIN / "cuobjdump"), "--dump-resource-usage", str(path)], check=True, capture_output=True, text=True
+        ).stdout
+        sass = subprocess.run(
+            [str(_BIN / "cuobjdump"), "--dump-sass", str(path)], check=True, capture_output=True, text=True
+        ).stdout
     fields = {key: int(value) for key, value in re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", usage)}
     return {
         "registers": fields["REG"],
@@ -121,8 +125,12 @@ def resources(binary: Any) -> dict[str, int]:
 def attention_cases(dtypes: list[torch.dtype], head_dims: list[int], causals: list[bool]) -> list[dict]:
     from lightning_scaling.kernels.ops import attention as ops
 
-    kernels = {"attention fwd": ops._attn_fwd_kernel, "attention bwd preprocess": ops._attn_bwd_preprocess_kernel,
-               "attention bwd dk dv": ops._attn_bwd_dkdv_kernel, "attention bwd dq": ops._attn_bwd_dq_kernel}
+    kernels = {
+        "attention fwd": ops._attn_fwd_kernel,
+        "attention bwd preprocess": ops._attn_bwd_preprocess_kernel,
+        "attention bwd dk dv": ops._attn_bwd_dkdv_kernel,
+        "attention bwd dq": ops._attn_bwd_dq_kernel,
+    }
     rows = []
     batch, seq, heads = 2, 4096, 16
     for dtype in dtypes:
@@ -145,9 +153,12 @@ def swiglu_cases(dtypes: list[torch.dtype]) -> list[dict]:
     from lightning_scaling.kernels.ops import swiglu as elementwise
     from lightning_scaling.kernels.ops import swiglu_gemm as gemm
 
-    kernels = {"swiglu fwd": elementwise._swiglu_fwd_kernel, "swiglu bwd": elementwise._swiglu_bwd_kernel,
-               "gate/up GEMM + swiglu fwd": gemm._gate_up_swiglu_fwd_kernel,
-               "gate/up GEMM + swiglu bwd": gemm._gate_up_swiglu_bwd_kernel}
+    kernels = {
+        "swiglu fwd": elementwise._swiglu_fwd_kernel,
+        "swiglu bwd": elementwise._swiglu_bwd_kernel,
+        "gate/up GEMM + swiglu fwd": gemm._gate_up_swiglu_fwd_kernel,
+        "gate/up GEMM + swiglu bwd": gemm._gate_up_swiglu_bwd_kernel,
+    }
     rows = []
     tokens, d_model, d_ff = 16384, 2048, 5632
     for dtype in dtypes:
@@ -167,10 +178,15 @@ def swiglu_cases(dtypes: list[torch.dtype]) -> list[dict]:
 
 def _row(name: str, dtype: torch.dtype, shape: str, config: dict, binary: Any) -> dict:
     used = resources(binary)
-    fits = (used["spill_bytes"] == 0 and used["shared_bytes"] <= H100_SHARED_BYTES
-            and used["registers"] <= MAX_REGISTERS)
-    return {"kernel": name, "dtype": str(dtype).removeprefix("torch."), "shape": shape, "config": config, **used,
-            "fits": fits}
+    fits = used["spill_bytes"] == 0 and used["shared_bytes"] <= H100_SHARED_BYTES and used["registers"] <= MAX_REGISTERS
+    return {
+        "kernel": name,
+        "dtype": str(dtype).removeprefix("torch."),
+        "shape": shape,
+        "config": config,
+        **used,
+        "fits": fits,
+    }
 
 
 def _config_text(config: dict) -> str:
@@ -192,13 +208,37 @@ def main(argv: list[str] | None = None) -> int:
     rows += swiglu_cases(dtypes)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
-    print(f"compiled for {H100.backend} sm_{H100.arch} (H100) on this machine, not run | torch {torch.__version__} "
-          f"| triton {triton.__version__}")
-    header = ["kernel", "dtype", "shape", "config", "registers", "spilled bytes", "shared KiB", "HGMMA", "HMMA",
-              "fits H100"]
-    table = [[r["kernel"], r["dtype"], r["shape"], _config_text(r["config"]), str(r["registers"]),
-              str(r["spill_bytes"]), f"{r['shared_bytes'] / 1024:.0f}", str(r["hgmma"]), str(r["hmma"]),
-              "yes" if r["fits"] else "NO"] for r in rows]
+    print(
+        f"compiled for {H100.backend} sm_{H100.arch} (H100) on this machine, not run | torch {torch.__version__} "
+        f"| triton {triton.__version__}"
+    )
+    header = [
+        "kernel",
+        "dtype",
+        "shape",
+        "config",
+        "registers",
+        "spilled bytes",
+        "shared KiB",
+        "HGMMA",
+        "HMMA",
+        "fits H100",
+    ]
+    table = [
+        [
+            r["kernel"],
+            r["dtype"],
+            r["shape"],
+            _config_text(r["config"]),
+            str(r["registers"]),
+            str(r["spill_bytes"]),
+            f"{r['shared_bytes'] / 1024:.0f}",
+            str(r["hgmma"]),
+            str(r["hmma"]),
+            "yes" if r["fits"] else "NO",
+        ]
+        for r in rows
+    ]
     print_table(header, table, args.markdown, align_right=False)
     return 0
 

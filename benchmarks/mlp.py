@@ -22,10 +22,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import torch
-
 from _table import print_table  # benchmarks/ is on sys.path when run as a script
 
 
@@ -73,22 +71,34 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--markdown", action="store_true", help="print a Markdown table")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
-        print("benchmarks/mlp.py: no CUDA GPU here; the Triton kernels are benchmarked on a GPU only. "
-              "Nothing measured.")
+        print(
+            "benchmarks/mlp.py: no CUDA GPU here; the Triton kernels are benchmarked on a GPU only. Nothing measured."
+        )
         return 0
 
     import triton
-
     from _example import example_gpt
 
     GPTConfig, SwiGLU = example_gpt().GPTConfig, example_gpt().SwiGLU
 
     from lightning_scaling.kernels.modules import FusedSwiGLU
 
-    print(f"device: {torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__} | "
-          f"bf16 | {args.tokens} tokens")
-    header = ["d_model", "d_ff", "variant", "pass", "ms", "TFLOP/s", "speed vs eager", "act MiB",
-              "act mem vs eager", "peak MiB"]
+    print(
+        f"device: {torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__} | "
+        f"bf16 | {args.tokens} tokens"
+    )
+    header = [
+        "d_model",
+        "d_ff",
+        "variant",
+        "pass",
+        "ms",
+        "TFLOP/s",
+        "speed vs eager",
+        "act MiB",
+        "act mem vs eager",
+        "peak MiB",
+    ]
     rows = []
     for d_model in args.d_models:
         d_ff = -(-8 * d_model // 3 // 256) * 256
@@ -104,10 +114,23 @@ def main(argv: list[str] | None = None) -> int:
         base = results["eager"]
         for name, r in results.items():
             for mode in ("fwd", "bwd", "fwd+bwd"):
-                mem = ((f"{r['act_mib']:.0f}", f"{r['act_mib'] / base['act_mib']:.2f}", f"{r['peak_mib']:.0f}")
-                       if mode == "fwd+bwd" else ("",) * 3)
-                rows.append([str(d_model), str(d_ff), name, mode, f"{r[mode]:.3f}",
-                             f"{flops[mode] / r[mode] / 1e9:.1f}", f"{base[mode] / r[mode]:.2f}", *mem])
+                mem = (
+                    (f"{r['act_mib']:.0f}", f"{r['act_mib'] / base['act_mib']:.2f}", f"{r['peak_mib']:.0f}")
+                    if mode == "fwd+bwd"
+                    else ("",) * 3
+                )
+                rows.append(
+                    [
+                        str(d_model),
+                        str(d_ff),
+                        name,
+                        mode,
+                        f"{r[mode]:.3f}",
+                        f"{flops[mode] / r[mode] / 1e9:.1f}",
+                        f"{base[mode] / r[mode]:.2f}",
+                        *mem,
+                    ]
+                )
         del eager, variants
         torch.cuda.empty_cache()
     print_table(header, rows, args.markdown)

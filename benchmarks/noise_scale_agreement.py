@@ -62,16 +62,20 @@ from _table import print_table
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=250, help="optimizer steps per model size (default: 250)")
-    p.add_argument("--d-models", default="64,128",
-                   help="comma-separated model widths, one run each (default: 64,128; 4x the parameters)")
+    p.add_argument(
+        "--d-models",
+        default="64,128",
+        help="comma-separated model widths, one run each (default: 64,128; 4x the parameters)",
+    )
     p.add_argument("--n-layer", type=int, default=4)
     p.add_argument("--n-head", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=128, help="bytes per sequence")
     p.add_argument("--micro-batch", type=int, default=16, help="sequences per micro-batch")
     p.add_argument("--accumulate", type=int, default=2, help="micro-batches per optimizer step (>= 2)")
     p.add_argument("--lr", type=float, default=3e-3, help="peak AdamW learning rate (the example's)")
-    p.add_argument("--ema-decay", type=float, default=0.95,
-                   help="GradientNoiseScale's smoothing, per step (0.95: about 39 steps)")
+    p.add_argument(
+        "--ema-decay", type=float, default=0.95, help="GradientNoiseScale's smoothing, per step (0.95: about 39 steps)"
+    )
     p.add_argument("--every", type=int, default=25, help="print a table row every this many optimizer steps")
     p.add_argument("--corpus-bytes", type=int, default=4_000_000, help="bytes of the embedded corpus to read")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1: steadier on a shared machine)")
@@ -85,20 +89,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.accumulate < 2:
-        p.error(f"--accumulate must be at least 2 (the whole-model estimate needs two micro-batches per step on "
-                f"one device), got {args.accumulate}")
+        p.error(
+            f"--accumulate must be at least 2 (the whole-model estimate needs two micro-batches per step on "
+            f"one device), got {args.accumulate}"
+        )
     if not 0 < args.ema_decay < 1:
         p.error(f"--ema-decay must be in (0, 1), got {args.ema_decay}")
     if args.micro_batch < 2:
-        p.error("--micro-batch must be at least 2 (the norm-layer estimate compares one example with the "
-                "micro-batch)")
+        p.error("--micro-batch must be at least 2 (the norm-layer estimate compares one example with the micro-batch)")
     try:
         args.widths = [int(w) for w in args.d_models.split(",") if w.strip()]
     except ValueError:
         p.error(f"--d-models must be comma-separated whole numbers, got {args.d_models!r}")
     if not args.widths or any(w < 1 or w % args.n_head for w in args.widths):
-        p.error(f"--d-models must list widths that are positive multiples of --n-head ({args.n_head}), "
-                f"got {args.d_models!r}")
+        p.error(
+            f"--d-models must list widths that are positive multiples of --n-head ({args.n_head}), "
+            f"got {args.d_models!r}"
+        )
     return args
 
 
@@ -156,14 +163,18 @@ def _recorder(gns: Any, timer: _Timer) -> Any:
             self._step = trainer.global_step
             now = time.perf_counter()
             whole, norm = gns.estimate(), gns.norm_estimator.estimate()
-            self.rows.append({
-                "step": trainer.global_step,
-                "loss": gns.last_loss,
-                "whole": whole.b_simple, "whole_se": whole.stderr,
-                "norm": norm.b_simple, "norm_se": norm.stderr,
-                "seconds": now - (self._last_end or now),
-                "hooks": timer.seconds - self._last_hooks,
-            })
+            self.rows.append(
+                {
+                    "step": trainer.global_step,
+                    "loss": gns.last_loss,
+                    "whole": whole.b_simple,
+                    "whole_se": whole.stderr,
+                    "norm": norm.b_simple,
+                    "norm_se": norm.stderr,
+                    "seconds": now - (self._last_end or now),
+                    "hooks": timer.seconds - self._last_hooks,
+                }
+            )
             self._last_end, self._last_hooks = now, timer.seconds
 
     return Recorder()
@@ -176,27 +187,45 @@ def run(gpt: Any, args: argparse.Namespace, d_model: int) -> dict[str, Any]:
     from lightning_scaling.callbacks.gradient_noise_scale import GradientNoiseScale
 
     L.seed_everything(args.seed, verbose=False)
-    cfg = gpt.GPTConfig(n_layer=args.n_layer, n_head=args.n_head, d_model=d_model, d_ff=4 * d_model,
-                        seq_len=args.seq_len)
+    cfg = gpt.GPTConfig(
+        n_layer=args.n_layer, n_head=args.n_head, d_model=d_model, d_ff=4 * d_model, seq_len=args.seq_len
+    )
     module = gpt.GPTLightningModule(cfg, lr=args.lr, warmup_steps=min(50, args.steps // 10 + 1), use_kernels=False)
     params = sum(p.numel() for p in module.parameters())
     train, _ = gpt.make_dataloaders(args.seq_len, args.micro_batch, max_bytes=args.corpus_bytes)
     # measures only (no batch warnings); the norm layers on every step, so that both estimates see the same steps
-    gns = GradientNoiseScale(ema_decay=args.ema_decay, warmup_steps=10**9, norm_layers_every_n_steps=1,
-                             tokens_fn=lambda batch: batch[:, 1:].numel())
+    gns = GradientNoiseScale(
+        ema_decay=args.ema_decay,
+        warmup_steps=10**9,
+        norm_layers_every_n_steps=1,
+        tokens_fn=lambda batch: batch[:, 1:].numel(),
+    )
     timer = time_norm_layer_source(gns)
     recorder = _recorder(gns, timer)
-    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=args.steps, accumulate_grad_batches=args.accumulate,
-                        gradient_clip_val=1.0, callbacks=[gns, recorder], logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                        num_sanity_val_steps=0, log_every_n_steps=10)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=args.steps,
+        accumulate_grad_batches=args.accumulate,
+        gradient_clip_val=1.0,
+        callbacks=[gns, recorder],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        log_every_n_steps=10,
+    )
     L.seed_everything(args.seed, verbose=False)  # the same micro-batches in the same order at every width
     start = time.perf_counter()
     trainer.fit(module, train)
     seconds = time.perf_counter() - start
     if gns.mode != "hooks" or not gns.norm_layers_found:
-        raise SystemExit(f"d_model {d_model}: expected both sources on, got mode {gns.mode!r}, norm layers "
-                         f"{gns.norm_layers_found or 'none'} ({gns.summary()['status']})")
+        raise SystemExit(
+            f"d_model {d_model}: expected both sources on, got mode {gns.mode!r}, norm layers "
+            f"{gns.norm_layers_found or 'none'} ({gns.summary()['status']})"
+        )
     return {"params": params, "rows": recorder.rows, "seconds": seconds, "layers": gns.norm_layers_found}
 
 
@@ -218,20 +247,28 @@ def main(argv: list[str] | None = None) -> int:
 
     import lightning_scaling
 
-    warnings.filterwarnings("ignore", message=r".*(does not have many workers|log_every_n_steps|TPU available"
-                                              r"|no `val_dataloader`|LeafSpec).*")
+    warnings.filterwarnings(
+        "ignore",
+        message=r".*(does not have many workers|log_every_n_steps|TPU available"
+        r"|no `val_dataloader`|LeafSpec).*",
+    )
     for name in ("lightning.pytorch", "lightning.fabric"):
         logging.getLogger(name).setLevel(logging.WARNING)
     command = shlex.join(["python", "benchmarks/noise_scale_agreement.py", *(sys.argv[1:] if argv is None else argv)])
     print(f"command: {command}")
-    print(f"machine: {platform.machine()}, {os.cpu_count()} logical CPUs ({platform.processor() or 'cpu'}); "
-          f"torch threads: {torch.get_num_threads()}; python {platform.python_version()}, torch {torch.__version__}, "
-          f"lightning {L.__version__}, lightning_scaling {lightning_scaling.__version__}; "
-          f"date {time.strftime('%Y-%m-%d')}", flush=True)
-    print(f"example GPT, {args.n_layer} layers, seq {args.seq_len} bytes; micro-batch {args.micro_batch} sequences x "
-          f"accumulate {args.accumulate} = {args.micro_batch * args.accumulate} sequences per step; {args.steps} "
-          f"optimizer steps per size; AdamW peak lr {args.lr:g}; GradientNoiseScale(ema_decay={args.ema_decay:g})",
-          flush=True)
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} logical CPUs ({platform.processor() or 'cpu'}); "
+        f"torch threads: {torch.get_num_threads()}; python {platform.python_version()}, torch {torch.__version__}, "
+        f"lightning {L.__version__}, lightning_scaling {lightning_scaling.__version__}; "
+        f"date {time.strftime('%Y-%m-%d')}",
+        flush=True,
+    )
+    print(
+        f"example GPT, {args.n_layer} layers, seq {args.seq_len} bytes; micro-batch {args.micro_batch} sequences x "
+        f"accumulate {args.accumulate} = {args.micro_batch * args.accumulate} sequences per step; {args.steps} "
+        f"optimizer steps per size; AdamW peak lr {args.lr:g}; GradientNoiseScale(ema_decay={args.ema_decay:g})",
+        flush=True,
+    )
     gpt = example_gpt()
 
     results = []
@@ -239,26 +276,41 @@ def main(argv: list[str] | None = None) -> int:
         print(f"running d_model {d_model} ...", flush=True)
         result = run(gpt, args, d_model)
         results.append((d_model, result))
-        print(f"  done in {result['seconds']:.0f} s; {result['params'] / 1e6:.2f} M parameters; norm layers: "
-              f"{result['layers']}", flush=True)
+        print(
+            f"  done in {result['seconds']:.0f} s; {result['params'] / 1e6:.2f} M parameters; norm layers: "
+            f"{result['layers']}",
+            flush=True,
+        )
 
-    header = ["step", "train loss (nats/byte)", "whole-model B_simple (seq)", "norm-layer B_simple (seq)",
-              "ratio norm/whole"]
+    header = [
+        "step",
+        "train loss (nats/byte)",
+        "whole-model B_simple (seq)",
+        "norm-layer B_simple (seq)",
+        "ratio norm/whole",
+    ]
     summary = []
     for d_model, result in results:
         rows = result["rows"]
-        half = rows[len(rows) // 2:]
+        half = rows[len(rows) // 2 :]
         ratios = [r for r in map(_ratio, half) if math.isfinite(r)]
         shown = [r for r in rows if r["step"] % args.every == 0 or r is rows[-1]]
-        table = [[str(int(r["step"])), f"{r['loss']:.3f}", _number(r["whole"], r["whole_se"]),
-                  _number(r["norm"], r["norm_se"]), f"{_ratio(r):.2f}" if math.isfinite(_ratio(r)) else "n/a"]
-                 for r in shown]
+        table = [
+            [
+                str(int(r["step"])),
+                f"{r['loss']:.3f}",
+                _number(r["whole"], r["whole_se"]),
+                _number(r["norm"], r["norm_se"]),
+                f"{_ratio(r):.2f}" if math.isfinite(_ratio(r)) else "n/a",
+            ]
+            for r in shown
+        ]
 
         def median(key: str, of: list[dict[str, float]] = half) -> float:
             values = [r[key] for r in of if math.isfinite(r[key])]
             return statistics.median(values) if values else math.nan
 
-        spread = (f"{statistics.median(ratios):.2f} [{min(ratios):.2f}–{max(ratios):.2f}]" if ratios else "n/a")
+        spread = f"{statistics.median(ratios):.2f} [{min(ratios):.2f}–{max(ratios):.2f}]" if ratios else "n/a"
         second_half = f"median, steps {int(half[0]['step'])}–{int(half[-1]['step'])}" if half else "median"
         table.append([second_half, "", _number(median("whole")), _number(median("norm")), spread])
         print(f"\nd_model {d_model} ({result['params'] / 1e6:.2f} M parameters; {result['layers']}):")
@@ -267,12 +319,32 @@ def main(argv: list[str] | None = None) -> int:
         steady = rows[1:] or rows
         step_ms = 1e3 * statistics.median(r["seconds"] for r in steady)
         hooks_ms = 1e3 * statistics.median(r["hooks"] for r in steady)
-        summary.append([str(d_model), f"{result['params'] / 1e6:.2f}", str(len(rows)), spread,
-                        f"{step_ms:.0f}", f"{hooks_ms:.2f}", f"{100 * hooks_ms / step_ms:.2f} %"])
+        summary.append(
+            [
+                str(d_model),
+                f"{result['params'] / 1e6:.2f}",
+                str(len(rows)),
+                spread,
+                f"{step_ms:.0f}",
+                f"{hooks_ms:.2f}",
+                f"{100 * hooks_ms / step_ms:.2f} %",
+            ]
+        )
 
     print("\nsummary (ratio: norm-layer / whole-model B_simple over the second half; cost: median over steps 2+):")
-    print_table(["d_model", "parameters (M)", "steps", "ratio norm/whole, median [min–max]", "step ms (median)",
-                 "norm-layer hooks ms/step (median)", "hooks / step"], summary, args.markdown)
+    print_table(
+        [
+            "d_model",
+            "parameters (M)",
+            "steps",
+            "ratio norm/whole, median [min–max]",
+            "step ms (median)",
+            "norm-layer hooks ms/step (median)",
+            "hooks / step",
+        ],
+        summary,
+        args.markdown,
+    )
     return 0
 
 

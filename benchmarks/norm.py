@@ -32,9 +32,8 @@ import sys
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from _table import print_table  # benchmarks/ is on sys.path when run as a script
+from torch import nn
 
 NORM_RTOL = 1e-3
 GRAD_FLOOR = 1e-3
@@ -60,8 +59,7 @@ class TorchNormWithPerExample(nn.Module):
     def _per_example(self, x: torch.Tensor, dy: torch.Tensor) -> None:
         width = (x.shape[-1],)
         xf = x.float()
-        xhat = F.rms_norm(xf, width, eps=EPS) if isinstance(self.norm, nn.RMSNorm) else F.layer_norm(xf, width,
-                                                                                                     eps=EPS)
+        xhat = F.rms_norm(xf, width, eps=EPS) if isinstance(self.norm, nn.RMSNorm) else F.layer_norm(xf, width, eps=EPS)
         dyf = dy.float()
         sq = torch.einsum("bth,bth->bh", dyf, xhat).square().sum(1)
         if getattr(self.norm, "bias", None) is not None:
@@ -75,8 +73,9 @@ def _bench(fn, grad_to_none) -> float:
     return triton.testing.do_bench(fn, warmup=10, rep=50, grad_to_none=grad_to_none, return_mode="median")
 
 
-def reference(kind: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-              dy: torch.Tensor) -> dict[str, torch.Tensor]:
+def reference(
+    kind: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dy: torch.Tensor
+) -> dict[str, torch.Tensor]:
     """dx, dw and the per-example squared norms in float64 from the same (bf16) inputs."""
     x64 = x.double().requires_grad_()
     w64 = weight.double().requires_grad_()
@@ -95,8 +94,9 @@ def reference(kind: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     return {"dx": dx, "dw": dw, "sq": sq}
 
 
-def errors(module: nn.Module, x: torch.Tensor, dy: torch.Tensor, exact: dict[str, torch.Tensor],
-           norms_of: nn.Module | None) -> dict[str, float]:
+def errors(
+    module: nn.Module, x: torch.Tensor, dy: torch.Tensor, exact: dict[str, torch.Tensor], norms_of: nn.Module | None
+) -> dict[str, float]:
     xg = x.detach().requires_grad_()
     for p in module.parameters():
         p.grad = None
@@ -145,8 +145,11 @@ def variants(kind: str, width: int) -> dict[str, nn.Module]:
             p.copy_(1 + 0.2 * torch.randn_like(p))
     made = {"torch": native, "torch + per-example": TorchNormWithPerExample(native)}
     for name, record in (("fused", True), ("fused, no per-example", False)):
-        fused = (FusedRMSNorm(width, eps=EPS, record_per_example_norms=record) if kind == "rms"
-                 else FusedLayerNorm(width, eps=EPS, record_per_example_norms=record))
+        fused = (
+            FusedRMSNorm(width, eps=EPS, record_per_example_norms=record)
+            if kind == "rms"
+            else FusedLayerNorm(width, eps=EPS, record_per_example_norms=record)
+        )
         fused.load_state_dict(native.state_dict())
         made[name] = fused
     return {name: m.cuda().bfloat16() for name, m in made.items()}
@@ -163,17 +166,32 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1")
     if not torch.cuda.is_available():
-        print("benchmarks/norm.py: no CUDA GPU here; the Triton kernels are benchmarked on a GPU only. "
-              "Nothing measured.")
+        print(
+            "benchmarks/norm.py: no CUDA GPU here; the Triton kernels are benchmarked on a GPU only. Nothing measured."
+        )
         return 0
 
     import triton
 
     tokens = args.batch * args.seq
-    print(f"device: {torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__} | "
-          f"bf16 | batch {args.batch} x {args.seq} tokens")
-    header = ["norm", "H", "variant", "pass", "ms", "GB/s", "speed vs torch", "speed vs torch+per-example",
-              "peak MiB", "dx err", "dw err", "sq norm err"]
+    print(
+        f"device: {torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__} | "
+        f"bf16 | batch {args.batch} x {args.seq} tokens"
+    )
+    header = [
+        "norm",
+        "H",
+        "variant",
+        "pass",
+        "ms",
+        "GB/s",
+        "speed vs torch",
+        "speed vs torch+per-example",
+        "peak MiB",
+        "dx err",
+        "dw err",
+        "sq norm err",
+    ]
     rows, failures = [], []
     for kind in ("layer", "rms"):
         for width in args.widths:
@@ -184,8 +202,10 @@ def main(argv: list[str] | None = None) -> int:
             native = modules["torch"]
             bias: torch.Tensor | None = getattr(native, "bias", None)
             exact = reference(kind, x, native.get_parameter("weight").detach(), bias, dy)
-            errs = {name: errors(m, x, dy, exact, m if name in ("torch + per-example", "fused") else None)
-                    for name, m in modules.items()}
+            errs = {
+                name: errors(m, x, dy, exact, m if name in ("torch + per-example", "fused") else None)
+                for name, m in modules.items()
+            }
             del exact
             results = {name: measure(m, x, dy) for name, m in modules.items()}
             traffic = {mode: n * tokens * width * 2 for mode, n in (("fwd", 2), ("bwd", 3), ("fwd+bwd", 5))}
@@ -194,19 +214,31 @@ def main(argv: list[str] | None = None) -> int:
                 e = errs[name]
                 for mode in ("fwd", "bwd", "fwd+bwd"):
                     last = mode == "fwd+bwd"
-                    rows.append([kind, str(width), name, mode, f"{r[mode]:.3f}",
-                                 f"{traffic[mode] / r[mode] / 1e6:.0f}", f"{base[mode] / r[mode]:.2f}",
-                                 f"{with_norms[mode] / r[mode]:.2f}",
-                                 f"{r['peak_mib']:.0f}" if last else "", f"{e['dx']:.1e}" if last else "",
-                                 f"{e['dw']:.1e}" if last else "", f"{e['sq']:.1e}" if last and "sq" in e else ""])
+                    rows.append(
+                        [
+                            kind,
+                            str(width),
+                            name,
+                            mode,
+                            f"{r[mode]:.3f}",
+                            f"{traffic[mode] / r[mode] / 1e6:.0f}",
+                            f"{base[mode] / r[mode]:.2f}",
+                            f"{with_norms[mode] / r[mode]:.2f}",
+                            f"{r['peak_mib']:.0f}" if last else "",
+                            f"{e['dx']:.1e}" if last else "",
+                            f"{e['dw']:.1e}" if last else "",
+                            f"{e['sq']:.1e}" if last and "sq" in e else "",
+                        ]
+                    )
             fused, torch_err = errs["fused"], errs["torch"]
             if not fused["sq"] <= NORM_RTOL:
-                failures.append(f"{kind} H={width}: per-example squared norms off by {fused['sq']:.1e} "
-                                f"(> {NORM_RTOL})")
+                failures.append(f"{kind} H={width}: per-example squared norms off by {fused['sq']:.1e} (> {NORM_RTOL})")
             for grad_name in ("dx", "dw"):
                 if not fused[grad_name] <= 2 * torch_err[grad_name] + GRAD_FLOOR:
-                    failures.append(f"{kind} H={width}: {grad_name} error {fused[grad_name]:.1e} vs torch bf16 "
-                                    f"{torch_err[grad_name]:.1e}")
+                    failures.append(
+                        f"{kind} H={width}: {grad_name} error {fused[grad_name]:.1e} vs torch bf16 "
+                        f"{torch_err[grad_name]:.1e}"
+                    )
             del modules, x, dy
             torch.cuda.empty_cache()
     print_table(header, rows, args.markdown)

@@ -115,8 +115,9 @@ class GPT(nn.Module):
 class GPTLightningModule(L.LightningModule):
     """Next-byte prediction. ``self.config`` carries the shape for the analytic FLOP count."""
 
-    def __init__(self, config: GPTConfig | None = None, lr: float = 3e-3, warmup_steps: int = 50,
-                 use_kernels: bool | None = None) -> None:
+    def __init__(
+        self, config: GPTConfig | None = None, lr: float = 3e-3, warmup_steps: int = 50, use_kernels: bool | None = None
+    ) -> None:
         super().__init__()
         self.config = config or GPTConfig()
         self.save_hyperparameters({"config": asdict(self.config), "lr": lr, "warmup_steps": warmup_steps})
@@ -193,8 +194,9 @@ class ByteChunks(Dataset):
         return self.tokens[start : start + self.seq_len + 1]
 
 
-def make_dataloaders(seq_len: int, batch_size: int, max_bytes: int = 4_000_000, val_fraction: float = 0.02,
-                     num_workers: int = 0) -> tuple[DataLoader, DataLoader]:
+def make_dataloaders(
+    seq_len: int, batch_size: int, max_bytes: int = 4_000_000, val_fraction: float = 0.02, num_workers: int = 0
+) -> tuple[DataLoader, DataLoader]:
     """Train and validation loaders over the embedded corpus (the validation split is the tail)."""
     data = stdlib_corpus(max_bytes)
     split = int(len(data) * (1 - val_fraction))

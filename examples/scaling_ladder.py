@@ -22,7 +22,6 @@ import sys
 import warnings
 from pathlib import Path
 
-
 SEQ_LEN = 64
 BATCH = 32
 
@@ -37,8 +36,7 @@ def train_one(out: Path, budget: float, d_model: int, n_layer: int, max_bytes: i
     from lightning_scaling.callbacks import TokenBudget
 
     torch.manual_seed(0)
-    cfg = GPTConfig(seq_len=SEQ_LEN, n_layer=n_layer, n_head=max(1, d_model // 16), d_model=d_model,
-                    d_ff=2 * d_model)
+    cfg = GPTConfig(seq_len=SEQ_LEN, n_layer=n_layer, n_head=max(1, d_model // 16), d_model=d_model, d_ff=2 * d_model)
     probe = GPTLightningModule(cfg)
     n_params = sum(p.numel() for p in probe.parameters())  # tied weights counted once
     tokens_per_step = BATCH * SEQ_LEN
@@ -46,15 +44,28 @@ def train_one(out: Path, budget: float, d_model: int, n_layer: int, max_bytes: i
     model = GPTLightningModule(cfg, lr=3e-3, warmup_steps=max(5, steps // 10), use_kernels=False)
     train, val = make_dataloaders(SEQ_LEN, BATCH, max_bytes=max_bytes)
     name = f"C{budget:.1e}_d{d_model}_l{n_layer}"
-    trainer = L.Trainer(max_steps=steps, logger=CSVLogger(out / "logs", name=name),
-                        callbacks=[TokenBudget()],
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        limit_val_batches=20, num_sanity_val_steps=0, log_every_n_steps=10, accelerator="cpu",
-                        devices=1, val_check_interval=None, check_val_every_n_epoch=None)
+    trainer = L.Trainer(
+        max_steps=steps,
+        logger=CSVLogger(out / "logs", name=name),
+        callbacks=[TokenBudget()],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=20,
+        num_sanity_val_steps=0,
+        log_every_n_steps=10,
+        accelerator="cpu",
+        devices=1,
+        val_check_interval=None,
+        check_val_every_n_epoch=None,
+    )
     trainer.fit(model, train)
     trainer.validate(model, val, verbose=False)
-    print(f"  {name}: {n_params:,} params, {steps * tokens_per_step:,} tokens, "
-          f"val loss {float(trainer.callback_metrics['val/loss']):.3f}", flush=True)
+    print(
+        f"  {name}: {n_params:,} params, {steps * tokens_per_step:,} tokens, "
+        f"val loss {float(trainer.callback_metrics['val/loss']):.3f}",
+        flush=True,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -93,14 +104,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"approach 3: {err}")
         return 0
     law = a3.law
-    print(f"approach 3: L = {law.E:.3f} + {law.A:.4g}/N^{law.alpha:.3f} + {law.B:.4g}/D^{law.beta:.3f}; "
-          f"N_opt ∝ C^{a3.a:.3f}")
+    print(
+        f"approach 3: L = {law.E:.3f} + {law.A:.4g}/N^{law.alpha:.3f} + {law.B:.4g}/D^{law.beta:.3f}; "
+        f"N_opt ∝ C^{a3.a:.3f}"
+    )
     law_file = out / "fitted.json"
     law_file.write_text(json.dumps({**law.to_dict(), "fit": a3.to_dict()}, indent=2) + "\n")
     next_budget = 10 * max(budgets)
     plan = law.compute_optimal(next_budget)
-    print(f"\nnext run at {next_budget:.1e} FLOPs: {float(plan.params):,.0f} params on {float(plan.tokens):,.0f} "
-          f"tokens ({float(plan.tokens) / float(plan.params):.1f} tokens/param), predicted loss {float(plan.loss):.3f}")
+    print(
+        f"\nnext run at {next_budget:.1e} FLOPs: {float(plan.params):,.0f} params on {float(plan.tokens):,.0f} "
+        f"tokens ({float(plan.tokens) / float(plan.params):.1f} tokens/param), predicted loss {float(plan.loss):.3f}"
+    )
     print(f"law written to {law_file}; also: lightning-scaling plan --law-file {law_file} --flops {next_budget:.1e}")
     return 0
 

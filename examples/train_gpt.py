@@ -11,17 +11,13 @@ The corpus ships with every Python installation: nothing is downloaded.
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
+import lightning as L
 import torch
+from gpt import GPTConfig, GPTLightningModule, kernels_available, make_dataloaders
+from lightning.pytorch.loggers import CSVLogger
 
-
-import lightning as L  # noqa: E402
-from gpt import GPTConfig, GPTLightningModule, kernels_available, make_dataloaders  # noqa: E402
-from lightning.pytorch.loggers import CSVLogger  # noqa: E402
-
-from lightning_scaling.callbacks import ScalingMonitor  # noqa: E402
+from lightning_scaling.callbacks import ScalingMonitor
 
 
 def target_tokens(batch: torch.Tensor) -> int:
@@ -55,8 +51,9 @@ def main(argv: list[str] | None = None) -> dict:
     use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is available")
-    config = GPTConfig(seq_len=args.seq_len, n_layer=args.n_layer, n_head=args.n_head, d_model=args.d_model,
-                       d_ff=4 * args.d_model)
+    config = GPTConfig(
+        seq_len=args.seq_len, n_layer=args.n_layer, n_head=args.n_head, d_model=args.d_model, d_ff=4 * args.d_model
+    )
     use_kernels = use_cuda and not args.no_kernels and kernels_available()
     model = GPTLightningModule(config, lr=args.lr, warmup_steps=min(50, args.steps // 10 + 1), use_kernels=use_kernels)
     train, val = make_dataloaders(args.seq_len, args.batch_size, max_bytes=args.corpus_bytes)

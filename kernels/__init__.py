@@ -55,8 +55,9 @@ def use_triton(tensor: torch.Tensor) -> bool:
     return tensor.device.type == "cpu" and _TRITON_ON_CPU and interpreter_enabled()
 
 
-def run_kernels(tensor: torch.Tensor, triton_impl: Callable[..., Any], reference_impl: Callable[..., Any],
-                *args: Any) -> Any:
+def run_kernels(
+    tensor: torch.Tensor, triton_impl: Callable[..., Any], reference_impl: Callable[..., Any], *args: Any
+) -> Any:
     """``triton_impl(*args)`` on ``tensor``'s GPU (Triton launches on the current device) when
     ``use_triton(tensor)``, else ``reference_impl(*args)``: the dispatch of every op in ``ops/``."""
     if not use_triton(tensor):
@@ -65,7 +66,7 @@ def run_kernels(tensor: torch.Tensor, triton_impl: Callable[..., Any], reference
         return triton_impl(*args)
 
 
-def __getattr__(name: str):  # lazy: importing the package does not import Triton
+def __getattr__(name: str) -> Any:  # lazy: importing the package does not import Triton
     if name in {"FusedSelfAttention", "FusedSwiGLU", "FusedLayerNorm", "FusedRMSNorm"}:
         from lightning_scaling.kernels import modules
 
@@ -93,6 +94,18 @@ def __getattr__(name: str):  # lazy: importing the package does not import Trito
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["FusedLayerNorm", "FusedRMSNorm", "FusedSelfAttention", "FusedSwiGLU", "flash_attention",
-           "fused_layer_norm", "fused_rms_norm", "interpreter_enabled", "swiglu", "swiglu_gate_up", "swiglu_mlp",
-           "triton_on_cpu", "use_triton"]
+__all__ = [
+    "FusedLayerNorm",
+    "FusedRMSNorm",
+    "FusedSelfAttention",
+    "FusedSwiGLU",
+    "flash_attention",
+    "fused_layer_norm",
+    "fused_rms_norm",
+    "interpreter_enabled",
+    "swiglu",
+    "swiglu_gate_up",
+    "swiglu_mlp",
+    "triton_on_cpu",
+    "use_triton",
+]

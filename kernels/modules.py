@@ -107,13 +107,16 @@ def _width(normalized_shape: int | Sequence[int]) -> int:
     """H from ``normalized_shape``: an int or a one-element sequence (the fused norms take the last dimension)."""
     if isinstance(normalized_shape, int) and not isinstance(normalized_shape, bool):
         shape: tuple = (normalized_shape,)
-    elif isinstance(normalized_shape, Sequence) and not isinstance(normalized_shape, str):
+    # a str is a Sequence too (of str, which the annotation rules out; untyped callers can still pass one)
+    elif isinstance(normalized_shape, Sequence) and not isinstance(normalized_shape, str):  # type: ignore[unreachable]
         shape = tuple(normalized_shape)
     else:
         raise ValueError(f"normalized_shape must be an int or a one-element sequence, got {normalized_shape!r}")
     if len(shape) != 1:
-        raise ValueError(f"normalized_shape must name one dimension (the fused norms normalise the last one), "
-                         f"got {normalized_shape!r}")
+        raise ValueError(
+            f"normalized_shape must name one dimension (the fused norms normalise the last one), "
+            f"got {normalized_shape!r}"
+        )
     return _positive_int("normalized_shape", shape[0])
 
 
@@ -127,14 +130,24 @@ class _FusedNorm(nn.Module):
     """What ``FusedLayerNorm`` and ``FusedRMSNorm`` share: the parameters, the per-example squared norms."""
 
     per_example_sq_norms: torch.Tensor | None
+    weight: nn.Parameter | None  # None without elementwise_affine
+    bias: nn.Parameter | None  # None without elementwise_affine or bias
 
-    def __init__(self, normalized_shape: int | Sequence[int], eps: float | None, elementwise_affine: bool,
-                 bias: bool, record_per_example_norms: bool, device: torch.device | str | None,
-                 dtype: torch.dtype | None) -> None:
+    def __init__(
+        self,
+        normalized_shape: int | Sequence[int],
+        eps: float | None,
+        elementwise_affine: bool,
+        bias: bool,
+        record_per_example_norms: bool,
+        device: torch.device | str | None,
+        dtype: torch.dtype | None,
+    ) -> None:
         super().__init__()
         width = _width(normalized_shape)
-        if eps is not None and (isinstance(eps, bool) or not isinstance(eps, (int, float))
-                                or not (math.isfinite(eps) and eps >= 0)):
+        if eps is not None and (
+            isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (math.isfinite(eps) and eps >= 0)
+        ):
             raise ValueError(f"eps must be a finite number >= 0 (or None for RMSNorm), got {eps!r}")
         self.normalized_shape = (width,)
         self.eps = eps
@@ -192,8 +205,10 @@ class _FusedNorm(nn.Module):
             raise ValueError(f"x must end in normalized_shape={self.normalized_shape[0]}, got shape {shape}")
 
     def extra_repr(self) -> str:
-        return (f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}, "
-                f"record_per_example_norms={self.record_per_example_norms}")
+        return (
+            f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}, "
+            f"record_per_example_norms={self.record_per_example_norms}"
+        )
 
 
 class FusedLayerNorm(_FusedNorm):
@@ -218,9 +233,18 @@ class FusedLayerNorm(_FusedNorm):
     Without ``elementwise_affine`` there are no parameters and nothing is recorded.
     """
 
-    def __init__(self, normalized_shape: int | Sequence[int], eps: float = 1e-5, elementwise_affine: bool = True,
-                 bias: bool = True, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
-                 record_per_example_norms: bool = True) -> None:
+    eps: float  # never None for LayerNorm (checked in __init__)
+
+    def __init__(
+        self,
+        normalized_shape: int | Sequence[int],
+        eps: float = 1e-5,
+        elementwise_affine: bool = True,
+        bias: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        record_per_example_norms: bool = True,
+    ) -> None:
         if eps is None:
             raise ValueError("eps must be a finite number >= 0 for LayerNorm, got None")
         super().__init__(normalized_shape, eps, elementwise_affine, bias, record_per_example_norms, device, dtype)
@@ -241,9 +265,15 @@ class FusedRMSNorm(_FusedNorm):
     ``torch.finfo(x.dtype).eps``, as there.
     """
 
-    def __init__(self, normalized_shape: int | Sequence[int], eps: float | None = None,
-                 elementwise_affine: bool = True, device: torch.device | str | None = None,
-                 dtype: torch.dtype | None = None, record_per_example_norms: bool = True) -> None:
+    def __init__(
+        self,
+        normalized_shape: int | Sequence[int],
+        eps: float | None = None,
+        elementwise_affine: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        record_per_example_norms: bool = True,
+    ) -> None:
         super().__init__(normalized_shape, eps, elementwise_affine, False, record_per_example_norms, device, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

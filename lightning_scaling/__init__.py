@@ -1,7 +1,8 @@
 """lightning-scaling: keep a Lightning training run compute-optimal.
 
 The pure math (``laws``, ``flops``' formulas, ``estimators.noise_scale``, ``planner``, ``run_report``) imports
-neither Lightning nor Triton; the callbacks import Lightning when first used. Names below load lazily so ``import lightning_scaling`` stays cheap.
+neither Lightning nor Triton; the callbacks import Lightning when first used. Names below load lazily so
+``import lightning_scaling`` stays cheap.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ _LAZY = {
     "BatchSizeSchedule": "lightning_scaling.callbacks",
 }
 
-__all__ = sorted(_LAZY) + ["ScalingWarning", "__version__"]
+__all__ = ["ScalingWarning", "__version__", *sorted(_LAZY)]
 
 
 def __getattr__(name: str) -> Any:

@@ -24,12 +24,14 @@ class _SourceKernelsFinder(importlib.abc.MetaPathFinder):
     def __init__(self, folder: Path) -> None:
         self.folder = folder
 
-    def find_spec(self, fullname: str, path: object = None,
-                  target: ModuleType | None = None) -> importlib.machinery.ModuleSpec | None:
+    def find_spec(
+        self, fullname: str, path: object = None, target: ModuleType | None = None
+    ) -> importlib.machinery.ModuleSpec | None:
         if fullname != _NAME:
             return None
         return importlib.util.spec_from_file_location(
-            fullname, self.folder / "__init__.py", submodule_search_locations=[str(self.folder)])
+            fullname, self.folder / "__init__.py", submodule_search_locations=[str(self.folder)]
+        )
 
 
 def install(package_dir: Path) -> None:

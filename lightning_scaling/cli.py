@@ -1,5 +1,5 @@
 """The ``lightning-scaling`` command. Each subcommand lives in its own module and imports heavy
-dependencies (torch, lightning, scipy) only when it runs, so ``lightning-scaling plan`` answers fast."""
+dependencies (numpy, matplotlib) only when it runs, so ``lightning-scaling plan`` answers fast."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import argparse
 import os
 import signal
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 # subcommand name -> module with ``add_arguments(parser)`` and ``run(args) -> int``
 _COMMANDS = {

@@ -43,10 +43,11 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
-from lightning_scaling.laws import definitions as _laws
 from lightning_scaling.argument_checks import boolean, fraction, one_of, positive_float, positive_int
+from lightning_scaling.laws import definitions as _laws
 
 _SHAPE = ("n_layer", "d_model", "n_head", "vocab_size")
 FLOPS_CONVENTIONS = ("chinchilla", "kaplan", "palm")
@@ -88,7 +89,7 @@ class _Notes:
 
 
 def _many(count: float, unit: str) -> str:
-    """"0.155 parameters", "1 parameter", "just under 1 parameter" (never a rounded 1 that hides a refusal)."""
+    """ "0.155 parameters", "1 parameter", "just under 1 parameter" (never a rounded 1 that hides a refusal)."""
     text = f"{count:.3g}"
     if text == "1" and count < 1:
         return f"just under 1 {unit}"
@@ -99,9 +100,11 @@ def _trainable(what: str, n: float, d: float, blame: str, hint: str = "") -> Non
     """Refuse advice of under MIN_PARAMS parameters or MIN_TOKENS_PER_PARAM tokens per parameter."""
     if n >= MIN_PARAMS and d >= MIN_TOKENS_PER_PARAM * n:
         return
-    raise ValueError(f"{blame}: {what} would be {_many(n, 'parameter')} on {_many(d, 'token')} ({d / n:.3g} per "
-                     f"parameter), and a plan needs at least {MIN_PARAMS:g} parameter and {MIN_TOKENS_PER_PARAM:g} "
-                     f"training token per parameter{hint}")
+    raise ValueError(
+        f"{blame}: {what} would be {_many(n, 'parameter')} on {_many(d, 'token')} ({d / n:.3g} per "
+        f"parameter), and a plan needs at least {MIN_PARAMS:g} parameter and {MIN_TOKENS_PER_PARAM:g} "
+        f"training token per parameter{hint}"
+    )
 
 
 def _solve(fn: Callable[[], Any], blame: str, what: str) -> Any:
@@ -117,23 +120,31 @@ def _arg_namer(cli_names: bool) -> Callable[[str], str]:
     return (lambda name: "--" + name.replace("_", "-")) if cli_names else (lambda name: name)
 
 
-def _resolve_law(law: Any, law_file: Any, arg: Callable[[str], str],
-                 notes: _Notes) -> tuple[Any, Any, str, Any]:
+def _resolve_law(law: Any, law_file: Any, arg: Callable[[str], str], notes: _Notes) -> tuple[Any, Any, str, Any]:
     """(Chinchilla law, data-constrained law, source, fitted range or None) from a preset name or a law file."""
     if law is not None and law_file is not None:
-        raise ValueError(f"{arg('law')} and {arg('law_file')} are mutually exclusive: give a preset name or a file, not both")
+        raise ValueError(
+            f"{arg('law')} and {arg('law_file')} are mutually exclusive: give a preset name or a file, not both"
+        )
     if law_file is None:
         if law is None:
             chinchilla = _laws.DEFAULT_LAW
         else:
             if not isinstance(law, str):
-                raise ValueError(f"{arg('law')} must be a preset name, one of {', '.join(map(repr, _laws.LAWS))}, got {law!r}")
+                raise ValueError(
+                    f"{arg('law')} must be a preset name, one of {', '.join(map(repr, _laws.LAWS))}, got {law!r}"
+                )
             key = law.strip().lower()
             if key in _laws.DEPRECATED_LAW_NAMES:
                 notes.add(_laws.deprecated_law_name_message(key, arg("law")), FutureWarning)
                 key = _laws.DEPRECATED_LAW_NAMES[key]
             chinchilla = _laws.LAWS[one_of(arg("law"), key, tuple(_laws.LAWS))]
-        return chinchilla, _laws.DataConstrainedLaw.from_chinchilla(chinchilla), "preset", _laws.fitted_range(chinchilla)
+        return (
+            chinchilla,
+            _laws.DataConstrainedLaw.from_chinchilla(chinchilla),
+            "preset",
+            _laws.fitted_range(chinchilla),
+        )
     if not isinstance(law_file, (str, os.PathLike)):
         raise ValueError(f"{arg('law_file')} must be the path of a law file, got {law_file!r}")
     try:
@@ -146,7 +157,9 @@ def _resolve_law(law: Any, law_file: Any, arg: Callable[[str], str],
         return loaded.base_law, loaded, str(law_file), fitted
     if isinstance(loaded, _laws.ChinchillaLaw):
         return loaded, _laws.DataConstrainedLaw.from_chinchilla(loaded), str(law_file), fitted
-    raise ValueError(f"{arg('law_file')} {str(law_file)!r} holds a {type(loaded).__name__}; plan needs a Chinchilla-form law")
+    raise ValueError(
+        f"{arg('law_file')} {str(law_file)!r} holds a {type(loaded).__name__}; plan needs a Chinchilla-form law"
+    )
 
 
 def _run(n: float, d: float, loss: float, flops: float | None = None) -> dict[str, float]:
@@ -159,26 +172,56 @@ def _run(n: float, d: float, loss: float, flops: float | None = None) -> dict[st
     }
 
 
-def _model(shape: dict[str, Any], seq_len: int | None, d_ff: int | None, gated_mlp: bool, tied_embeddings: bool,
-           non_embedding: bool, flops_convention: str | None, arg: Callable[[str], str],
-           n_kv_head: int | None = None, head_dim: int | None = None) -> dict[str, Any]:
+def _model(
+    shape: dict[str, Any],
+    seq_len: int | None,
+    d_ff: int | None,
+    gated_mlp: bool,
+    tied_embeddings: bool,
+    non_embedding: bool,
+    flops_convention: str | None,
+    arg: Callable[[str], str],
+    n_kv_head: int | None = None,
+    head_dim: int | None = None,
+) -> dict[str, Any]:
     missing = [arg(k) for k in (*_SHAPE, "seq_len") if (seq_len if k == "seq_len" else shape[k]) is None]
-    if missing:
+    if missing or seq_len is None:
         needed = ", ".join(arg(k) for k in (*_SHAPE, "seq_len"))
         raise ValueError(f"{', '.join(missing)} missing: a model shape needs all of {needed}")
     if head_dim is None and shape["d_model"] % shape["n_head"]:
-        raise ValueError(f"{arg('d_model')} must be divisible by {arg('n_head')}, got {shape['d_model']} and {shape['n_head']}")
+        raise ValueError(
+            f"{arg('d_model')} must be divisible by {arg('n_head')}, got {shape['d_model']} and {shape['n_head']}"
+        )
     from lightning_scaling.flops.formulas import transformer_flops, transformer_params  # lazy: only shape mode needs it
 
     convention = one_of(arg("flops_convention"), flops_convention or "chinchilla", FLOPS_CONVENTIONS)
     if n_kv_head is not None and shape["n_head"] % n_kv_head:
-        raise ValueError(f"{arg('n_head')} must be a multiple of {arg('n_kv_head')}, got {shape['n_head']} and {n_kv_head}")
-    counts = transformer_params(shape["n_layer"], shape["d_model"], shape["vocab_size"], d_ff=d_ff,
-                                gated_mlp=gated_mlp, tied_embeddings=tied_embeddings, n_head=shape["n_head"],
-                                n_kv_head=n_kv_head, head_dim=head_dim)
-    per_seq = transformer_flops(shape["n_layer"], shape["d_model"], shape["n_head"], seq_len, shape["vocab_size"],
-                                d_ff=d_ff, gated_mlp=gated_mlp, convention=convention, n_kv_head=n_kv_head,
-                                head_dim=head_dim)
+        raise ValueError(
+            f"{arg('n_head')} must be a multiple of {arg('n_kv_head')}, got {shape['n_head']} and {n_kv_head}"
+        )
+    counts = transformer_params(
+        shape["n_layer"],
+        shape["d_model"],
+        shape["vocab_size"],
+        d_ff=d_ff,
+        gated_mlp=gated_mlp,
+        tied_embeddings=tied_embeddings,
+        n_head=shape["n_head"],
+        n_kv_head=n_kv_head,
+        head_dim=head_dim,
+    )
+    per_seq = transformer_flops(
+        shape["n_layer"],
+        shape["d_model"],
+        shape["n_head"],
+        seq_len,
+        shape["vocab_size"],
+        d_ff=d_ff,
+        gated_mlp=gated_mlp,
+        convention=convention,
+        n_kv_head=n_kv_head,
+        head_dim=head_dim,
+    )
     return {
         **shape,
         "seq_len": seq_len,
@@ -196,30 +239,45 @@ def _model(shape: dict[str, Any], seq_len: int | None, d_ff: int | None, gated_m
     }
 
 
-def _hardware(flops: float, gpu: str | None, num_gpus: int | None, mfu: float | None, peak_flops: float | None,
-              dtype: str | None, arg: Callable[[str], str]) -> dict[str, Any] | None:
-    if gpu is not None and peak_flops is not None:
-        raise ValueError(f"{arg('gpu')} and {arg('peak_flops')} are mutually exclusive: {arg('peak_flops')} replaces the table figure")
-    if gpu is None and peak_flops is None:
+def _hardware(
+    flops: float,
+    gpu: str | None,
+    num_gpus: int | None,
+    mfu: float | None,
+    peak_flops: float | None,
+    dtype: str | None,
+    arg: Callable[[str], str],
+) -> dict[str, Any] | None:
+    if gpu is not None:
+        if peak_flops is not None:
+            raise ValueError(
+                f"{arg('gpu')} and {arg('peak_flops')} are mutually exclusive: {arg('peak_flops')} replaces the "
+                "table figure"
+            )
+        from lightning_scaling.flops.hardware import dense_peak_flops
+
+        peak = dense_peak_flops(
+            gpu, one_of(arg("dtype"), dtype or "bf16", DTYPES), gpu_argument=arg("gpu"), dtype_argument=arg("dtype")
+        )
+    elif peak_flops is not None:
+        if dtype is not None:
+            raise ValueError(
+                f"{arg('dtype')} needs {arg('gpu')}: it picks the table figure that {arg('peak_flops')} replaces"
+            )
+        peak = peak_flops
+    else:
         for name, value in (("mfu", mfu), ("num_gpus", num_gpus), ("dtype", dtype)):
             if value is not None:
                 raise ValueError(f"{arg(name)} needs {arg('gpu')} or {arg('peak_flops')}: there is nothing to run on")
         return None
-    if dtype is not None and gpu is None:
-        raise ValueError(f"{arg('dtype')} needs {arg('gpu')}: it picks the table figure that {arg('peak_flops')} replaces")
-    if gpu is not None:
-        from lightning_scaling.flops.hardware import dense_peak_flops
-
-        peak = dense_peak_flops(gpu, one_of(arg("dtype"), dtype or "bf16", DTYPES), gpu_argument=arg("gpu"),
-                                dtype_argument=arg("dtype"))
-    else:
-        peak = peak_flops
     num_gpus = 1 if num_gpus is None else num_gpus
     mfu = 0.4 if mfu is None else mfu
     achieved = peak * num_gpus * mfu  # MFU = achieved model FLOP/s / peak (PaLM, Chowdhery 2022, App. B)
     hours = flops / achieved / 3600.0 if achieved > 0 else math.inf
     if not math.isfinite(hours) or not math.isfinite(achieved):
-        raise ValueError(f"{arg('peak_flops')}, {arg('num_gpus')} and {arg('mfu')} are out of range: the wall-clock overflows")
+        raise ValueError(
+            f"{arg('peak_flops')}, {arg('num_gpus')} and {arg('mfu')} are out of range: the wall-clock overflows"
+        )
     return {
         "gpu": gpu,
         "dtype": (dtype or "bf16") if gpu is not None else None,
@@ -232,19 +290,25 @@ def _hardware(flops: float, gpu: str | None, num_gpus: int | None, mfu: float | 
     }
 
 
-def _data(data_law: Any, n: float, d: float, flops: float, unique: float, arg: Callable[[str], str],
-          notes: _Notes) -> dict[str, Any]:
+def _data(
+    data_law: Any, n: float, d: float, flops: float, unique: float, arg: Callable[[str], str], notes: _Notes
+) -> dict[str, Any]:
     blame = f"{arg('unique_tokens')} {unique:g} with {flops:.3g} training FLOPs"
     optimum = _solve(lambda: data_law.compute_optimal(flops, unique), blame, "the repeated-data optimum")
     _trainable("the repeated-data optimum (Muennighoff et al. 2023)", optimum.params, optimum.tokens, blame)
     saturated = data_law.epochs_at_value(REPETITION_VALUE_FLOOR)
-    beyond = [f"{label} ({epochs:.3g} epochs)" for label, epochs in
-              (("the planned run", d / unique), ("the repeated-data optimum", optimum.epochs)) if epochs > saturated]
+    beyond = [
+        f"{label} ({epochs:.3g} epochs)"
+        for label, epochs in (("the planned run", d / unique), ("the repeated-data optimum", optimum.epochs))
+        if epochs > saturated
+    ]
     if beyond:
-        notes.add(f"{' and '.join(beyond)} over {arg('unique_tokens')} {unique:g} lie past {saturated:.0f} epochs, "
-                  f"where a repeated token is worth under {REPETITION_VALUE_FLOOR:.0%} of a fresh one (Muennighoff et "
-                  f"al. 2023, eq. 5): the law is saturated there and its optimum ill-determined; more unique data, "
-                  f"not more compute, is what lowers the loss")
+        notes.add(
+            f"{' and '.join(beyond)} over {arg('unique_tokens')} {unique:g} lie past {saturated:.0f} epochs, "
+            f"where a repeated token is worth under {REPETITION_VALUE_FLOOR:.0%} of a fresh one (Muennighoff et "
+            f"al. 2023, eq. 5): the law is saturated there and its optimum ill-determined; more unique data, "
+            f"not more compute, is what lowers the loss"
+        )
     return {
         "unique_tokens": unique,
         "epochs": d / unique,
@@ -256,8 +320,9 @@ def _data(data_law: Any, n: float, d: float, flops: float, unique: float, arg: C
     }
 
 
-def _inference(law: Any, n: float, d: float, loss: float, inference_tokens: float,
-               arg: Callable[[str], str]) -> dict[str, Any]:
+def _inference(
+    law: Any, n: float, d: float, loss: float, inference_tokens: float, arg: Callable[[str], str]
+) -> dict[str, Any]:
     if not loss > law.E:
         raise ValueError(f"{arg('inference_tokens')}: the run is so large that its predicted loss equals the law's E")
     blame = f"{arg('inference_tokens')} {inference_tokens:g}"
@@ -267,13 +332,24 @@ def _inference(law: Any, n: float, d: float, loss: float, inference_tokens: floa
     def side(pn: float, pd: float) -> dict[str, float]:
         # Sardana et al. 2023, §3: total = 6·N·D_train + 2·N·D_inference
         train, infer = 6.0 * pn * pd, 2.0 * pn * inference_tokens
-        return {"params": pn, "tokens": pd, "tokens_per_param": pd / pn, "training_flops": train,
-                "inference_flops": infer, "total_flops": train + infer}
+        return {
+            "params": pn,
+            "tokens": pd,
+            "tokens_per_param": pd / pn,
+            "training_flops": train,
+            "inference_flops": infer,
+            "total_flops": train + infer,
+        }
 
     planned, optimum = side(n, d), side(alt.params, alt.tokens)
     saved = max(planned["total_flops"] - optimum["total_flops"], 0.0)
-    return {"inference_tokens": inference_tokens, "planned": planned, "optimum": optimum,
-            "saved_flops": saved, "saved_fraction": saved / planned["total_flops"]}
+    return {
+        "inference_tokens": inference_tokens,
+        "planned": planned,
+        "optimum": optimum,
+        "saved_flops": saved,
+        "saved_fraction": saved / planned["total_flops"],
+    }
 
 
 def _extrapolation(law_label: str, fitted: Any, runs: list[tuple[str, float, float]]) -> str | None:
@@ -284,13 +360,19 @@ def _extrapolation(law_label: str, fitted: Any, runs: list[tuple[str, float, flo
     if not found:
         return None
     source = f" ({fitted.source})" if fitted.source else ""
-    return (f"{'; '.join(found)}. The law {law_label} was fitted on {fitted.describe()}{source}, so these numbers "
-            f"are extrapolations more than {EXTRAPOLATION_MARGIN:g}x beyond its runs")
+    return (
+        f"{'; '.join(found)}. The law {law_label} was fitted on {fitted.describe()}{source}, so these numbers "
+        f"are extrapolations more than {EXTRAPOLATION_MARGIN:g}x beyond its runs"
+    )
 
 
 # the inputs behind each section of the result, blamed when a number in it overflows
-_SECTION_INPUTS = {"inference": ("inference_tokens",), "data": ("unique_tokens",),
-                   "hardware": ("peak_flops", "num_gpus", "mfu"), "batch": ("batch_size", "seq_len")}
+_SECTION_INPUTS = {
+    "inference": ("inference_tokens",),
+    "data": ("unique_tokens",),
+    "hardware": ("peak_flops", "num_gpus", "mfu"),
+    "batch": ("batch_size", "seq_len"),
+}
 
 
 def _check_finite(value: Any, arg: Callable[[str], str], path: str = "") -> None:
@@ -300,7 +382,9 @@ def _check_finite(value: Any, arg: Callable[[str], str], path: str = "") -> None
     elif isinstance(value, float) and not math.isfinite(value):
         names = _SECTION_INPUTS.get(path.split(".")[0], ("flops", "params", "tokens"))
         inputs = ", ".join(arg(k) for k in names[:-1]) + (" or " if len(names) > 1 else "") + arg(names[-1])
-        raise ValueError(f"{inputs} out of range: the plan's {path.replace('.', ' ')} overflows the floating-point range")
+        raise ValueError(
+            f"{inputs} out of range: the plan's {path.replace('.', ' ')} overflows the floating-point range"
+        )
 
 
 def plan(
@@ -359,7 +443,9 @@ def plan(
     params = optional(_count, "params", params)
     tokens = optional(_count, "tokens", tokens)
     target_loss = optional(positive_float, "target_loss", target_loss)
-    shape = {k: optional(positive_int, k, v) for k, v in zip(_SHAPE, (n_layer, d_model, n_head, vocab_size), strict=True)}
+    shape = {
+        k: optional(positive_int, k, v) for k, v in zip(_SHAPE, (n_layer, d_model, n_head, vocab_size), strict=True)
+    }
     seq_len = optional(positive_int, "seq_len", seq_len)
     d_ff = optional(positive_int, "d_ff", d_ff)
     n_kv_head = optional(positive_int, "n_kv_head", n_kv_head)
@@ -384,14 +470,23 @@ def plan(
     model = None
     if any(v is not None for v in shape.values()):
         if params is not None:
-            raise ValueError(f"{arg('params')} and a model shape ({', '.join(map(arg, _SHAPE))}) are mutually exclusive")
-        model = _model(shape, seq_len, d_ff, gated_mlp, tied_embeddings, non_embedding, flops_convention, arg,
-                       n_kv_head, head_dim)
+            raise ValueError(
+                f"{arg('params')} and a model shape ({', '.join(map(arg, _SHAPE))}) are mutually exclusive"
+            )
+        model = _model(
+            shape, seq_len, d_ff, gated_mlp, tied_embeddings, non_embedding, flops_convention, arg, n_kv_head, head_dim
+        )
         params = model["params"]
     else:
-        extras = {"d_ff": d_ff is not None, "gated_mlp": gated_mlp, "n_kv_head": n_kv_head is not None,
-                  "head_dim": head_dim is not None, "tied_embeddings": not tied_embeddings,
-                  "non_embedding": non_embedding, "flops_convention": flops_convention is not None}
+        extras = {
+            "d_ff": d_ff is not None,
+            "gated_mlp": gated_mlp,
+            "n_kv_head": n_kv_head is not None,
+            "head_dim": head_dim is not None,
+            "tied_embeddings": not tied_embeddings,
+            "non_embedding": non_embedding,
+            "flops_convention": flops_convention is not None,
+        }
         for name, is_set in extras.items():
             if is_set:
                 raise ValueError(f"{arg(name)} needs a model shape ({', '.join(map(arg, (*_SHAPE, 'seq_len')))})")
@@ -416,24 +511,37 @@ def plan(
 
     if target_loss is not None:
         if given:
-            raise ValueError(f"{arg('target_loss')} and {arg(given[0])} are mutually exclusive: a target loss fixes the whole run")
+            raise ValueError(
+                f"{arg('target_loss')} and {arg(given[0])} are mutually exclusive: a target loss fixes the whole run"
+            )
         if not target_loss > chinchilla.E:
-            raise ValueError(f"{arg('target_loss')} must be > {chinchilla.E:g} (the law's irreducible loss E): the law cannot reach {target_loss:g}")
+            raise ValueError(
+                f"{arg('target_loss')} must be > {chinchilla.E:g} (the law's irreducible loss E): the law cannot "
+                f"reach {target_loss:g}"
+            )
         # Hoffmann 2022 (eq. 2 on the eq. 4 frontier): N_opt(ℓ) = (A(1+α/β)/(ℓ−E))^(1/α) is 1 at ℓ = E + A(1+α/β)
         one_param_loss = chinchilla.E + chinchilla.A * (1.0 + chinchilla.alpha / chinchilla.beta)
         if target_loss > one_param_loss:
-            raise ValueError(f"{arg('target_loss')} must be below {one_param_loss:.4g} nats/token, the loss that a "
-                             f"compute-optimal model of {MIN_PARAMS:g} parameter reaches under {law_label}: any "
-                             f"higher target is met by less than one parameter; got {target_loss:g}")
+            raise ValueError(
+                f"{arg('target_loss')} must be below {one_param_loss:.4g} nats/token, the loss that a "
+                f"compute-optimal model of {MIN_PARAMS:g} parameter reaches under {law_label}: any "
+                f"higher target is met by less than one parameter; got {target_loss:g}"
+            )
         blame = said("target_loss")
         opt = _solve(lambda: chinchilla.optimal_for_loss(target_loss), blame, "the cheapest run reaching it")
         n, d = opt.params, opt.tokens
         _trainable("the cheapest run reaching it", n, d, blame)
         mode = "target_loss"
     elif len(given) == 3:
-        raise ValueError(f"{arg('flops')}, {arg('params')} and {arg('tokens')}: give at most two, the third follows (a model shape counts as {arg('params')})")
+        raise ValueError(
+            f"{arg('flops')}, {arg('params')} and {arg('tokens')}: give at most two, the third follows (a model shape "
+            f"counts as {arg('params')})"
+        )
     elif not given:
-        raise ValueError(f"nothing to plan: give {arg('flops')}, {arg('params')}, {arg('tokens')}, {arg('target_loss')} or a model shape")
+        raise ValueError(
+            f"nothing to plan: give {arg('flops')}, {arg('params')}, {arg('tokens')}, {arg('target_loss')} or a "
+            "model shape"
+        )
     else:
         mode = "+".join(given)
         blame = " and ".join(said(k) for k in given)
@@ -457,13 +565,17 @@ def plan(
         elif given == ["flops", "params"]:
             n, d = params, flops / (fpt or 6.0 * params)
             if d < 1:
-                raise ValueError(f"{blame}: the budget buys {_many(d, 'training token')} for that model; give more "
-                                 f"{arg('flops')} or a smaller model")
+                raise ValueError(
+                    f"{blame}: the budget buys {_many(d, 'training token')} for that model; give more "
+                    f"{arg('flops')} or a smaller model"
+                )
         else:  # flops + tokens
             n, d = flops / (6.0 * tokens), tokens
             if n < MIN_PARAMS:
-                raise ValueError(f"{blame}: the budget leaves a model of {_many(n, 'parameter')} for those tokens; give "
-                                 f"more {arg('flops')} or fewer {arg('tokens')}")
+                raise ValueError(
+                    f"{blame}: the budget leaves a model of {_many(n, 'parameter')} for those tokens; give "
+                    f"more {arg('flops')} or fewer {arg('tokens')}"
+                )
     fpt = fpt or 6.0 * n  # Kaplan 2020, Table 1: C ≈ 6N per training token
     total_flops = flops if flops is not None else fpt * d
     _check_finite({"params": n, "tokens": d, "flops": total_flops}, arg)
@@ -471,9 +583,15 @@ def plan(
     loss = chinchilla.loss(n, d)
     same_loss = None
     if loss > chinchilla.E:
-        same_loss = _solve(lambda: chinchilla.optimal_for_loss(loss), blame, "the compute-optimal run for the same loss")
-        _trainable(f"the compute-optimal run reaching the same loss ({loss:.4g} nats/token)", same_loss.params,
-                   same_loss.tokens, blame)
+        same_loss = _solve(
+            lambda: chinchilla.optimal_for_loss(loss), blame, "the compute-optimal run for the same loss"
+        )
+        _trainable(
+            f"the compute-optimal run reaching the same loss ({loss:.4g} nats/token)",
+            same_loss.params,
+            same_loss.tokens,
+            blame,
+        )
     best = _solve(lambda: chinchilla.compute_optimal(total_flops), blame, "the compute-optimal run")
     _trainable(f"the compute-optimal run for the same {total_flops:.3g} FLOPs", best.params, best.tokens, blame)
     runs = [("the planned run", n, d)]
@@ -493,14 +611,18 @@ def plan(
         "compute_optimum": _run(best.params, best.tokens, best.loss, total_flops),
         "model": model,
         "data": _data(data_law, n, d, total_flops, unique_tokens, arg, notes) if unique_tokens is not None else None,
-        "inference": _inference(chinchilla, n, d, loss, inference_tokens, arg) if inference_tokens is not None else None,
+        "inference": _inference(chinchilla, n, d, loss, inference_tokens, arg)
+        if inference_tokens is not None
+        else None,
         "hardware": _hardware(total_flops, gpu, num_gpus, mfu, peak_flops, dtype, arg),
         "batch": None,
         "warnings": notes.messages,
     }
     if batch_size is not None:
         if seq_len is None:
-            raise ValueError(f"{arg('batch_size')} needs {arg('seq_len')}: a step is batch_size sequences of seq_len tokens")
+            raise ValueError(
+                f"{arg('batch_size')} needs {arg('seq_len')}: a step is batch_size sequences of seq_len tokens"
+            )
         per_step = batch_size * seq_len
         steps = math.ceil(d / per_step)
         hardware = result["hardware"]

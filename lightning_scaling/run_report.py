@@ -30,8 +30,8 @@ from typing import Any
 
 import numpy as np
 
-from lightning_scaling.argument_checks import fraction, positive_float, positive_int
 from lightning_scaling import metric_names
+from lightning_scaling.argument_checks import fraction, positive_float, positive_int
 
 REPORT_VERSION = 1
 GROUPS = ("compute", "tokens", "batch_size", "data")
@@ -150,11 +150,18 @@ class ReportThresholds:
     stop_epochs: float = 40.0
 
     def __post_init__(self) -> None:
-        for key in ("tokens_per_param", "overhead_threshold", "overtrained_factor", "batch_high_ratio",
-                    "warn_epochs", "stop_epochs"):
+        for key in (
+            "tokens_per_param",
+            "overhead_threshold",
+            "overtrained_factor",
+            "batch_high_ratio",
+            "warn_epochs",
+            "stop_epochs",
+        ):
             object.__setattr__(self, key, positive_float(key, getattr(self, key)))
-        object.__setattr__(self, "batch_low_ratio", fraction("batch_low_ratio", self.batch_low_ratio,
-                                                             inclusive_high=False))
+        object.__setattr__(
+            self, "batch_low_ratio", fraction("batch_low_ratio", self.batch_low_ratio, inclusive_high=False)
+        )
         if self.stop_epochs <= self.warn_epochs:
             raise ValueError(f"stop_epochs must be > warn_epochs ({self.warn_epochs:g}), got {self.stop_epochs!r}")
 
@@ -175,7 +182,7 @@ class RunHistory:
 
     def add(self, step: int, values: Mapping[str, Any]) -> None:
         """Record the values of optimizer step ``step`` (a later row for the same step replaces it)."""
-        row = (float(step),) + tuple(_nan(values.get(name)) for name in HISTORY_COLUMNS[1:])
+        row = (float(step), *tuple(_nan(values.get(name)) for name in HISTORY_COLUMNS[1:]))
         if self._rows and self._rows[-1][0] == row[0]:
             self._rows[-1] = row
             return
@@ -291,11 +298,24 @@ def _guarded(builder: Any, part: str, summary: Mapping[str, Any] | None, *args: 
         return _group("error", f"no verdict: {type(err).__name__}: {err}")
 
 
-def _group(status: str, verdict: str, advice: list[str] | None = None, cautions: list[str] | None = None, *,
-           flagged: bool = False, numbers: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def _group(
+    status: str,
+    verdict: str,
+    advice: list[str] | None = None,
+    cautions: list[str] | None = None,
+    *,
+    flagged: bool = False,
+    numbers: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
     """One group of the report: its verdict first, then its numbers."""
-    return {"status": status, "verdict": verdict, "flagged": flagged, "advice": advice or [],
-            "cautions": cautions or [], **(numbers or {})}
+    return {
+        "status": status,
+        "verdict": verdict,
+        "flagged": flagged,
+        "advice": advice or [],
+        "cautions": cautions or [],
+        **(numbers or {}),
+    }
 
 
 def _last(values: np.ndarray) -> float | None:
@@ -349,31 +369,60 @@ def _compute_group(s: Mapping[str, Any], seconds: float | None) -> dict[str, Any
     }
     cautions = []
     if uncounted:
-        cautions.append(f"the FLOPs of {uncounted} micro-batch(es) were not counted, so the totals are low "
-                        f"(raise {MONITOR}(flops={{\"max_measured_shapes\": ...}}))")
+        cautions.append(
+            f"the FLOPs of {uncounted} micro-batch(es) were not counted, so the totals are low "
+            f'(raise {MONITOR}(flops={{"max_measured_shapes": ...}}))'
+        )
     if flops is None:
         if analytic:
-            return _group("not measured", f"FLOPs not measured; the analytic count is {format_flops(analytic)} FLOPs",
-                          cautions=cautions, numbers=numbers)
-        return _group("not measured", "FLOPs not measured (the FLOP counter could not run on this model)",
-                      cautions=cautions, numbers=numbers)
+            return _group(
+                "not measured",
+                f"FLOPs not measured; the analytic count is {format_flops(analytic)} FLOPs",
+                cautions=cautions,
+                numbers=numbers,
+            )
+        return _group(
+            "not measured",
+            "FLOPs not measured (the FLOP counter could not run on this model)",
+            cautions=cautions,
+            numbers=numbers,
+        )
     if mfu is None:
         return _group(
-            "unknown", "MFU unknown: no dense peak FLOP/s is known for this device",
-            [f"pass {MONITOR}(peak_flops=...), the dense peak FLOP/s of one device for the run's dtype "
-             "(e.g. 989e12 for an H100 SXM in bf16), to get MFU"], cautions, numbers=numbers)
+            "unknown",
+            "MFU unknown: no dense peak FLOP/s is known for this device",
+            [
+                (
+                    f"pass {MONITOR}(peak_flops=...), the dense peak FLOP/s of one device for the run's dtype "
+                    "(e.g. 989e12 for an H100 SXM in bf16), to get MFU"
+                )
+            ],
+            cautions,
+            numbers=numbers,
+        )
     if mfu >= GOOD_MFU:
-        return _group("good", f"MFU {format_percent(mfu)}: a well-used device (PaLM reached 46%)",
-                      cautions=cautions, numbers=numbers)
+        return _group(
+            "good",
+            f"MFU {format_percent(mfu)}: a well-used device (PaLM reached 46%)",
+            cautions=cautions,
+            numbers=numbers,
+        )
     advice = []
     if seconds:
         faster = seconds * mfu / GOOD_MFU
-        advice.append(f"at {format_percent(GOOD_MFU)} MFU the same {format_flops(flops)} FLOPs would take "
-                      f"{format_duration(faster)} instead of {format_duration(seconds)}")
+        advice.append(
+            f"at {format_percent(GOOD_MFU)} MFU the same {format_flops(flops)} FLOPs would take "
+            f"{format_duration(faster)} instead of {format_duration(seconds)}"
+        )
     advice.append("larger micro-batches, bf16 mixed precision, torch.compile and fused attention usually raise MFU")
     status = "low" if mfu < LOW_MFU else "fair"
-    return _group(status, f"MFU {format_percent(mfu)}: {status}; the devices ran at {format_percent(mfu)} of "
-                          "their dense peak", advice, cautions, numbers=numbers)
+    return _group(
+        status,
+        f"MFU {format_percent(mfu)}: {status}; the devices ran at {format_percent(mfu)} of their dense peak",
+        advice,
+        cautions,
+        numbers=numbers,
+    )
 
 
 def _compute_optimal_band(law: Any, params: float, threshold: float) -> tuple[float, float] | None:
@@ -414,10 +463,17 @@ def _tokens_group(s: Mapping[str, Any], law: Any, thresholds: ReportThresholds, 
     predicted = float(law.loss(n, d))
     band = _compute_optimal_band(law, n, thresholds.overhead_threshold)
     numbers.update(
-        tokens_per_parameter=ratio, compute_overhead=overhead, training_flops_6nd=flops, predicted_loss=predicted,
-        compute_optimal_band=None if band is None else list(band), tokens_for_this_model=rule * n,
-        compute_optimal={"parameters": float(optimum.params), "tokens": float(optimum.tokens),
-                         "predicted_loss": float(optimum.loss)},
+        tokens_per_parameter=ratio,
+        compute_overhead=overhead,
+        training_flops_6nd=flops,
+        predicted_loss=predicted,
+        compute_optimal_band=None if band is None else list(band),
+        tokens_for_this_model=rule * n,
+        compute_optimal={
+            "parameters": float(optimum.params),
+            "tokens": float(optimum.tokens),
+            "predicted_loss": float(optimum.loss),
+        },
     )
     label = _law_label(law)
     outside, fitted = _outside(law, n, d)
@@ -426,40 +482,57 @@ def _tokens_group(s: Mapping[str, Any], law: Any, thresholds: ReportThresholds, 
         verdict = f"undertrained: {ratio:.3g} tokens per parameter; about {rule:g} is compute-optimal"
         losses = "" if outside else f" (predicted loss {optimum.loss:.3g} against {predicted:.3g} nats/token)"
         law_advice = [
-            f"for the same {format_flops(flops)} FLOPs (6ND), {label}'s compute-optimal run is a "
-            f"{format_count(optimum.params)}-parameter model on {format_count(optimum.tokens)} tokens{losses}",
-            f"keep this model and train {rule * n / d:.3g}x longer: {format_count(rule * n)} tokens "
-            f"(~{rule:g} per parameter)",
+            (
+                f"for the same {format_flops(flops)} FLOPs (6ND), {label}'s compute-optimal run is a "
+                f"{format_count(optimum.params)}-parameter model on {format_count(optimum.tokens)} tokens{losses}"
+            ),
+            (
+                f"keep this model and train {rule * n / d:.3g}x longer: {format_count(rule * n)} tokens "
+                f"(~{rule:g} per parameter)"
+            ),
         ]
     elif ratio > rule and (overhead > thresholds.overhead_threshold or ratio > thresholds.overtrained_factor * rule):
         status = "over-trained"
-        verdict = (f"over-trained: {ratio:.3g} tokens per parameter, {ratio / rule:.3g}x the ~{rule:g} that is "
-                   "compute-optimal (a fine choice when inference dominates the model's cost)")
+        verdict = (
+            f"over-trained: {ratio:.3g} tokens per parameter, {ratio / rule:.3g}x the ~{rule:g} that is "
+            "compute-optimal (a fine choice when inference dominates the model's cost)"
+        )
         law_advice = []
         if callable(getattr(law, "optimal_for_loss", None)):
             cheapest = law.optimal_for_loss(predicted)  # Hoffmann et al. 2022, eq. 2 on the eq. 4 frontier
             law_advice.append(
                 f"{label} reaches the same predicted loss ({predicted:.3g} nats/token) with a "
                 f"{format_count(cheapest.params)}-parameter model on {format_count(cheapest.tokens)} tokens, "
-                f"{format_percent(overhead / (1 + overhead))} less training compute")
+                f"{format_percent(overhead / (1 + overhead))} less training compute"
+            )
         law_advice += [
-            f"if the model will serve many tokens, pass {MONITOR}(inference_tokens=...) to compare with the "
-            "inference-aware optimum (Sardana et al. 2023)",
+            (
+                f"if the model will serve many tokens, pass {MONITOR}(inference_tokens=...) to compare with the "
+                "inference-aware optimum (Sardana et al. 2023)"
+            )
         ]
     else:
         status = "compute-optimal"
-        verdict = (f"compute-optimal: {ratio:.3g} tokens per parameter, within "
-                   f"{format_percent(thresholds.overhead_threshold)} of the least compute for its loss")
+        verdict = (
+            f"compute-optimal: {ratio:.3g} tokens per parameter, within "
+            f"{format_percent(thresholds.overhead_threshold)} of the least compute for its loss"
+        )
         bigger = law.compute_optimal(10 * flops)
-        law_advice = [f"to scale up, grow both: for 10x the compute {label}'s optimum is "
-                      f"{format_count(bigger.params)} parameters on {format_count(bigger.tokens)} tokens"]
+        law_advice = [
+            (
+                f"to scale up, grow both: for 10x the compute {label}'s optimum is "
+                f"{format_count(bigger.params)} parameters on {format_count(bigger.tokens)} tokens"
+            )
+        ]
     if not outside:
-        cautions = [] if fitted is not None else [f"{label} records no fitted range: its numbers may be "
-                                                  "extrapolations"]
+        cautions = [] if fitted is not None else [f"{label} records no fitted range: its numbers may be extrapolations"]
         return _group(status, verdict, law_advice, cautions, numbers=numbers)
-    caution = (f"{format_count(n)} parameters on {format_count(d)} tokens lie far outside the runs {label} was "
-               f"fitted on ({fitted.describe()}), so its numbers are extrapolations here, a flag and not advice: "
-               + "; ".join(law_advice) + ".")
+    caution = (
+        f"{format_count(n)} parameters on {format_count(d)} tokens lie far outside the runs {label} was "
+        f"fitted on ({fitted.describe()}), so its numbers are extrapolations here, a flag and not advice: "
+        + "; ".join(law_advice)
+        + "."
+    )
     return _group(status, verdict, [], [caution], flagged=True, numbers=numbers)
 
 
@@ -482,27 +555,61 @@ def _batch_group(s: Mapping[str, Any], thresholds: ReportThresholds) -> dict[str
         why = s.get("status") or "no estimate"
         return _group("not measured", f"B_simple not measured: {why}", numbers=numbers)
     ratio = batch / gns
-    where = (f"{format_count(batch)} samples per step is {ratio:.3g}x the gradient noise scale "
-             f"B_simple ~ {gns:.3g} samples")
-    cautions = [("B_simple approximates the critical batch size to within about an order of magnitude; with Adam "
-                 "the critical batch size tends to be larger, and it grows as the loss falls (McCandlish et al. 2018)")]
+    where = (
+        f"{format_count(batch)} samples per step is {ratio:.3g}x the gradient noise scale B_simple ~ {gns:.3g} samples"
+    )
+    cautions = [
+        (
+            "B_simple approximates the critical batch size to within about an order of magnitude; with Adam "
+            "the critical batch size tends to be larger, and it grows as the loss falls (McCandlish et al. 2018)"
+        )
+    ]
+    source_cautions = []
+    if s.get("mode") == "norm layers" and s.get("norm_layers_scale", 1.0) == 1.0:
+        source_cautions.append(
+            "this B_simple is the normalization layers' own, which reads about half the whole model's (0.4-0.6x "
+            "on a small GPT, measured exactly); a run with accumulate_grad_batches=2 reports the factor to pass as "
+            "norm_layers_scale"
+        )
+    cautions += source_cautions
     if ratio > thresholds.batch_high_ratio:
         target = thresholds.batch_high_ratio * gns
         return _group(
-            "large", f"above the critical batch size: {where}",
-            [f"E/E_min = 1 + B/B_noise ~ {1 + ratio:.3g}: this run spends about {(1 + ratio) / 2:.3g}x the examples "
-             f"a batch of B_simple would need for the same progress; a global batch near {_samples(target)} "
-             f"samples ({thresholds.batch_high_ratio:g}x B_simple) uses compute better, if compute is the "
-             "constraint"], cautions, numbers=numbers)
+            "large",
+            f"above the critical batch size: {where}",
+            [
+                (
+                    f"E/E_min = 1 + B/B_noise ~ {1 + ratio:.3g}: this run spends about {(1 + ratio) / 2:.3g}x the "
+                    f"examples a batch of B_simple would need for the same progress; a global batch near "
+                    f"{_samples(target)} samples ({thresholds.batch_high_ratio:g}x B_simple) uses compute better, "
+                    "if compute is the constraint"
+                )
+            ],
+            cautions,
+            numbers=numbers,
+        )
     if ratio < thresholds.batch_low_ratio:
         return _group(
-            "small", f"below the critical batch size: {where}",
-            [f"S/S_min = 1 + B_noise/B ~ {1 + 1 / ratio:.3g}: a global batch near B_simple ({_samples(gns)} "
-             f"samples) needs about {(1 + 1 / ratio) / 2:.3g}x fewer optimizer steps for few extra examples, if "
-             "wall-clock time is the constraint"], cautions, numbers=numbers)
-    return _group("efficient", f"near the critical batch size: {where} (efficient between "
-                               f"{thresholds.batch_low_ratio:g}x and {thresholds.batch_high_ratio:g}x)",
-                  numbers=numbers)
+            "small",
+            f"below the critical batch size: {where}",
+            [
+                (
+                    f"S/S_min = 1 + B_noise/B ~ {1 + 1 / ratio:.3g}: a global batch near B_simple ({_samples(gns)} "
+                    f"samples) needs about {(1 + 1 / ratio) / 2:.3g}x fewer optimizer steps for few extra examples, if "
+                    "wall-clock time is the constraint"
+                )
+            ],
+            cautions,
+            numbers=numbers,
+        )
+    return _group(
+        "efficient",
+        f"near the critical batch size: {where} (efficient between "
+        f"{thresholds.batch_low_ratio:g}x and {thresholds.batch_high_ratio:g}x)",
+        [],
+        source_cautions,
+        numbers=numbers,
+    )
 
 
 def _data_group(s: Mapping[str, Any], law: Any, thresholds: ReportThresholds, params: float | None) -> dict[str, Any]:
@@ -520,19 +627,34 @@ def _data_group(s: Mapping[str, Any], law: Any, thresholds: ReportThresholds, pa
         "law": _law_record(law),
     }
     if unique is None or epochs is None or not tokens:
-        return _group("unknown", "epochs unknown: the training data has no length and no distinct-sample sketch ran",
-                      [f"pass {MONITOR}(unique_tokens=...), the unique tokens in the training data, or "
-                       f"{MONITOR}(repetition={{\"sketch\": True}})"], numbers=numbers)
+        return _group(
+            "unknown",
+            "epochs unknown: the training data has no length and no distinct-sample sketch ran",
+            [
+                (
+                    f"pass {MONITOR}(unique_tokens=...), the unique tokens in the training data, or "
+                    f'{MONITOR}(repetition={{"sketch": True}})'
+                )
+            ],
+            numbers=numbers,
+        )
     of = f"{epochs:.3g} epochs of {format_count(unique)} unique tokens"
     if epochs <= 1:
         return _group("fresh", f"fresh data: {of}, no token repeated", numbers=numbers)
     worth = "" if value is None else f"; a repeated token is now worth {format_percent(value)} of a fresh one"
     if epochs <= thresholds.warn_epochs:
-        return _group("repeating", f"repeating, nearly as good as fresh data: {of}{worth} (Muennighoff et al. "
-                                   f"2023: up to about {thresholds.warn_epochs:g} epochs)", numbers=numbers)
+        return _group(
+            "repeating",
+            f"repeating, nearly as good as fresh data: {of}{worth} (Muennighoff et al. "
+            f"2023: up to about {thresholds.warn_epochs:g} epochs)",
+            numbers=numbers,
+        )
     status = "diminishing" if epochs <= thresholds.stop_epochs else "worthless repeats"
-    meaning = ("each further epoch is worth less than fresh data" if status == "diminishing"
-               else "further repeats are worth little")
+    meaning = (
+        "each further epoch is worth less than fresh data"
+        if status == "diminishing"
+        else "further repeats are worth little"
+    )
     verdict = f"{'diminishing returns' if status == 'diminishing' else 'repeats worth little'}: {of}{worth}"
     advice = [f"{meaning}: add unique data"]
     cautions: list[str] = []
@@ -540,16 +662,24 @@ def _data_group(s: Mapping[str, Any], law: Any, thresholds: ReportThresholds, pa
     if params:
         flops = 6.0 * params * tokens  # C = 6·N·D (Kaplan et al. 2020, Table 1)
         best = law.compute_optimal(flops, unique)  # Muennighoff et al. 2023, eq. 7 on the iso-FLOP line
-        numbers["data_constrained_optimum"] = {"parameters": float(best.params), "tokens": float(best.tokens),
-                                               "epochs": float(best.epochs), "predicted_loss": float(best.loss)}
-        line = (f"or, for the same {format_flops(flops)} FLOPs and unique data, {_law_label(law)}'s data-constrained "
-                f"optimum is {format_count(best.params)} parameters for {float(best.epochs):.3g} epochs")
+        numbers["data_constrained_optimum"] = {
+            "parameters": float(best.params),
+            "tokens": float(best.tokens),
+            "epochs": float(best.epochs),
+            "predicted_loss": float(best.loss),
+        }
+        line = (
+            f"or, for the same {format_flops(flops)} FLOPs and unique data, {_law_label(law)}'s data-constrained "
+            f"optimum is {format_count(best.params)} parameters for {float(best.epochs):.3g} epochs"
+        )
         outside, fitted = _outside(law, params, tokens)
         if outside:
             flagged = True
-            cautions.append(f"{format_count(params)} parameters on {format_count(tokens)} tokens lie far outside the "
-                            f"runs {_law_label(law)} was fitted on ({fitted.describe()}), so this is a flag, not "
-                            f"advice: {line}.")
+            cautions.append(
+                f"{format_count(params)} parameters on {format_count(tokens)} tokens lie far outside the "
+                f"runs {_law_label(law)} was fitted on ({fitted.describe()}), so this is a flag, not "
+                f"advice: {line}."
+            )
         else:
             advice.append(line)
     return _group(status, verdict, advice, cautions, flagged=flagged, numbers=numbers)
@@ -631,8 +761,9 @@ def _join_wrapped(items: list[str], separator: str = " | ") -> list[str]:
 
 
 def _wrap(text: str) -> list[str]:
-    return textwrap.wrap(text, _WIDTH, initial_indent=" " * _INDENT, subsequent_indent=" " * (_INDENT + 2),
-                         break_on_hyphens=False)
+    return textwrap.wrap(
+        text, _WIDTH, initial_indent=" " * _INDENT, subsequent_indent=" " * (_INDENT + 2), break_on_hyphens=False
+    )
 
 
 def _compute_numbers(g: Mapping[str, Any]) -> list[str]:
@@ -693,8 +824,12 @@ def _data_numbers(g: Mapping[str, Any]) -> list[str]:
     return out
 
 
-_NUMBER_LINES = {"compute": _compute_numbers, "tokens": _tokens_numbers, "batch_size": _batch_numbers,
-                 "data": _data_numbers}
+_NUMBER_LINES = {
+    "compute": _compute_numbers,
+    "tokens": _tokens_numbers,
+    "batch_size": _batch_numbers,
+    "data": _data_numbers,
+}
 
 
 def report_keys() -> dict[str, str]:
@@ -711,7 +846,7 @@ REPORT_KEYS: dict[str, str] = {
     "run.training_seconds": "wall-clock seconds from train start to train end, validation included",
     "run.final_training_loss": "mean training loss of the last logged step, as training_step returned it",
     "<group>.status": "short verdict code (see each group; any group may also be off: the part was left out, or "
-                      "error: its summary failed)",
+    "error: its summary failed)",
     "<group>.verdict": "the one-line verdict",
     "<group>.flagged": "true when the run lies outside the law's fitted range: the verdict is a flag, not advice",
     "<group>.advice": "list of sentences: what to change, derived from the numbers",
@@ -767,8 +902,8 @@ REPORT_KEYS: dict[str, str] = {
     "files.picture": "path of the PNG (null when not drawn; files.picture_note says why)",
     "files.picture_note": "why there is no picture (null when there is one)",
     "thresholds": "where the verdicts change: the parts' arguments of the same names",
-    "history": "columns of the values at each logging step: " + ", ".join(
-        f"{name} ({unit})" for name, unit in HISTORY_UNITS.items()),
+    "history": "columns of the values at each logging step: "
+    + ", ".join(f"{name} ({unit})" for name, unit in HISTORY_UNITS.items()),
 }
 
 
@@ -779,7 +914,7 @@ PLOT_EXTRA_HINT = "pip install 'lightning-scaling[plot]'"
 def matplotlib_missing() -> str | None:
     """None when matplotlib can be imported, else the one line that says how to get the picture."""
     try:
-        import matplotlib.backends.backend_agg  # noqa: F401
+        import matplotlib.backends.backend_agg
         import matplotlib.figure  # noqa: F401
     except ImportError:
         return f"not drawn: matplotlib is not installed ({PLOT_EXTRA_HINT})"
@@ -800,8 +935,12 @@ def draw_run_report(report: Mapping[str, Any], history: Mapping[str, Sequence[An
     figure = Figure(figsize=(13, 8.5), dpi=100)
     FigureCanvasAgg(figure)
     # fixed margins: a layout engine would lay the figure out in an extra pass (about half the drawing time)
-    axes = figure.subplots(2, 2, sharex=True, gridspec_kw={"left": 0.06, "right": 0.94, "bottom": 0.065,
-                                                            "top": 0.925, "wspace": 0.2, "hspace": 0.14})
+    axes = figure.subplots(
+        2,
+        2,
+        sharex=True,
+        gridspec_kw={"left": 0.06, "right": 0.94, "bottom": 0.065, "top": 0.925, "wspace": 0.2, "hspace": 0.14},
+    )
     _panel_tokens(axes[0, 0], report, history, step)
     _panel_loss(axes[0, 1], report, history, step)
     _panel_batch(axes[1, 0], report, history, step)
@@ -845,8 +984,16 @@ def _status_title(ax: Any, title: str, group: Mapping[str, Any] | None) -> None:
 
 
 def _note(ax: Any, text: str) -> None:
-    ax.text(0.5, 0.5, "\n".join(textwrap.wrap(text, 60)), transform=ax.transAxes, ha="center", va="center",
-            fontsize=9, color="0.35")
+    ax.text(
+        0.5,
+        0.5,
+        "\n".join(textwrap.wrap(text, 60)),
+        transform=ax.transAxes,
+        ha="center",
+        va="center",
+        fontsize=9,
+        color="0.35",
+    )
 
 
 def _plot_finite(ax: Any, x: np.ndarray, y: np.ndarray, *args: Any, **kwargs: Any) -> bool:
@@ -866,8 +1013,9 @@ def _panel_tokens(ax: Any, report: Mapping[str, Any], history: Any, step: np.nda
     if not _plot_finite(ax, step, ratio, color="C0", lw=2, label="so far"):
         _note(ax, "no tokens per parameter were logged (the token budget is off, or no logging step was reached)")
         return
-    _plot_finite(ax, step, projected, color="C1", lw=1.2, ls=":", marker=".", ms=4,
-                 label="end of run, as projected at each step")
+    _plot_finite(
+        ax, step, projected, color="C1", lw=1.2, ls=":", marker=".", ms=4, label="end of run, as projected at each step"
+    )
     planned = report.get("run", {}).get("planned_optimizer_steps")
     last = int(np.flatnonzero(np.isfinite(ratio))[-1])
     end = _last(projected)
@@ -878,9 +1026,14 @@ def _panel_tokens(ax: Any, report: Mapping[str, Any], history: Any, step: np.nda
     law = (group.get("law") or {}).get("name") or "the law"
     if band:
         within = format_percent((report.get("thresholds") or {}).get("overhead_threshold", 0.1))
-        ax.axhspan(band[0], band[1], color="C2", alpha=0.15,
-                   label=f"compute-optimal band: <= {within} extra compute ({law} law"
-                         + (", extrapolated)" if group.get("flagged") else ")"))
+        ax.axhspan(
+            band[0],
+            band[1],
+            color="C2",
+            alpha=0.15,
+            label=f"compute-optimal band: <= {within} extra compute ({law} law"
+            + (", extrapolated)" if group.get("flagged") else ")"),
+        )
     if rule:
         ax.axhline(rule, color="C2", ls="--", lw=1, label=f"~{rule:g} tokens per parameter (Hoffmann et al. 2022)")
     _plain_log_axis(ax)
@@ -900,9 +1053,17 @@ def _panel_loss(ax: Any, report: Mapping[str, Any], history: Any, step: np.ndarr
     params = group.get("parameters")
     law_record = group.get("law")
     if group.get("flagged") or not params or not law_record:
-        why = ("outside the law's fitted range" if group.get("flagged") else "no law or parameter count")
-        ax.text(0.98, 0.95, f"no law prediction: this run lies {why}" if group.get("flagged") else
-                f"no law prediction ({why})", transform=ax.transAxes, ha="right", va="top", fontsize=8, color="0.35")
+        why = "outside the law's fitted range" if group.get("flagged") else "no law or parameter count"
+        ax.text(
+            0.98,
+            0.95,
+            f"no law prediction: this run lies {why}" if group.get("flagged") else f"no law prediction ({why})",
+            transform=ax.transAxes,
+            ha="right",
+            va="top",
+            fontsize=8,
+            color="0.35",
+        )
     else:
         from lightning_scaling.laws.definitions import law_from_dict
 
@@ -910,9 +1071,14 @@ def _panel_loss(ax: Any, report: Mapping[str, Any], history: Any, step: np.ndarr
         keep = np.isfinite(tokens) & (tokens > 0)
         if keep.any() and callable(getattr(law, "loss", None)):
             predicted = np.asarray(law.loss(params, tokens[keep]), dtype=float)
-            ax.plot(step[keep], predicted, color="C3", ls="--", lw=1.5,
-                    label=f"{law_record.get('name') or 'law'} law L(N, D) for this N and the tokens so far "
-                          "(nats/token)")
+            ax.plot(
+                step[keep],
+                predicted,
+                color="C3",
+                ls="--",
+                lw=1.5,
+                label=f"{law_record.get('name') or 'law'} law L(N, D) for this N and the tokens so far (nats/token)",
+            )
     ax.grid(True, alpha=0.25)
     ax.legend(fontsize=8, loc="best")
 
@@ -929,11 +1095,26 @@ def _panel_batch(ax: Any, report: Mapping[str, Any], history: Any, step: np.ndar
         ax.plot(step[keep], noise[keep], color="C3", lw=1.5, label="B_simple (gradient noise scale)")
         limits = report.get("thresholds") or {}
         low, high = limits.get("batch_low_ratio", 0.25), limits.get("batch_high_ratio", 4.0)
-        ax.fill_between(step[keep], low * noise[keep], high * noise[keep], color="C3", alpha=0.12,
-                        label=f"{low:g}x to {high:g}x B_simple")
+        ax.fill_between(
+            step[keep],
+            low * noise[keep],
+            high * noise[keep],
+            color="C3",
+            alpha=0.12,
+            label=f"{low:g}x to {high:g}x B_simple",
+        )
     elif drawn:
-        ax.text(0.98, 0.05, f"B_simple not measured: {group.get('noise_scale_status') or 'no estimate'}",
-                transform=ax.transAxes, ha="right", va="bottom", fontsize=8, color="0.35", wrap=True)
+        ax.text(
+            0.98,
+            0.05,
+            f"B_simple not measured: {group.get('noise_scale_status') or 'no estimate'}",
+            transform=ax.transAxes,
+            ha="right",
+            va="bottom",
+            fontsize=8,
+            color="0.35",
+            wrap=True,
+        )
     if not drawn and not keep.any():
         _note(ax, f"not measured: {group.get('noise_scale_status') or group.get('verdict') or 'no estimate'}")
         return
@@ -950,8 +1131,16 @@ def _panel_data(ax: Any, report: Mapping[str, Any], history: Any, step: np.ndarr
     if not _plot_finite(ax, step, epochs, color="C0", lw=2, label="epochs"):
         _note(ax, group.get("verdict") or "epochs unknown")
         return
-    _plot_finite(ax, step, _column(history, "projected_epochs"), color="C1", ls=":", marker=".", ms=4,
-                 label="end of run, as projected")
+    _plot_finite(
+        ax,
+        step,
+        _column(history, "projected_epochs"),
+        color="C1",
+        ls=":",
+        marker=".",
+        ms=4,
+        label="end of run, as projected",
+    )
     warn = (report.get("thresholds") or {}).get("warn_epochs")
     top = float(np.nanmax(np.concatenate([epochs, _column(history, "projected_epochs")])))
     if warn and top >= warn / 2:

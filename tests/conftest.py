@@ -2,12 +2,10 @@
 the CPU in the interpreter when there is no GPU."""
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
-
-import torch  # noqa: E402  (torch does not import triton here)
+import torch
 
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:

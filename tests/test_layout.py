@@ -92,7 +92,8 @@ def test_no_private_name_from_another_package(module):
         private = [n for n in names if n.startswith("_")]
         assert not private, f"{module} imports private {private} from {imported}"
         assert not any(part.startswith("_") for part in imported.split(".")[2:]), (
-            f"{module} imports the private module {imported} of another package")
+            f"{module} imports the private module {imported} of another package"
+        )
 
 
 def test_no_import_cycles_at_module_level():
@@ -113,7 +114,7 @@ def test_no_import_cycles_at_module_level():
         state[node] = 1
         for nxt in sorted(graph[node]):
             if state.get(nxt) == 1:
-                cycle = path[path.index(nxt):] + [nxt] if nxt in path else [node, nxt]
+                cycle = [*path[path.index(nxt) :], nxt] if nxt in path else [node, nxt]
                 pytest.fail("import cycle: " + " -> ".join(cycle))
             if nxt not in state:
                 visit(nxt, [*path, nxt])
@@ -125,13 +126,24 @@ def test_no_import_cycles_at_module_level():
 
 
 def test_the_pure_math_imports_neither_lightning_nor_triton_nor_torch():
-    pure = ["lightning_scaling.argument_checks", "lightning_scaling.metric_names", "lightning_scaling.planner",
-            "lightning_scaling.run_report", "lightning_scaling.estimators.noise_scale",
-            "lightning_scaling.flops.formulas", "lightning_scaling.flops.by_shape"]
+    pure = [
+        "lightning_scaling.argument_checks",
+        "lightning_scaling.metric_names",
+        "lightning_scaling.planner",
+        "lightning_scaling.run_report",
+        "lightning_scaling.estimators.noise_scale",
+        "lightning_scaling.flops.formulas",
+        "lightning_scaling.flops.by_shape",
+    ]
     pure += [m for m in SOURCES if m.startswith("lightning_scaling.laws")]
     for module in pure:
         for node in ast.walk(SOURCES[module]):
-            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
-                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else []
+            )
             heavy = [n for n in names if n.split(".")[0] in {"torch", "lightning", "triton"}]
             assert not heavy, f"{module} imports {heavy}"

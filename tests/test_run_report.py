@@ -34,24 +34,57 @@ from lightning_scaling.run_report import (
 N = 1e9  # inside the fitted range of the default law (70M to 16B parameters, 5B to 500B tokens)
 
 
-def _summaries(params: float = N, tokens: float = 20 * N, *, mfu: float | None = 0.45, gns: float = 200.0,
-               batch: float = 256.0, unique: float | None = None) -> dict:
+def _summaries(
+    params: float = N,
+    tokens: float = 20 * N,
+    *,
+    mfu: float | None = 0.45,
+    gns: float = 200.0,
+    batch: float = 256.0,
+    unique: float | None = None,
+) -> dict:
     unique = tokens if unique is None else unique
     law = DataConstrainedLaw()
     return {
-        "flops": {"flops": 6 * params * tokens, "hardware_flops": 6 * params * tokens, "flops_analytic": None,
-                  "flops_per_sec": 1e15, "mfu": mfu, "optimizer_steps": 1000, "measured_shapes": 1,
-                  "uncounted_micro_batches": 0, "causal_attention": "half"},
-        "tokens": {"tokens": tokens, "params": params, "non_embedding": False, "token_rule": "tokens_fn(batch)",
-                   "supervised_tokens": None},
-        "noise_scale": {"gns": gns, "gns_stderr": 10.0, "gns_tokens": gns * 2048, "batch_size": batch,
-                        "batch_tokens": batch * 2048, "measurements": 1000, "skipped_nonfinite": 0, "mode": "hooks",
-                        "status": "measured"},
-        "repetition": {"tokens": tokens, "unique_tokens": unique, "epochs": tokens / unique,
-                       "effective_tokens": float(law.effective_tokens(tokens, unique)),
-                       "effective_tokens_per_param": float(law.effective_tokens(tokens, unique)) / params,
-                       "repetition_value": float(law.repetition_value(tokens, unique)), "params": params,
-                       "distinct_fraction": None},
+        "flops": {
+            "flops": 6 * params * tokens,
+            "hardware_flops": 6 * params * tokens,
+            "flops_analytic": None,
+            "flops_per_sec": 1e15,
+            "mfu": mfu,
+            "optimizer_steps": 1000,
+            "measured_shapes": 1,
+            "uncounted_micro_batches": 0,
+            "causal_attention": "half",
+        },
+        "tokens": {
+            "tokens": tokens,
+            "params": params,
+            "non_embedding": False,
+            "token_rule": "tokens_fn(batch)",
+            "supervised_tokens": None,
+        },
+        "noise_scale": {
+            "gns": gns,
+            "gns_stderr": 10.0,
+            "gns_tokens": gns * 2048,
+            "batch_size": batch,
+            "batch_tokens": batch * 2048,
+            "measurements": 1000,
+            "skipped_nonfinite": 0,
+            "mode": "hooks",
+            "status": "measured",
+        },
+        "repetition": {
+            "tokens": tokens,
+            "unique_tokens": unique,
+            "epochs": tokens / unique,
+            "effective_tokens": float(law.effective_tokens(tokens, unique)),
+            "effective_tokens_per_param": float(law.effective_tokens(tokens, unique)) / params,
+            "repetition_value": float(law.repetition_value(tokens, unique)),
+            "params": params,
+            "distinct_fraction": None,
+        },
     }
 
 
@@ -59,10 +92,21 @@ def _history(steps: int = 5, params: float = N, tokens: float = 20 * N) -> dict:
     history = RunHistory()
     for i in range(1, steps + 1):
         seen = tokens * i / steps
-        history.add(200 * i, {"training_tokens": seen, "tokens_per_parameter": seen / params,
-                              "projected_tokens_per_parameter": tokens / params, "training_loss": 2.0 + 1.0 / i,
-                              "noise_scale_samples": 100.0 * i, "batch_samples": 256.0, "epochs": i / steps,
-                              "projected_epochs": 1.0, "repetition_value": 1.0, "mfu": 0.45})
+        history.add(
+            200 * i,
+            {
+                "training_tokens": seen,
+                "tokens_per_parameter": seen / params,
+                "projected_tokens_per_parameter": tokens / params,
+                "training_loss": 2.0 + 1.0 / i,
+                "noise_scale_samples": 100.0 * i,
+                "batch_samples": 256.0,
+                "epochs": i / steps,
+                "projected_epochs": 1.0,
+                "repetition_value": 1.0,
+                "mfu": 0.45,
+            },
+        )
     return history.columns()
 
 
@@ -94,8 +138,12 @@ def test_compute_optimal_run_is_told_how_to_scale_up():
     assert BESIROGLU_2024.compute_overhead(N, lo * N) == pytest.approx(0.10, abs=0.01)
     assert BESIROGLU_2024.compute_overhead(N, hi * N) == pytest.approx(0.10, abs=0.01)
     bigger = BESIROGLU_2024.compute_optimal(10 * 6 * N * 25 * N)
-    assert group["advice"] == [f"to scale up, grow both: for 10x the compute the besiroglu law's optimum is "
-                               f"{format_count(bigger.params)} parameters on {format_count(bigger.tokens)} tokens"]
+    assert group["advice"] == [
+        (
+            f"to scale up, grow both: for 10x the compute the besiroglu law's optimum is "
+            f"{format_count(bigger.params)} parameters on {format_count(bigger.tokens)} tokens"
+        )
+    ]
 
 
 def test_over_trained_run_is_shown_the_cheaper_run_to_the_same_loss():
@@ -105,8 +153,10 @@ def test_over_trained_run_is_shown_the_cheaper_run_to_the_same_loss():
     assert group["status"] == "over-trained"
     assert "inference dominates" in group["verdict"]
     cheapest = BESIROGLU_2024.optimal_for_loss(BESIROGLU_2024.loss(N, tokens))
-    assert f"{format_count(cheapest.params)}-parameter model on {format_count(cheapest.tokens)} tokens" in \
-        group["advice"][0]
+    assert (
+        f"{format_count(cheapest.params)}-parameter model on {format_count(cheapest.tokens)} tokens"
+        in group["advice"][0]
+    )
     assert "ScalingMonitor(inference_tokens=...)" in group["advice"][1]
 
 
@@ -128,13 +178,16 @@ def test_compute_verdicts_from_mfu():
     assert "ScalingMonitor(peak_flops=...)" in unknown["advice"][0]
     low = build_run_report(_summaries(mfu=0.10), training_seconds=3600)["compute"]
     assert low["status"] == "low" and low["verdict"].startswith("MFU 10%")
-    assert low["advice"][0] == f"at 40% MFU the same {format_flops(6 * N * 20 * N)} FLOPs would take 15.0 min " \
-                               "instead of 60.0 min"
+    assert (
+        low["advice"][0] == f"at 40% MFU the same {format_flops(6 * N * 20 * N)} FLOPs would take 15.0 min "
+        "instead of 60.0 min"
+    )
     assert build_run_report(_summaries(mfu=0.5))["compute"]["status"] == "good"
 
 
-@pytest.mark.parametrize("batch, status, word", [(4000.0, "large", "E/E_min"), (10.0, "small", "S/S_min"),
-                                                 (256.0, "efficient", None)])
+@pytest.mark.parametrize(
+    "batch, status, word", [(4000.0, "large", "E/E_min"), (10.0, "small", "S/S_min"), (256.0, "efficient", None)]
+)
 def test_batch_verdicts_against_the_noise_scale(batch, status, word):
     group = build_run_report(_summaries(gns=200.0, batch=batch))["batch_size"]
     assert group["status"] == status
@@ -143,6 +196,18 @@ def test_batch_verdicts_against_the_noise_scale(batch, status, word):
         assert word in group["advice"][0]
     else:
         assert group["advice"] == []
+
+
+@pytest.mark.parametrize(
+    "mode, scale, cautioned", [("norm layers", 1.0, True), ("norm layers", 2.0, False), ("hooks", 1.0, False)]
+)
+def test_an_uncalibrated_norm_layer_estimate_is_cautioned_as_about_half(mode, scale, cautioned):
+    summaries = _summaries(gns=200.0, batch=256.0)
+    summaries["noise_scale"].update(mode=mode, norm_layers_scale=scale)
+    group = build_run_report(summaries)["batch_size"]
+    said = " ".join(group["cautions"])
+    assert ("reads about half the whole model's" in said) == cautioned
+    assert ("norm_layers_scale" in said) == cautioned
 
 
 def test_batch_without_an_estimate_says_why():
@@ -182,15 +247,27 @@ def test_parts_left_out_or_failed_are_said_so():
 
 # ------------------------------------------------------------------------------------------ text and JSON
 def test_text_has_every_group_units_and_the_paths():
-    report = build_run_report(_summaries(tokens=2 * N), _history(tokens=2 * N), training_seconds=5400,
-                              report_path="/runs/v0/scaling_report.json", picture_path="/runs/v0/scaling_report.png")
+    report = build_run_report(
+        _summaries(tokens=2 * N),
+        _history(tokens=2 * N),
+        training_seconds=5400,
+        report_path="/runs/v0/scaling_report.json",
+        picture_path="/runs/v0/scaling_report.png",
+    )
     text = format_run_report(report)
     lines = text.splitlines()
     assert lines[0] == "lightning-scaling report: 1B parameters on 2B tokens, 1000 optimizer steps in 1.5 h"
     for title in ("compute", "tokens", "batch size", "data"):
         assert any(line.startswith(f"{title:<12}") for line in lines), title
-    for unit in ("FLOPs (model FLOPs, measured)", "FLOP/s", "tokens per parameter", "compute overhead", "samples",
-                 "tokens per step", "unique tokens"):
+    for unit in (
+        "FLOPs (model FLOPs, measured)",
+        "FLOP/s",
+        "tokens per parameter",
+        "compute overhead",
+        "samples",
+        "tokens per step",
+        "unique tokens",
+    ):
         assert unit in text, unit
     assert "report      /runs/v0/scaling_report.json" in lines
     assert "picture     /runs/v0/scaling_report.png" in lines
@@ -247,8 +324,11 @@ def test_picture_has_four_labelled_panels(tmp_path):
     assert (tmp_path / "run.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     panels = [ax for ax in figure.axes if ax.get_title(loc="left")]
     assert [ax.get_title(loc="left").split(":")[0] for ax in panels] == [
-        "Tokens per parameter", "Training loss", "Batch size against the gradient noise scale",
-        "Epochs and the worth of repeated data"]
+        "Tokens per parameter",
+        "Training loss",
+        "Batch size against the gradient noise scale",
+        "Epochs and the worth of repeated data",
+    ]
     for ax in panels:
         assert ax.get_ylabel() and ax.get_xlabel() == ("optimizer step" if ax in panels[2:] else "")
     # one legend per panel (the data panel's sits on its twin axis, drawn over both)
@@ -285,8 +365,7 @@ def test_picture_reaches_a_tensorboard_logger(tmp_path):
 
     monitor = ScalingMonitor(tokens_fn=target_tokens)
     logger = TensorBoardLogger(tmp_path, name="run")
-    trainer = quick_trainer(tmp_path, [monitor], steps=4, logger=logger, log_every_n_steps=2,
-                            accumulate_grad_batches=2)
+    trainer = quick_trainer(tmp_path, [monitor], steps=4, logger=logger, log_every_n_steps=2, accumulate_grad_batches=2)
     trainer.fit(GPTLightningModule(TINY), DataLoader(_data(), batch_size=4))
     logger.experiment.flush()
     directory = tmp_path / "run" / "version_0"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 
-
 _AUTOCAST_CASTS = (torch.float32, torch.float16, torch.bfloat16)  # autocast leaves float64 alone
 
 
@@ -15,8 +14,7 @@ def autocast_like_linear(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     if not (isinstance(first, torch.Tensor) and torch.is_autocast_enabled(first.device.type)):
         return tensors
     dtype = torch.get_autocast_dtype(first.device.type)
-    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.dtype in _AUTOCAST_CASTS else t
-                 for t in tensors)
+    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.dtype in _AUTOCAST_CASTS else t for t in tensors)
 
 
 def check_float_tensor(name: str, t: object, like: torch.Tensor | None = None, same_dtype: bool = True) -> torch.Tensor:
@@ -39,15 +37,18 @@ def check_2d(x: torch.Tensor) -> None:
         raise ValueError(f"x must be 2-D [tokens, d_model] for the op (the wrapper flattens), got {tuple(x.shape)}")
 
 
-def check_gate_up_inputs(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
-                         extra: dict[str, torch.Tensor] | None = None) -> None:
+def check_gate_up_inputs(
+    x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, extra: dict[str, torch.Tensor] | None = None
+) -> None:
     """Raise ``ValueError`` naming the argument unless x [..., d_model] and w_gate, w_up [d_ff, d_model] (and the
     ``extra`` tensors) are floating-point tensors of one dtype and device, with at least one token."""
     for name, t in (("x", x), ("w_gate", w_gate), ("w_up", w_up), *(extra or {}).items()):
         check_float_tensor(name, t, like=x)
     if w_gate.dim() != 2 or x.dim() < 1 or w_gate.shape[1] != x.shape[-1]:
-        raise ValueError(f"w_gate must be [d_ff, d_model={x.shape[-1] if x.dim() else '?'}], got "
-                         f"{tuple(w_gate.shape)} for x of shape {tuple(x.shape)}")
+        raise ValueError(
+            f"w_gate must be [d_ff, d_model={x.shape[-1] if x.dim() else '?'}], got "
+            f"{tuple(w_gate.shape)} for x of shape {tuple(x.shape)}"
+        )
     if w_up.shape != w_gate.shape:
         raise ValueError(f"w_up must have the shape of w_gate {tuple(w_gate.shape)}, got {tuple(w_up.shape)}")
     if x.numel() == 0:

@@ -76,6 +76,7 @@ def _pruner(tiles: dict[tuple[int, int], list[_Tile]]):
         bits = 32 if named_args["Q"].dtype == torch.float32 else 16
         wanted = set(tiles[(bits, 64 if kwargs["HEAD_DIM"] <= 64 else 128)])
         return [c for c in configs if _tile_of(c) in wanted]
+
     return prune
 
 
@@ -90,10 +91,28 @@ _KEY = ["SEQ_Q", "SEQ_K", "HEAD_DIM", "CAUSAL", "DOT_PRECISION"]
 # SEQ_K) with no masking; stage 2 the few blocks on the diagonal or at the ragged end, masked.
 # ----------------------------------------------------------------------------------------------------------
 @triton.jit
-def _attn_fwd_inner(acc, l_i, m_i, q, K, V, offs_m, lo, hi, SEQ_K, qk_scale,
-                    stride_ks, stride_kd, stride_vs, stride_vd,
-                    HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
-                    MASKED: tl.constexpr, CAUSAL: tl.constexpr):
+def _attn_fwd_inner(
+    acc,
+    l_i,
+    m_i,
+    q,
+    K,
+    V,
+    offs_m,
+    lo,
+    hi,
+    SEQ_K,
+    qk_scale,
+    stride_ks,
+    stride_kd,
+    stride_vs,
+    stride_vd,
+    HEAD_DIM: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    MASKED: tl.constexpr,
+    CAUSAL: tl.constexpr,
+):
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     for start_n in range(lo, hi, BLOCK_N):
@@ -134,14 +153,36 @@ def _unmasked_key_end(start_m, SEQ_K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constex
 @triton.autotune(configs=_FWD_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _pruner(_FWD_TILES)})
 @triton.jit
 def _attn_fwd_kernel(
-    Q, K, V, O, LSE,
-    stride_qb, stride_qh, stride_qs, stride_qd,
-    stride_kb, stride_kh, stride_ks, stride_kd,
-    stride_vb, stride_vh, stride_vs, stride_vd,
-    stride_ob, stride_oh, stride_os, stride_od,
-    H, SEQ_Q, SEQ_K, qk_scale,
-    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    Q,
+    K,
+    V,
+    O,
+    LSE,
+    stride_qb,
+    stride_qh,
+    stride_qs,
+    stride_qd,
+    stride_kb,
+    stride_kh,
+    stride_ks,
+    stride_kd,
+    stride_vb,
+    stride_vh,
+    stride_vs,
+    stride_vd,
+    stride_ob,
+    stride_oh,
+    stride_os,
+    stride_od,
+    H,
+    SEQ_Q,
+    SEQ_K,
+    qk_scale,
+    HEAD_DIM: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     start_m = tl.program_id(0)
     off_bh = tl.program_id(1)
@@ -154,8 +195,7 @@ def _attn_fwd_kernel(
     V += off_b * stride_vb + off_h * stride_vh
 
     # This block of queries stays in registers for the whole loop.
-    q = tl.load(Q + offs_m[:, None] * stride_qs + offs_d[None, :] * stride_qd,
-                mask=offs_m[:, None] < SEQ_Q, other=0.0)
+    q = tl.load(Q + offs_m[:, None] * stride_qs + offs_d[None, :] * stride_qd, mask=offs_m[:, None] < SEQ_Q, other=0.0)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running row max (log2 units)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running row sum of exp2(score - m_i)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
@@ -163,20 +203,61 @@ def _attn_fwd_kernel(
     # Causal: keys past the last query of this block are all masked, so stop there.
     hi = tl.minimum((start_m + 1) * BLOCK_M, SEQ_K) if CAUSAL else SEQ_K
     mid = _unmasked_key_end(start_m, SEQ_K, BLOCK_M, BLOCK_N, CAUSAL)
-    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K, V, offs_m, 0, mid, SEQ_K, qk_scale,
-                                    stride_ks, stride_kd, stride_vs, stride_vd,
-                                    HEAD_DIM, DOT_PRECISION, BLOCK_N, False, CAUSAL)
-    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K, V, offs_m, mid, hi, SEQ_K, qk_scale,
-                                    stride_ks, stride_kd, stride_vs, stride_vd,
-                                    HEAD_DIM, DOT_PRECISION, BLOCK_N, True, CAUSAL)
+    acc, l_i, m_i = _attn_fwd_inner(
+        acc,
+        l_i,
+        m_i,
+        q,
+        K,
+        V,
+        offs_m,
+        0,
+        mid,
+        SEQ_K,
+        qk_scale,
+        stride_ks,
+        stride_kd,
+        stride_vs,
+        stride_vd,
+        HEAD_DIM,
+        DOT_PRECISION,
+        BLOCK_N,
+        False,
+        CAUSAL,
+    )
+    acc, l_i, m_i = _attn_fwd_inner(
+        acc,
+        l_i,
+        m_i,
+        q,
+        K,
+        V,
+        offs_m,
+        mid,
+        hi,
+        SEQ_K,
+        qk_scale,
+        stride_ks,
+        stride_kd,
+        stride_vs,
+        stride_vd,
+        HEAD_DIM,
+        DOT_PRECISION,
+        BLOCK_N,
+        True,
+        CAUSAL,
+    )
 
     # Every row sees key 0 (top-left causal), so l_i > 0 and nothing divides by zero.
     acc = acc / l_i[:, None]
     lse = (m_i + tl.math.log2(l_i)) / 1.4426950408889634  # natural-log log-sum-exp of the scaled scores
     tl.store(LSE + off_bh * SEQ_Q + offs_m, lse, mask=offs_m < SEQ_Q)
     O += off_b * stride_ob + off_h * stride_oh
-    tl.store(O + offs_m[:, None] * stride_os + offs_d[None, :] * stride_od, acc.to(O.dtype.element_ty),
-             mask=offs_m[:, None] < SEQ_Q)
+    tl.store(
+        O + offs_m[:, None] * stride_os + offs_d[None, :] * stride_od,
+        acc.to(O.dtype.element_ty),
+        mask=offs_m[:, None] < SEQ_Q,
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -184,11 +265,21 @@ def _attn_fwd_kernel(
 # ----------------------------------------------------------------------------------------------------------
 @triton.jit
 def _attn_bwd_preprocess_kernel(
-    O, DO, DELTA,
-    stride_ob, stride_oh, stride_os, stride_od,
-    stride_dob, stride_doh, stride_dos, stride_dod,
-    H, SEQ_Q,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+    O,
+    DO,
+    DELTA,
+    stride_ob,
+    stride_oh,
+    stride_os,
+    stride_od,
+    stride_dob,
+    stride_doh,
+    stride_dos,
+    stride_dod,
+    H,
+    SEQ_Q,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
 ):
     start_m = tl.program_id(0)
     off_bh = tl.program_id(1)
@@ -197,10 +288,16 @@ def _attn_bwd_preprocess_kernel(
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     rows = offs_m[:, None] < SEQ_Q
-    o = tl.load(O + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_os
-                + offs_d[None, :] * stride_od, mask=rows, other=0.0).to(tl.float32)
-    do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_dos
-                 + offs_d[None, :] * stride_dod, mask=rows, other=0.0).to(tl.float32)
+    o = tl.load(
+        O + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :] * stride_od,
+        mask=rows,
+        other=0.0,
+    ).to(tl.float32)
+    do = tl.load(
+        DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_dos + offs_d[None, :] * stride_dod,
+        mask=rows,
+        other=0.0,
+    ).to(tl.float32)
     tl.store(DELTA + off_bh * SEQ_Q + offs_m, tl.sum(o * do, 1), mask=offs_m < SEQ_Q)
 
 
@@ -211,18 +308,39 @@ def _attn_bwd_preprocess_kernel(
 # lse = delta = 0, so it adds exactly 0 to dK and dV; a key row past SEQ_K only touches its own (unstored) row.
 # ----------------------------------------------------------------------------------------------------------
 @triton.jit
-def _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, offs_n, lo, hi, SEQ_Q, qk_scale,
-                         stride_qs, stride_qd, stride_dos, stride_dod,
-                         HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-                         MASKED: tl.constexpr):
+def _attn_bwd_dkdv_inner(
+    dk,
+    dv,
+    k,
+    v,
+    Q,
+    DO,
+    LSE,
+    DELTA,
+    offs_n,
+    lo,
+    hi,
+    SEQ_Q,
+    qk_scale,
+    stride_qs,
+    stride_qd,
+    stride_dos,
+    stride_dod,
+    HEAD_DIM: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    MASKED: tl.constexpr,
+):
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     for start_m in range(lo, hi, BLOCK_M):
         rows = start_m + offs_m
-        q_t = tl.load(Q + rows[None, :] * stride_qs + offs_d[:, None] * stride_qd,
-                      mask=rows[None, :] < SEQ_Q, other=0.0)  # [HEAD_DIM, BLOCK_M]
-        do = tl.load(DO + rows[:, None] * stride_dos + offs_d[None, :] * stride_dod,
-                     mask=rows[:, None] < SEQ_Q, other=0.0)  # [BLOCK_M, HEAD_DIM]
+        q_t = tl.load(
+            Q + rows[None, :] * stride_qs + offs_d[:, None] * stride_qd, mask=rows[None, :] < SEQ_Q, other=0.0
+        )  # [HEAD_DIM, BLOCK_M]
+        do = tl.load(
+            DO + rows[:, None] * stride_dos + offs_d[None, :] * stride_dod, mask=rows[:, None] < SEQ_Q, other=0.0
+        )  # [BLOCK_M, HEAD_DIM]
         lse = tl.load(LSE + rows, mask=rows < SEQ_Q, other=0.0) * 1.4426950408889634
         delta = tl.load(DELTA + rows, mask=rows < SEQ_Q, other=0.0)
         # Transposed probabilities P^T [BLOCK_N, BLOCK_M], recomputed from the saved log-sum-exp.
@@ -239,14 +357,39 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, offs_n, lo, hi, SEQ_Q,
 @triton.autotune(configs=_DKDV_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _pruner(_DKDV_TILES)})
 @triton.jit
 def _attn_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV,
-    stride_qb, stride_qh, stride_qs, stride_qd,
-    stride_kb, stride_kh, stride_ks, stride_kd,
-    stride_vb, stride_vh, stride_vs, stride_vd,
-    stride_dob, stride_doh, stride_dos, stride_dod,
-    H, SEQ_Q, SEQ_K, sm_scale,
-    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    Q,
+    K,
+    V,
+    DO,
+    LSE,
+    DELTA,
+    DK,
+    DV,
+    stride_qb,
+    stride_qh,
+    stride_qs,
+    stride_qd,
+    stride_kb,
+    stride_kh,
+    stride_ks,
+    stride_kd,
+    stride_vb,
+    stride_vh,
+    stride_vs,
+    stride_vd,
+    stride_dob,
+    stride_doh,
+    stride_dos,
+    stride_dod,
+    H,
+    SEQ_Q,
+    SEQ_K,
+    sm_scale,
+    HEAD_DIM: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     start_n = tl.program_id(0)
     off_bh = tl.program_id(1)
@@ -260,10 +403,16 @@ def _attn_bwd_dkdv_kernel(
     DELTA += off_bh * SEQ_Q
 
     key_rows = offs_n[:, None] < SEQ_K
-    k = tl.load(K + off_b * stride_kb + off_h * stride_kh + offs_n[:, None] * stride_ks
-                + offs_d[None, :] * stride_kd, mask=key_rows, other=0.0)
-    v = tl.load(V + off_b * stride_vb + off_h * stride_vh + offs_n[:, None] * stride_vs
-                + offs_d[None, :] * stride_vd, mask=key_rows, other=0.0)
+    k = tl.load(
+        K + off_b * stride_kb + off_h * stride_kh + offs_n[:, None] * stride_ks + offs_d[None, :] * stride_kd,
+        mask=key_rows,
+        other=0.0,
+    )
+    v = tl.load(
+        V + off_b * stride_vb + off_h * stride_vh + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd,
+        mask=key_rows,
+        other=0.0,
+    )
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     qk_scale = sm_scale * 1.4426950408889634
@@ -273,20 +422,66 @@ def _attn_bwd_dkdv_kernel(
         # blocks that start at or past its last key see all of it: no mask from there on.
         lo = (start_n * BLOCK_N // BLOCK_M) * BLOCK_M
         mid = tl.minimum(tl.cdiv((start_n + 1) * BLOCK_N, BLOCK_M) * BLOCK_M, SEQ_Q)
-        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, offs_n, lo, mid, SEQ_Q, qk_scale,
-                                      stride_qs, stride_qd, stride_dos, stride_dod,
-                                      HEAD_DIM, DOT_PRECISION, BLOCK_M, True)
+        dk, dv = _attn_bwd_dkdv_inner(
+            dk,
+            dv,
+            k,
+            v,
+            Q,
+            DO,
+            LSE,
+            DELTA,
+            offs_n,
+            lo,
+            mid,
+            SEQ_Q,
+            qk_scale,
+            stride_qs,
+            stride_qd,
+            stride_dos,
+            stride_dod,
+            HEAD_DIM,
+            DOT_PRECISION,
+            BLOCK_M,
+            True,
+        )
     else:
         mid = 0
-    dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, offs_n, mid, SEQ_Q, SEQ_Q, qk_scale,
-                                  stride_qs, stride_qd, stride_dos, stride_dod,
-                                  HEAD_DIM, DOT_PRECISION, BLOCK_M, False)
+    dk, dv = _attn_bwd_dkdv_inner(
+        dk,
+        dv,
+        k,
+        v,
+        Q,
+        DO,
+        LSE,
+        DELTA,
+        offs_n,
+        mid,
+        SEQ_Q,
+        SEQ_Q,
+        qk_scale,
+        stride_qs,
+        stride_qd,
+        stride_dos,
+        stride_dod,
+        HEAD_DIM,
+        DOT_PRECISION,
+        BLOCK_M,
+        False,
+    )
 
     dk *= sm_scale
-    tl.store(DK + off_bh.to(tl.int64) * SEQ_K * HEAD_DIM + offs_n[:, None] * HEAD_DIM + offs_d[None, :],
-             dk.to(DK.dtype.element_ty), mask=key_rows)
-    tl.store(DV + off_bh.to(tl.int64) * SEQ_K * HEAD_DIM + offs_n[:, None] * HEAD_DIM + offs_d[None, :],
-             dv.to(DV.dtype.element_ty), mask=key_rows)
+    tl.store(
+        DK + off_bh.to(tl.int64) * SEQ_K * HEAD_DIM + offs_n[:, None] * HEAD_DIM + offs_d[None, :],
+        dk.to(DK.dtype.element_ty),
+        mask=key_rows,
+    )
+    tl.store(
+        DV + off_bh.to(tl.int64) * SEQ_K * HEAD_DIM + offs_n[:, None] * HEAD_DIM + offs_d[None, :],
+        dv.to(DV.dtype.element_ty),
+        mask=key_rows,
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -294,10 +489,29 @@ def _attn_bwd_dkdv_kernel(
 # forward's two stages (unmasked key blocks, then the diagonal and the ragged end, masked).  dQ = scale * dS K
 # ----------------------------------------------------------------------------------------------------------
 @triton.jit
-def _attn_bwd_dq_inner(dq, q, do, lse, delta, K, V, offs_m, lo, hi, SEQ_K, qk_scale,
-                       stride_ks, stride_kd, stride_vs, stride_vd,
-                       HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
-                       MASKED: tl.constexpr, CAUSAL: tl.constexpr):
+def _attn_bwd_dq_inner(
+    dq,
+    q,
+    do,
+    lse,
+    delta,
+    K,
+    V,
+    offs_m,
+    lo,
+    hi,
+    SEQ_K,
+    qk_scale,
+    stride_ks,
+    stride_kd,
+    stride_vs,
+    stride_vd,
+    HEAD_DIM: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    MASKED: tl.constexpr,
+    CAUSAL: tl.constexpr,
+):
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     for start_n in range(lo, hi, BLOCK_N):
@@ -325,14 +539,38 @@ def _attn_bwd_dq_inner(dq, q, do, lse, delta, K, V, offs_m, lo, hi, SEQ_K, qk_sc
 @triton.autotune(configs=_DQ_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _pruner(_DQ_TILES)})
 @triton.jit
 def _attn_bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ,
-    stride_qb, stride_qh, stride_qs, stride_qd,
-    stride_kb, stride_kh, stride_ks, stride_kd,
-    stride_vb, stride_vh, stride_vs, stride_vd,
-    stride_dob, stride_doh, stride_dos, stride_dod,
-    H, SEQ_Q, SEQ_K, sm_scale,
-    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    Q,
+    K,
+    V,
+    DO,
+    LSE,
+    DELTA,
+    DQ,
+    stride_qb,
+    stride_qh,
+    stride_qs,
+    stride_qd,
+    stride_kb,
+    stride_kh,
+    stride_ks,
+    stride_kd,
+    stride_vb,
+    stride_vh,
+    stride_vs,
+    stride_vd,
+    stride_dob,
+    stride_doh,
+    stride_dos,
+    stride_dod,
+    H,
+    SEQ_Q,
+    SEQ_K,
+    sm_scale,
+    HEAD_DIM: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     start_m = tl.program_id(0)
     off_bh = tl.program_id(1)
@@ -344,10 +582,16 @@ def _attn_bwd_dq_kernel(
     V += off_b * stride_vb + off_h * stride_vh
 
     query_rows = offs_m[:, None] < SEQ_Q
-    q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qs
-                + offs_d[None, :] * stride_qd, mask=query_rows, other=0.0)
-    do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_dos
-                 + offs_d[None, :] * stride_dod, mask=query_rows, other=0.0)
+    q = tl.load(
+        Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :] * stride_qd,
+        mask=query_rows,
+        other=0.0,
+    )
+    do = tl.load(
+        DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_dos + offs_d[None, :] * stride_dod,
+        mask=query_rows,
+        other=0.0,
+    )
     lse = tl.load(LSE + off_bh * SEQ_Q + offs_m, mask=offs_m < SEQ_Q, other=0.0) * 1.4426950408889634
     delta = tl.load(DELTA + off_bh * SEQ_Q + offs_m, mask=offs_m < SEQ_Q, other=0.0)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
@@ -357,16 +601,59 @@ def _attn_bwd_dq_kernel(
     # (q = dO = 0, lse = delta = 0) gets dS = 0 in the unmasked stage and is not stored.
     hi = tl.minimum((start_m + 1) * BLOCK_M, SEQ_K) if CAUSAL else SEQ_K
     mid = _unmasked_key_end(start_m, SEQ_K, BLOCK_M, BLOCK_N, CAUSAL)
-    dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, K, V, offs_m, 0, mid, SEQ_K, qk_scale,
-                            stride_ks, stride_kd, stride_vs, stride_vd, HEAD_DIM, DOT_PRECISION, BLOCK_N,
-                            False, CAUSAL)
-    dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, K, V, offs_m, mid, hi, SEQ_K, qk_scale,
-                            stride_ks, stride_kd, stride_vs, stride_vd, HEAD_DIM, DOT_PRECISION, BLOCK_N,
-                            True, CAUSAL)
+    dq = _attn_bwd_dq_inner(
+        dq,
+        q,
+        do,
+        lse,
+        delta,
+        K,
+        V,
+        offs_m,
+        0,
+        mid,
+        SEQ_K,
+        qk_scale,
+        stride_ks,
+        stride_kd,
+        stride_vs,
+        stride_vd,
+        HEAD_DIM,
+        DOT_PRECISION,
+        BLOCK_N,
+        False,
+        CAUSAL,
+    )
+    dq = _attn_bwd_dq_inner(
+        dq,
+        q,
+        do,
+        lse,
+        delta,
+        K,
+        V,
+        offs_m,
+        mid,
+        hi,
+        SEQ_K,
+        qk_scale,
+        stride_ks,
+        stride_kd,
+        stride_vs,
+        stride_vd,
+        HEAD_DIM,
+        DOT_PRECISION,
+        BLOCK_N,
+        True,
+        CAUSAL,
+    )
 
     dq *= sm_scale
-    tl.store(DQ + off_bh.to(tl.int64) * SEQ_Q * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :],
-             dq.to(DQ.dtype.element_ty), mask=query_rows)
+    tl.store(
+        DQ + off_bh.to(tl.int64) * SEQ_Q * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :],
+        dq.to(DQ.dtype.element_ty),
+        mask=query_rows,
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -377,29 +664,50 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _triton_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
-                    scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _triton_forward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     b, h, sq, d = q.shape
     sk = k.shape[2]
     out = torch.empty((b, h, sq, d), dtype=q.dtype, device=q.device)
     lse = torch.empty((b, h, sq), dtype=torch.float32, device=q.device)
-    grid = lambda meta: (triton.cdiv(sq, meta["BLOCK_M"]), b * h)  # noqa: E731
+    grid = lambda meta: (triton.cdiv(sq, meta["BLOCK_M"]), b * h)
     _attn_fwd_kernel[grid](
-        q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        h, sq, sk, scale * _LOG2E,
-        HEAD_DIM=d, CAUSAL=causal, DOT_PRECISION=_dot_precision(q.dtype),
+        q,
+        k,
+        v,
+        out,
+        lse,
+        *q.stride(),
+        *k.stride(),
+        *v.stride(),
+        *out.stride(),
+        h,
+        sq,
+        sk,
+        scale * _LOG2E,
+        HEAD_DIM=d,
+        CAUSAL=causal,
+        DOT_PRECISION=_dot_precision(q.dtype),
     )
     return out, lse
 
 
-def _triton_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                     out: torch.Tensor, lse: torch.Tensor, causal: bool,
-                     scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _triton_backward(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    causal: bool,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     b, h, sq, d = q.shape
     sk = k.shape[2]
     delta = torch.empty((b, h, sq), dtype=torch.float32, device=q.device)
     _attn_bwd_preprocess_kernel[(triton.cdiv(sq, _PRE_BLOCK_M), b * h)](
-        out, grad_out, delta, *out.stride(), *grad_out.stride(), h, sq, HEAD_DIM=d, BLOCK_M=_PRE_BLOCK_M,
+        out, grad_out, delta, *out.stride(), *grad_out.stride(), h, sq, HEAD_DIM=d, BLOCK_M=_PRE_BLOCK_M
     )
     dq = torch.empty((b, h, sq, d), dtype=q.dtype, device=q.device)
     dk = torch.empty((b, h, sk, d), dtype=k.dtype, device=k.device)
@@ -407,10 +715,10 @@ def _triton_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v
     strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride())
     flags = dict(HEAD_DIM=d, CAUSAL=causal, DOT_PRECISION=_dot_precision(q.dtype))
     _attn_bwd_dkdv_kernel[lambda meta: (triton.cdiv(sk, meta["BLOCK_N"]), b * h)](
-        q, k, v, grad_out, lse, delta, dk, dv, *strides, h, sq, sk, scale, **flags,
+        q, k, v, grad_out, lse, delta, dk, dv, *strides, h, sq, sk, scale, **flags
     )
     _attn_bwd_dq_kernel[lambda meta: (triton.cdiv(sq, meta["BLOCK_M"]), b * h)](
-        q, k, v, grad_out, lse, delta, dq, *strides, h, sq, sk, scale, **flags,
+        q, k, v, grad_out, lse, delta, dq, *strides, h, sq, sk, scale, **flags
     )
     return dq, dk, dv
 
@@ -418,8 +726,9 @@ def _triton_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v
 # ----------------------------------------------------------------------------------------------------------
 # PyTorch reference (the CPU path): materialises the [q_len, kv_len] scores, computes in fp32 or wider.
 # ----------------------------------------------------------------------------------------------------------
-def _reference_probabilities(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor | None, causal: bool,
-                             scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _reference_probabilities(
+    q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor | None, causal: bool, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     scores = torch.matmul(q, k.transpose(-2, -1)) * scale
     if causal:
         sq, sk = scores.shape[-2:]
@@ -430,16 +739,24 @@ def _reference_probabilities(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor
     return torch.exp(scores - lse.unsqueeze(-1)), lse
 
 
-def _reference_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
-                       scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _reference_forward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     ct = reference_dtype(q.dtype)
     p, lse = _reference_probabilities(q.to(ct), k.to(ct), None, causal, scale)
     return torch.matmul(p, v.to(ct)).to(q.dtype), lse.to(torch.float32)
 
 
-def _reference_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                        out: torch.Tensor, lse: torch.Tensor, causal: bool,
-                        scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _reference_backward(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    causal: bool,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     ct = reference_dtype(q.dtype)
     q32, k32, v32, do32 = q.to(ct), k.to(ct), v.to(ct), grad_out.to(ct)
     p, _ = _reference_probabilities(q32, k32, lse.to(ct), causal, scale)
@@ -455,8 +772,9 @@ def _reference_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor
 # torch.library ops: forward returns (out, lse); backward is its own op so FlopCounterMode sees it.
 # ----------------------------------------------------------------------------------------------------------
 @torch.library.custom_op("lightning_scaling::flash_attention_forward", mutates_args=())
-def flash_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
-                            scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def flash_attention_forward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention output [B, H, Sq, D] (dtype of q) and row log-sum-exp [B, H, Sq] (fp32, natural log)."""
     return run_kernels(q, _triton_forward, _reference_forward, q, k, v, causal, scale)
 
@@ -468,9 +786,16 @@ def _(q, k, v, causal, scale):
 
 
 @torch.library.custom_op("lightning_scaling::flash_attention_backward", mutates_args=())
-def flash_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                             out: torch.Tensor, lse: torch.Tensor, causal: bool,
-                             scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def flash_attention_backward(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    causal: bool,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients (dq, dk, dv) of ``flash_attention_forward``, recomputing probabilities from ``lse``."""
     return run_kernels(q, _triton_backward, _reference_backward, grad_out, q, k, v, out, lse, causal, scale)
 
@@ -508,8 +833,7 @@ def _forward_flops(q, k, v, causal, scale, *, out_shape=None, causal_attention="
     return int(attention_flops(b, h, sq, k[2], d, bool(causal), causal_attention))
 
 
-def _backward_flops(grad_out, q, k, v, out, lse, causal, scale, *, out_shape=None,
-                    causal_attention="half") -> int:
+def _backward_flops(grad_out, q, k, v, out, lse, causal, scale, *, out_shape=None, causal_attention="half") -> int:
     """FLOPs of one ``flash_attention_backward`` call (model FLOPs = 2 × forward)."""
     # docs/math.md §1 (Hoffmann 2022 App. F): backward = 2 × forward in model FLOPs. FlashAttention reports 2.5 ×
     # because its backward recomputes Q·Kᵀ: that is hardware FLOPs (HFU), not the model FLOPs of MFU.
@@ -542,13 +866,13 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         raise ValueError(f"v must have the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
     if q.shape[2] == 0 or k.shape[2] == 0:
         raise ValueError(f"q and k need at least one position, got q_len={q.shape[2]}, kv_len={k.shape[2]}")
-    if use_triton(q):
-        if d not in SUPPORTED_HEAD_DIMS:
-            raise ValueError(f"q head_dim must be one of {SUPPORTED_HEAD_DIMS} for the Triton kernels, got {d}")
+    if use_triton(q) and d not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"q head_dim must be one of {SUPPORTED_HEAD_DIMS} for the Triton kernels, got {d}")
 
 
-def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
-                    scale: float | None = None) -> torch.Tensor:
+def flash_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True, scale: float | None = None
+) -> torch.Tensor:
     """softmax(scale · q kᵀ [+ causal mask]) v without materialising the scores; differentiable.
 
     ``q`` [batch, heads, q_len, head_dim], ``k``/``v`` [batch, heads, kv_len, head_dim], all one dtype and

@@ -58,9 +58,21 @@ _REDUCE_TILE = 4096  # elements per [partials, columns] tile in stage 2
 # Forward: one program per BLOCK_ROWS rows of the [n_rows, n_cols] input, each row whole in one tile.
 # ----------------------------------------------------------------------------------------------------------
 @triton.jit
-def _norm_fwd_kernel(X, W, B, Y, MEAN, RSTD, n_rows, n_cols, eps,
-                     RMS_NORM: tl.constexpr, HAS_BIAS: tl.constexpr,
-                     BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
+def _norm_fwd_kernel(
+    X,
+    W,
+    B,
+    Y,
+    MEAN,
+    RSTD,
+    n_rows,
+    n_cols,
+    eps,
+    RMS_NORM: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr,
+    BLOCK_COLS: tl.constexpr,
+):
     rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     cols = tl.arange(0, BLOCK_COLS)
     row_ok = rows < n_rows
@@ -94,9 +106,21 @@ def _norm_fwd_kernel(X, W, B, Y, MEAN, RSTD, n_rows, n_cols, eps,
 # registers (w is reloaded per tile for the same reason; it stays in cache).
 # ----------------------------------------------------------------------------------------------------------
 @triton.jit
-def _norm_bwd_rows(DY, X, W, MEAN, RSTD, DX, first_row, n_here, n_cols,
-                   RMS_NORM: tl.constexpr, HAS_BIAS: tl.constexpr,
-                   BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
+def _norm_bwd_rows(
+    DY,
+    X,
+    W,
+    MEAN,
+    RSTD,
+    DX,
+    first_row,
+    n_here,
+    n_cols,
+    RMS_NORM: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr,
+    BLOCK_COLS: tl.constexpr,
+):
     """dx for rows first_row ... first_row + n_here − 1; returns their sums (Σ dy ⊙ x̂, Σ dy) in fp32."""
     cols = tl.arange(0, BLOCK_COLS)
     col_ok = cols < n_cols
@@ -131,10 +155,29 @@ def _norm_bwd_rows(DY, X, W, MEAN, RSTD, DX, first_row, n_here, n_cols,
 
 
 @triton.jit
-def _norm_bwd_kernel(DY, X, W, MEAN, RSTD, DX, PARTIAL_DW, PARTIAL_DB, SQ_NORMS,
-                     n_cols, n_examples, rows_per_example, examples_per_program, chunks, rows_per_chunk,
-                     RMS_NORM: tl.constexpr, HAS_BIAS: tl.constexpr, SINGLE_CHUNK: tl.constexpr,
-                     MANY_EXAMPLES: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
+def _norm_bwd_kernel(
+    DY,
+    X,
+    W,
+    MEAN,
+    RSTD,
+    DX,
+    PARTIAL_DW,
+    PARTIAL_DB,
+    SQ_NORMS,
+    n_cols,
+    n_examples,
+    rows_per_example,
+    examples_per_program,
+    chunks,
+    rows_per_chunk,
+    RMS_NORM: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    SINGLE_CHUNK: tl.constexpr,
+    MANY_EXAMPLES: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr,
+    BLOCK_COLS: tl.constexpr,
+):
     pid = tl.program_id(0)
     group = pid // chunks
     chunk = pid % chunks
@@ -149,9 +192,21 @@ def _norm_bwd_kernel(DY, X, W, MEAN, RSTD, DX, PARTIAL_DW, PARTIAL_DB, SQ_NORMS,
         for e in range(examples_per_program):
             example = group * examples_per_program + e
             n_here = tl.where(example < n_examples, hi - lo, 0)
-            g_w, g_b = _norm_bwd_rows(DY, X, W, MEAN, RSTD, DX,
-                                      example.to(tl.int64) * rows_per_example + lo,  # 64-bit: > 2**31 elements
-                                      n_here, n_cols, RMS_NORM, HAS_BIAS, BLOCK_ROWS, BLOCK_COLS)
+            g_w, g_b = _norm_bwd_rows(
+                DY,
+                X,
+                W,
+                MEAN,
+                RSTD,
+                DX,
+                example.to(tl.int64) * rows_per_example + lo,  # 64-bit: > 2**31 elements
+                n_here,
+                n_cols,
+                RMS_NORM,
+                HAS_BIAS,
+                BLOCK_ROWS,
+                BLOCK_COLS,
+            )
             dw_acc += g_w
             sq = tl.sum(g_w * g_w, axis=0)
             if HAS_BIAS:
@@ -162,8 +217,21 @@ def _norm_bwd_kernel(DY, X, W, MEAN, RSTD, DX, PARTIAL_DW, PARTIAL_DB, SQ_NORMS,
         if HAS_BIAS:
             tl.store(PARTIAL_DB + partial, db_acc, mask=col_ok)
     else:  # one example, whole or a chunk of it
-        g_w, g_b = _norm_bwd_rows(DY, X, W, MEAN, RSTD, DX, group.to(tl.int64) * rows_per_example + lo, hi - lo,
-                                  n_cols, RMS_NORM, HAS_BIAS, BLOCK_ROWS, BLOCK_COLS)
+        g_w, g_b = _norm_bwd_rows(
+            DY,
+            X,
+            W,
+            MEAN,
+            RSTD,
+            DX,
+            group.to(tl.int64) * rows_per_example + lo,
+            hi - lo,
+            n_cols,
+            RMS_NORM,
+            HAS_BIAS,
+            BLOCK_ROWS,
+            BLOCK_COLS,
+        )
         tl.store(PARTIAL_DW + partial, g_w, mask=col_ok)
         if HAS_BIAS:
             tl.store(PARTIAL_DB + partial, g_b, mask=col_ok)
@@ -180,9 +248,19 @@ def _norm_bwd_kernel(DY, X, W, MEAN, RSTD, DX, PARTIAL_DW, PARTIAL_DB, SQ_NORMS,
 # block, squared and summed, goes to SQ_PARTS[b, column block] (BLOCK_P is a multiple of CHUNKS).
 # ----------------------------------------------------------------------------------------------------------
 @triton.jit
-def _norm_bwd_reduce_kernel(PARTIAL_DW, PARTIAL_DB, DW, DB, SQ_PARTS, n_partials, n_cols,
-                            HAS_BIAS: tl.constexpr, CHUNKS: tl.constexpr,
-                            BLOCK_P: tl.constexpr, BLOCK_COLS: tl.constexpr):
+def _norm_bwd_reduce_kernel(
+    PARTIAL_DW,
+    PARTIAL_DB,
+    DW,
+    DB,
+    SQ_PARTS,
+    n_partials,
+    n_cols,
+    HAS_BIAS: tl.constexpr,
+    CHUNKS: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_COLS: tl.constexpr,
+):
     pid = tl.program_id(0)
     cols = pid * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
     col_ok = cols < n_cols
@@ -253,8 +331,9 @@ def _row_blocks(n_cols: int, rows: int) -> tuple[int, int, int]:
     return block_rows, block_cols, _num_warps(block_rows * block_cols)
 
 
-def _triton_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float,
-                    rms_norm: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _triton_forward(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float, rms_norm: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     x, weight = x.contiguous(), weight.contiguous()
     n_rows, n_cols = x.shape
     y = torch.empty_like(x)
@@ -262,22 +341,42 @@ def _triton_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     mean = torch.empty(0 if rms_norm else n_rows, dtype=torch.float32, device=x.device)
     block_rows, block_cols, warps = _row_blocks(n_cols, n_rows)
     _norm_fwd_kernel[(triton.cdiv(n_rows, block_rows),)](
-        x, weight, weight if bias is None else bias.contiguous(), y, rstd if rms_norm else mean, rstd,
-        n_rows, n_cols, eps, RMS_NORM=rms_norm, HAS_BIAS=bias is not None, BLOCK_ROWS=block_rows,
-        BLOCK_COLS=block_cols, num_warps=warps,
+        x,
+        weight,
+        weight if bias is None else bias.contiguous(),
+        y,
+        rstd if rms_norm else mean,
+        rstd,
+        n_rows,
+        n_cols,
+        eps,
+        RMS_NORM=rms_norm,
+        HAS_BIAS=bias is not None,
+        BLOCK_ROWS=block_rows,
+        BLOCK_COLS=block_cols,
+        num_warps=warps,
     )
     return y, mean, rstd
 
 
-def _triton_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor,
-                     rstd: torch.Tensor, has_bias: bool, rms_norm: bool, examples: int,
-                     target_programs: int | None = None) -> tuple[torch.Tensor, ...]:
+def _triton_backward(
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    has_bias: bool,
+    rms_norm: bool,
+    examples: int,
+    target_programs: int | None = None,
+) -> tuple[torch.Tensor, ...]:
     """(dx, dw, db, per-example squared norms); ``target_programs`` overrides the partition (tests)."""
     grad_out, x, weight = grad_out.contiguous(), x.contiguous(), weight.contiguous()
     n_rows, n_cols = x.shape
     rows_per_example = n_rows // examples
     per_program, chunks, rows_per_chunk = _partition(
-        examples, rows_per_example, target_programs or _target_programs(x.device))
+        examples, rows_per_example, target_programs or _target_programs(x.device)
+    )
     programs = triton.cdiv(examples, per_program) * chunks
     dx = torch.empty_like(x)
     partial_dw = torch.empty(programs, n_cols, dtype=torch.float32, device=x.device)
@@ -285,10 +384,28 @@ def _triton_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tens
     sq_norms = torch.empty(examples, dtype=torch.float32, device=x.device)
     block_rows, block_cols, warps = _row_blocks(n_cols, rows_per_chunk)
     _norm_bwd_kernel[(programs,)](
-        grad_out, x, weight, rstd if rms_norm else mean, rstd, dx, partial_dw, partial_db, sq_norms,
-        n_cols, examples, rows_per_example, per_program, chunks, rows_per_chunk,
-        RMS_NORM=rms_norm, HAS_BIAS=has_bias, SINGLE_CHUNK=chunks == 1, MANY_EXAMPLES=per_program > 1,
-        BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols, num_warps=warps,
+        grad_out,
+        x,
+        weight,
+        rstd if rms_norm else mean,
+        rstd,
+        dx,
+        partial_dw,
+        partial_db,
+        sq_norms,
+        n_cols,
+        examples,
+        rows_per_example,
+        per_program,
+        chunks,
+        rows_per_chunk,
+        RMS_NORM=rms_norm,
+        HAS_BIAS=has_bias,
+        SINGLE_CHUNK=chunks == 1,
+        MANY_EXAMPLES=per_program > 1,
+        BLOCK_ROWS=block_rows,
+        BLOCK_COLS=block_cols,
+        num_warps=warps,
     )
     dw = torch.empty_like(weight)
     db = torch.empty_like(weight) if has_bias else weight.new_empty(0)
@@ -297,8 +414,17 @@ def _triton_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tens
     col_blocks = triton.cdiv(n_cols, reduce_cols)
     sq_parts = torch.empty(examples, col_blocks, dtype=torch.float32, device=x.device) if chunks > 1 else sq_norms
     _norm_bwd_reduce_kernel[(col_blocks,)](
-        partial_dw, partial_db, dw, db if has_bias else dw, sq_parts, programs, n_cols,
-        HAS_BIAS=has_bias, CHUNKS=chunks, BLOCK_P=block_p, BLOCK_COLS=reduce_cols,
+        partial_dw,
+        partial_db,
+        dw,
+        db if has_bias else dw,
+        sq_parts,
+        programs,
+        n_cols,
+        HAS_BIAS=has_bias,
+        CHUNKS=chunks,
+        BLOCK_P=block_p,
+        BLOCK_COLS=reduce_cols,
         num_warps=_num_warps(block_p * reduce_cols),
     )
     if chunks > 1:
@@ -309,8 +435,9 @@ def _triton_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tens
 # ----------------------------------------------------------------------------------------------------------
 # PyTorch reference (the CPU path and float64), computing in fp32 or wider.
 # ----------------------------------------------------------------------------------------------------------
-def _reference_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float,
-                       rms_norm: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _reference_forward(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float, rms_norm: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     ct = reference_dtype(x.dtype)
     xf = x.to(ct)
     if rms_norm:
@@ -326,9 +453,16 @@ def _reference_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     return y.to(x.dtype), mean, rstd
 
 
-def _reference_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor,
-                        rstd: torch.Tensor, has_bias: bool, rms_norm: bool,
-                        examples: int) -> tuple[torch.Tensor, ...]:
+def _reference_backward(
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    has_bias: bool,
+    rms_norm: bool,
+    examples: int,
+) -> tuple[torch.Tensor, ...]:
     ct = reference_dtype(x.dtype)
     xf, dy, r = x.to(ct), grad_out.to(ct), rstd.to(ct)[:, None]
     xhat = xf * r if rms_norm else (xf - mean.to(ct)[:, None]) * r
@@ -358,9 +492,14 @@ def _stats_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 @torch.library.custom_op("lightning_scaling::norm_forward", mutates_args=())
-def norm_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                 per_example_sink: torch.Tensor | None, eps: float,
-                 rms_norm: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def norm_forward(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    per_example_sink: torch.Tensor | None,
+    eps: float,
+    rms_norm: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """LayerNorm (``rms_norm=False``) or RMSNorm of x [rows, H] over H: (y [rows, H] in x's dtype, mean [rows]
     (LayerNorm; [0] for RMSNorm), rstd [rows]), the statistics in fp32 (float64 for float64 x)."""
     return run_kernels(x, _triton_forward, _reference_forward, x, weight, bias, eps, rms_norm)
@@ -370,27 +509,37 @@ def norm_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
 def _(x, weight, bias, per_example_sink, eps, rms_norm):
     rows = x.shape[0]
     stats = _stats_dtype(x)
-    return torch.empty_like(x), x.new_empty((0 if rms_norm else rows,), dtype=stats), x.new_empty((rows,),
-                                                                                                   dtype=stats)
+    return torch.empty_like(x), x.new_empty((0 if rms_norm else rows,), dtype=stats), x.new_empty((rows,), dtype=stats)
 
 
 @torch.library.custom_op("lightning_scaling::norm_backward", mutates_args=())
-def norm_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor,
-                  rstd: torch.Tensor, has_bias: bool, rms_norm: bool,
-                  examples: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def norm_backward(
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    has_bias: bool,
+    rms_norm: bool,
+    examples: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of ``norm_forward``: (dx [rows, H], dw [H], db [H] (or [0] without bias), per-example squared
     norms [examples] in fp32 (float64 for float64 x)), rows being ``examples`` equal runs of consecutive rows."""
     if examples < 1 or x.shape[0] % examples:
         raise ValueError(f"examples must be >= 1 and divide the number of rows ({x.shape[0]}), got {examples}")
-    return run_kernels(x, _triton_backward, _reference_backward, grad_out, x, weight, mean, rstd, has_bias,
-                       rms_norm, examples)
+    return run_kernels(
+        x, _triton_backward, _reference_backward, grad_out, x, weight, mean, rstd, has_bias, rms_norm, examples
+    )
 
 
 @norm_backward.register_fake
 def _(grad_out, x, weight, mean, rstd, has_bias, rms_norm, examples):
-    return (torch.empty_like(x), torch.empty_like(weight),
-            torch.empty_like(weight) if has_bias else weight.new_empty((0,)),
-            x.new_empty((examples,), dtype=_stats_dtype(x)))
+    return (
+        torch.empty_like(x),
+        torch.empty_like(weight),
+        torch.empty_like(weight) if has_bias else weight.new_empty((0,)),
+        x.new_empty((examples,), dtype=_stats_dtype(x)),
+    )
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -407,8 +556,14 @@ def _backward(ctx, grad_y: torch.Tensor, grad_mean: torch.Tensor | None, grad_rs
     x, weight, mean, rstd = ctx.saved_tensors
     dx, dw, db, sq_norms = norm_backward(grad_y, x, weight, mean, rstd, ctx.has_bias, ctx.rms_norm, ctx.examples)
     needs = ctx.needs_input_grad
-    return (dx if needs[0] else None, dw if needs[1] else None, db if ctx.has_bias and needs[2] else None,
-            sq_norms if needs[3] else None, None, None)
+    return (
+        dx if needs[0] else None,
+        dw if needs[1] else None,
+        db if ctx.has_bias and needs[2] else None,
+        sq_norms if needs[3] else None,
+        None,
+        None,
+    )
 
 
 norm_forward.register_autograd(_backward, setup_context=_setup_context)
@@ -425,14 +580,14 @@ norm_forward.register_autograd(_backward, setup_context=_setup_context)
 #             subtract from wdy, × rstd, dy·x̂, its sum (db: sum of dy); RMSNorm 9 (no mean, no c2)
 #   plus the per-example squared norms, 2 per example and parameter (square and sum): 2·examples·H per vector.
 # ----------------------------------------------------------------------------------------------------------
-def _forward_flops(x, weight, bias, per_example_sink, eps, rms_norm, *, out_shape=None,
-                   causal_attention="half") -> int:
+def _forward_flops(x, weight, bias, per_example_sink, eps, rms_norm, *, out_shape=None, causal_attention="half") -> int:
     """Model FLOPs of one ``norm_forward`` call: 0 (norms are not model FLOPs)."""
     return 0
 
 
-def _backward_flops(grad_out, x, weight, mean, rstd, has_bias, rms_norm, examples, *, out_shape=None,
-                    causal_attention="half") -> int:
+def _backward_flops(
+    grad_out, x, weight, mean, rstd, has_bias, rms_norm, examples, *, out_shape=None, causal_attention="half"
+) -> int:
     """Model FLOPs of one ``norm_backward`` call: 0 (norms are not model FLOPs)."""
     return 0
 
@@ -444,8 +599,7 @@ def forward_hardware_flops(x, weight, bias, per_example_sink, eps, rms_norm, *, 
     return math.prod(x) * per_element
 
 
-def backward_hardware_flops(grad_out, x, weight, mean, rstd, has_bias, rms_norm, examples, *,
-                            out_shape=None) -> int:
+def backward_hardware_flops(grad_out, x, weight, mean, rstd, has_bias, rms_norm, examples, *, out_shape=None) -> int:
     """FLOPs the backward kernels execute for x of shape [rows, H] (see the table above): rows·H·(9 RMSNorm,
     12 LayerNorm, 13 LayerNorm with bias) + 2·examples·H per parameter vector (weight, bias)."""
     per_element = 9 if rms_norm else 12 + bool(has_bias)
@@ -464,8 +618,14 @@ def _examples_of(x: torch.Tensor) -> int:
     return 1 if x.dim() == 1 else x.shape[0]
 
 
-def _normalize(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float | None,
-               per_example_sink: torch.Tensor | None, rms_norm: bool) -> torch.Tensor:
+def _normalize(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    eps: float | None,
+    per_example_sink: torch.Tensor | None,
+    rms_norm: bool,
+) -> torch.Tensor:
     check_float_tensor("x", x)
     if x.dim() == 0 or x.numel() == 0:
         raise ValueError(f"x must have at least one dimension and one element, got shape {tuple(x.shape)}")
@@ -484,19 +644,28 @@ def _normalize(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     if per_example_sink is not None:
         check_float_tensor("per_example_sink", per_example_sink, like=x, same_dtype=False)
         if per_example_sink.shape != (examples,):
-            raise ValueError(f"per_example_sink must be 1-D [{examples}] (one entry per example, x's first "
-                             f"dimension), got shape {tuple(per_example_sink.shape)}")
+            raise ValueError(
+                f"per_example_sink must be 1-D [{examples}] (one entry per example, x's first "
+                f"dimension), got shape {tuple(per_example_sink.shape)}"
+            )
         if not per_example_sink.requires_grad:
-            raise ValueError("per_example_sink must require grad (its gradient receives the squared norms); "
-                             "make it with torch.zeros(examples, requires_grad=True)")
+            raise ValueError(
+                "per_example_sink must require grad (its gradient receives the squared norms); "
+                "make it with torch.zeros(examples, requires_grad=True)"
+            )
     if use_triton(x) and width > MAX_WIDTH:
         raise ValueError(f"x's last dimension must be at most {MAX_WIDTH} for the Triton kernels, got {width}")
     y, _, _ = norm_forward(x.reshape(-1, width), weight, bias, per_example_sink, float(eps), rms_norm)
     return y.view(x.shape)
 
 
-def fused_layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, eps: float = 1e-5,
-                     per_example_sink: torch.Tensor | None = None) -> torch.Tensor:
+def fused_layer_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    eps: float = 1e-5,
+    per_example_sink: torch.Tensor | None = None,
+) -> torch.Tensor:
     """LayerNorm over the last dimension, ``(x − mean)/sqrt(var + eps) ⊙ weight (+ bias)``; differentiable.
 
     ``x`` [B, ..., H] (any float dtype; fp16/bf16/fp32 accumulate in fp32), ``weight`` and ``bias`` [H] (any
@@ -510,8 +679,9 @@ def fused_layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     return _normalize(x, weight, bias, eps, per_example_sink, rms_norm=False)
 
 
-def fused_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float | None = None,
-                   per_example_sink: torch.Tensor | None = None) -> torch.Tensor:
+def fused_rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float | None = None, per_example_sink: torch.Tensor | None = None
+) -> torch.Tensor:
     """RMSNorm over the last dimension, ``x/sqrt(mean(x²) + eps) ⊙ weight``; differentiable.
 
     As ``fused_layer_norm`` without mean subtraction and bias. ``eps`` None means ``torch.finfo(x.dtype).eps``,

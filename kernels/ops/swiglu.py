@@ -69,15 +69,17 @@ def _triton_forward(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _triton_backward(grad_out: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
-                     with_product: bool = False) -> tuple[torch.Tensor, ...]:
+def _triton_backward(
+    grad_out: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, with_product: bool = False
+) -> tuple[torch.Tensor, ...]:
     """(d_gate, d_up), and the product ``silu(gate) * up`` as a third tensor when ``with_product``."""
     grad_out, gate, up = grad_out.contiguous(), gate.contiguous(), up.contiguous()
     d_gate, d_up = torch.empty_like(gate), torch.empty_like(up)
     product = torch.empty_like(gate) if with_product else d_gate  # not written unless asked for
     n = gate.numel()
-    _swiglu_bwd_kernel[(triton.cdiv(n, _BLOCK_SIZE),)](grad_out, gate, up, d_gate, d_up, product, n,
-                                                       STORE_H=with_product, BLOCK_SIZE=_BLOCK_SIZE)
+    _swiglu_bwd_kernel[(triton.cdiv(n, _BLOCK_SIZE),)](
+        grad_out, gate, up, d_gate, d_up, product, n, STORE_H=with_product, BLOCK_SIZE=_BLOCK_SIZE
+    )
     return (d_gate, d_up, product) if with_product else (d_gate, d_up)
 
 
@@ -86,8 +88,9 @@ def _reference_forward(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return (F.silu(gate.to(ct)) * up.to(ct)).to(gate.dtype)
 
 
-def _reference_backward(grad_out: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
-                        with_product: bool = False) -> tuple[torch.Tensor, ...]:
+def _reference_backward(
+    grad_out: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, with_product: bool = False
+) -> tuple[torch.Tensor, ...]:
     ct = reference_dtype(gate.dtype)
     dh, g, u = grad_out.to(ct), gate.to(ct), up.to(ct)
     sig = torch.sigmoid(g)
@@ -111,8 +114,7 @@ def _(gate, up):
 
 
 @torch.library.custom_op("lightning_scaling::swiglu_backward", mutates_args=())
-def swiglu_backward(grad_out: torch.Tensor, gate: torch.Tensor,
-                    up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def swiglu_backward(grad_out: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradients (d_gate, d_up) of ``swiglu_forward``, recomputing ``sigmoid(gate)``."""
     return run_kernels(gate, _triton_backward, _reference_backward, grad_out, gate, up)
 

@@ -34,18 +34,25 @@ from lightning_scaling.kernels.ops._inputs import autocast_like_linear, check_2d
 # ----------------------------------------------------------------------------------------------------------
 def _configs(shapes: list[tuple[int, int, int, int, int]]) -> list[triton.Config]:
     if interpreter_enabled():
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 2}, num_warps=1,
-                              num_stages=1)]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_warps=w, num_stages=s)
-            for m, n, k, w, s in shapes]
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 2}, num_warps=1, num_stages=1)]
+    return [
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_warps=w, num_stages=s)
+        for m, n, k, w, s in shapes
+    ]
 
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for fp16/bf16 inputs, and smaller ones for fp32 inputs (exact
 # fp32 dots on the FMA units need far more registers); the pruner hands the autotuner the list for the dtype.
 _Tile = tuple[int, int, int, int, int]
 _FWD_TILES: dict[int, list[_Tile]] = {
-    16: [(128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (128, 64, 64, 8, 4), (64, 128, 64, 4, 4), (128, 128, 32, 8, 4),
-         (64, 64, 64, 4, 4)],
+    16: [
+        (128, 128, 64, 8, 3),
+        (128, 64, 64, 4, 4),
+        (128, 64, 64, 8, 4),
+        (64, 128, 64, 4, 4),
+        (128, 128, 32, 8, 4),
+        (64, 64, 64, 4, 4),
+    ],
     32: [(64, 64, 32, 8, 2), (64, 32, 32, 4, 2), (32, 64, 32, 4, 2)],
 }
 _BWD_TILES: dict[int, list[_Tile]] = {
@@ -59,8 +66,12 @@ def _pruner(tiles: dict[int, list[_Tile]]):
         if interpreter_enabled():
             return configs
         wanted = set(tiles[32 if named_args["X"].dtype == torch.float32 else 16])
-        return [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps,
-                                       c.num_stages) in wanted]
+        return [
+            c
+            for c in configs
+            if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages) in wanted
+        ]
+
     return prune
 
 
@@ -86,10 +97,25 @@ def _tile_indices(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: t
 
 
 @triton.jit
-def _gate_up_tiles(X, WG, WU, offs_m, offs_n, M, N, K,
-                   stride_xm, stride_xk, stride_wn, stride_wk,
-                   EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _gate_up_tiles(
+    X,
+    WG,
+    WU,
+    offs_m,
+    offs_n,
+    M,
+    N,
+    K,
+    stride_xm,
+    stride_xk,
+    stride_wn,
+    stride_wk,
+    EVEN_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     # g = x W_gateᵀ and u = x W_upᵀ for one [BLOCK_M, BLOCK_N] tile, fp32 accumulators. Out-of-range rows and
     # columns wrap around (modulo) instead of being masked: they compute garbage that is never stored.
     rows = (offs_m % M).to(tl.int64)  # 64-bit offsets: tokens x d_model may pass 2**31 elements
@@ -100,7 +126,7 @@ def _gate_up_tiles(X, WG, WU, offs_m, offs_n, M, N, K,
     wu_ptrs = WU + cols[None, :] * stride_wn + offs_k[:, None] * stride_wk
     acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k in range(0, tl.cdiv(K, BLOCK_K)):
+    for k in range(tl.cdiv(K, BLOCK_K)):
         if EVEN_K:
             x = tl.load(x_ptrs)
             wg = tl.load(wg_ptrs)
@@ -125,18 +151,51 @@ def _gate_up_tiles(X, WG, WU, offs_m, offs_n, M, N, K,
 @triton.heuristics(_HEURISTICS)
 @triton.jit
 def _gate_up_swiglu_fwd_kernel(
-    X, WG, WU, H, M, N, K,
-    stride_xm, stride_xk, stride_wn, stride_wk, stride_hm, stride_hn,
-    EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    X,
+    WG,
+    WU,
+    H,
+    M,
+    N,
+    K,
+    stride_xm,
+    stride_xk,
+    stride_wn,
+    stride_wk,
+    stride_hm,
+    stride_hn,
+    EVEN_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
 ):
     offs_m, offs_n = _tile_indices(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    g, u = _gate_up_tiles(X, WG, WU, offs_m, offs_n, M, N, K, stride_xm, stride_xk, stride_wn, stride_wk,
-                          EVEN_K, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+    g, u = _gate_up_tiles(
+        X,
+        WG,
+        WU,
+        offs_m,
+        offs_n,
+        M,
+        N,
+        K,
+        stride_xm,
+        stride_xk,
+        stride_wn,
+        stride_wk,
+        EVEN_K,
+        DOT_PRECISION,
+        BLOCK_M,
+        BLOCK_N,
+        BLOCK_K,
+    )
     h = g * tl.sigmoid(g) * u
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    tl.store(H + offs_m[:, None].to(tl.int64) * stride_hm + offs_n[None, :] * stride_hn, h.to(H.dtype.element_ty),
-             mask=mask)
+    tl.store(
+        H + offs_m[:, None].to(tl.int64) * stride_hm + offs_n[None, :] * stride_hn, h.to(H.dtype.element_ty), mask=mask
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -147,14 +206,48 @@ def _gate_up_swiglu_fwd_kernel(
 @triton.heuristics(_HEURISTICS)
 @triton.jit
 def _gate_up_swiglu_bwd_kernel(
-    X, WG, WU, DH, DG, DU, M, N, K,
-    stride_xm, stride_xk, stride_wn, stride_wk, stride_hm, stride_hn,
-    EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    X,
+    WG,
+    WU,
+    DH,
+    DG,
+    DU,
+    M,
+    N,
+    K,
+    stride_xm,
+    stride_xk,
+    stride_wn,
+    stride_wk,
+    stride_hm,
+    stride_hn,
+    EVEN_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
 ):
     offs_m, offs_n = _tile_indices(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    g, u = _gate_up_tiles(X, WG, WU, offs_m, offs_n, M, N, K, stride_xm, stride_xk, stride_wn, stride_wk,
-                          EVEN_K, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+    g, u = _gate_up_tiles(
+        X,
+        WG,
+        WU,
+        offs_m,
+        offs_n,
+        M,
+        N,
+        K,
+        stride_xm,
+        stride_xk,
+        stride_wn,
+        stride_wk,
+        EVEN_K,
+        DOT_PRECISION,
+        BLOCK_M,
+        BLOCK_N,
+        BLOCK_K,
+    )
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     tile = offs_m[:, None].to(tl.int64) * stride_hm + offs_n[None, :] * stride_hn  # DH, DG, DU: one layout
     dh = tl.load(DH + tile, mask=mask, other=0.0).to(tl.float32)
@@ -182,26 +275,38 @@ def _triton_forward(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor) -
     (m, k), n = x.shape, w_gate.shape[0]
     h = torch.empty((m, n), dtype=x.dtype, device=x.device)
     _gate_up_swiglu_fwd_kernel[_grid(m, n)](
-        x, w_gate, w_up, h, m, n, k, *x.stride(), *w_gate.stride(), *h.stride(),
-        DOT_PRECISION=_dot_precision(x.dtype),
+        x, w_gate, w_up, h, m, n, k, *x.stride(), *w_gate.stride(), *h.stride(), DOT_PRECISION=_dot_precision(x.dtype)
     )
     return h
 
 
-def _triton_gate_up_grads(grad_h: torch.Tensor, x: torch.Tensor, w_gate: torch.Tensor,
-                          w_up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _triton_gate_up_grads(
+    grad_h: torch.Tensor, x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     w_gate, w_up, grad_h = w_gate.contiguous(), w_up.contiguous(), grad_h.contiguous()
     (m, k), n = x.shape, w_gate.shape[0]
     d_gate, d_up = torch.empty_like(grad_h), torch.empty_like(grad_h)
     _gate_up_swiglu_bwd_kernel[_grid(m, n)](
-        x, w_gate, w_up, grad_h, d_gate, d_up, m, n, k, *x.stride(), *w_gate.stride(), *grad_h.stride(),
+        x,
+        w_gate,
+        w_up,
+        grad_h,
+        d_gate,
+        d_up,
+        m,
+        n,
+        k,
+        *x.stride(),
+        *w_gate.stride(),
+        *grad_h.stride(),
         DOT_PRECISION=_dot_precision(x.dtype),
     )
     return d_gate, d_up
 
 
-def _triton_backward(grad_h: torch.Tensor, x: torch.Tensor, w_gate: torch.Tensor,
-                     w_up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _triton_backward(
+    grad_h: torch.Tensor, x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     d_gate, d_up = _triton_gate_up_grads(grad_h, x, w_gate, w_up)
     # The four GEMMs of the gate/up backward (cuBLAS): d_gate and d_up are transient, freed on return.
     grad_x = (d_gate @ w_gate).addmm_(d_up, w_up)
@@ -217,8 +322,9 @@ def _reference_forward(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor
     return (F.silu(x32 @ w_gate.to(ct).t()) * (x32 @ w_up.to(ct).t())).to(x.dtype)
 
 
-def _reference_backward(grad_h: torch.Tensor, x: torch.Tensor, w_gate: torch.Tensor,
-                        w_up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _reference_backward(
+    grad_h: torch.Tensor, x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     ct = reference_dtype(x.dtype)
     x32, wg32, wu32, dh = x.to(ct), w_gate.to(ct), w_up.to(ct), grad_h.to(ct)
     g, u = x32 @ wg32.t(), x32 @ wu32.t()  # recomputed, as the Triton backward does
@@ -246,8 +352,9 @@ def _(x, w_gate, w_up):
 
 
 @torch.library.custom_op("lightning_scaling::swiglu_gate_up_backward", mutates_args=())
-def swiglu_gate_up_backward(grad_h: torch.Tensor, x: torch.Tensor, w_gate: torch.Tensor,
-                            w_up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def swiglu_gate_up_backward(
+    grad_h: torch.Tensor, x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients (d_x, d_w_gate, d_w_up) of ``swiglu_gate_up_forward``, recomputing the gate/up GEMMs."""
     return run_kernels(x, _triton_backward, _reference_backward, grad_h, x, w_gate, w_up)
 

@@ -26,18 +26,26 @@ from lightning_scaling.kernels.ops._inputs import autocast_like_linear, check_2d
 # Forward and backward bodies: cuBLAS GEMMs on every device; the SwiGLU gate through run_kernels (Triton where
 # use_triton() says so, the PyTorch reference elsewhere).
 # ----------------------------------------------------------------------------------------------------------
-def _forward(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
-             w_down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _forward(
+    x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     g, u = x @ w_gate.t(), x @ w_up.t()
     h = run_kernels(g, gate_kernels._triton_forward, gate_kernels._reference_forward, g, u)
     return h @ w_down.t(), g, u  # the product is freed on return
 
 
-def _backward(grad_y: torch.Tensor, x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
-              w_down: torch.Tensor, g: torch.Tensor,
-              u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    d_gate, d_up, h = run_kernels(g, gate_kernels._triton_backward, gate_kernels._reference_backward,
-                                  grad_y @ w_down, g, u, True)  # True: write the product h again
+def _backward(
+    grad_y: torch.Tensor,
+    x: torch.Tensor,
+    w_gate: torch.Tensor,
+    w_up: torch.Tensor,
+    w_down: torch.Tensor,
+    g: torch.Tensor,
+    u: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    d_gate, d_up, h = run_kernels(
+        g, gate_kernels._triton_backward, gate_kernels._reference_backward, grad_y @ w_down, g, u, True
+    )  # True: write the product h again
     grad_w_down = grad_y.t() @ h
     del h
     grad_x = (d_gate @ w_gate).addmm_(d_up, w_up)
@@ -48,8 +56,9 @@ def _backward(grad_y: torch.Tensor, x: torch.Tensor, w_gate: torch.Tensor, w_up:
 # torch.library ops: the forward also returns g and u, which the backward needs (marked non-differentiable).
 # ----------------------------------------------------------------------------------------------------------
 @torch.library.custom_op("lightning_scaling::swiglu_mlp_forward", mutates_args=())
-def swiglu_mlp_forward(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
-                       w_down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def swiglu_mlp_forward(
+    x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(output [M, d_model], gate(x) [M, d_ff], up(x) [M, d_ff]), all in the dtype of x (x is 2-D)."""
     check_2d(x)
     return _forward(x, w_gate, w_up, w_down)
@@ -63,17 +72,27 @@ def _(x, w_gate, w_up, w_down):
 
 
 @torch.library.custom_op("lightning_scaling::swiglu_mlp_backward", mutates_args=())
-def swiglu_mlp_backward(grad_y: torch.Tensor, x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
-                        w_down: torch.Tensor, g: torch.Tensor,
-                        u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def swiglu_mlp_backward(
+    grad_y: torch.Tensor,
+    x: torch.Tensor,
+    w_gate: torch.Tensor,
+    w_up: torch.Tensor,
+    w_down: torch.Tensor,
+    g: torch.Tensor,
+    u: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients (d_x, d_w_gate, d_w_up, d_w_down) of ``swiglu_mlp_forward``, recomputing the product."""
     return _backward(grad_y, x, w_gate, w_up, w_down, g, u)
 
 
 @swiglu_mlp_backward.register_fake
 def _(grad_y, x, w_gate, w_up, w_down, g, u):
-    return x.new_empty(x.shape), w_gate.new_empty(w_gate.shape), w_up.new_empty(w_up.shape), \
-        w_down.new_empty(w_down.shape)
+    return (
+        x.new_empty(x.shape),
+        w_gate.new_empty(w_gate.shape),
+        w_up.new_empty(w_up.shape),
+        w_down.new_empty(w_down.shape),
+    )
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -124,8 +143,9 @@ def swiglu_mlp(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down
     x, w_gate, w_up, w_down = autocast_like_linear(x, w_gate, w_up, w_down)
     check_gate_up_inputs(x, w_gate, w_up, extra={"w_down": w_down})
     if w_down.shape != (w_gate.shape[1], w_gate.shape[0]):
-        raise ValueError(f"w_down must be [d_model={w_gate.shape[1]}, d_ff={w_gate.shape[0]}], got "
-                         f"{tuple(w_down.shape)}")
+        raise ValueError(
+            f"w_down must be [d_model={w_gate.shape[1]}, d_ff={w_gate.shape[0]}], got {tuple(w_down.shape)}"
+        )
     lead = x.shape[:-1]
     y, _, _ = swiglu_mlp_forward(x.reshape(-1, x.shape[-1]), w_gate, w_up, w_down)
     return y.view(*lead, w_down.shape[0])

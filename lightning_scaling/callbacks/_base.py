@@ -87,8 +87,11 @@ class LedgerCallback(Callback):
         if not self.ledger.claim(self):
             # a second FlopCounter (say) beside ScalingMonitor's would add every number twice to the shared books
             self.enabled = False
-            self._warn.warn("duplicate", f"another {type(self).__name__} is already on this Trainer (ScalingMonitor "
-                                         "includes one of each part); this one is switched off.")
+            self._warn.warn(
+                "duplicate",
+                f"another {type(self).__name__} is already on this Trainer (ScalingMonitor "
+                "includes one of each part); this one is switched off.",
+            )
             return
         self._guard(self._on_setup_fit, trainer, pl_module)
 
@@ -120,8 +123,9 @@ class LedgerCallback(Callback):
         self._guard(self._on_before_optimizer_step, trainer, pl_module, optimizer)
 
     @override
-    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         if self.ledger is None:
             return
         self._guard(self._on_micro_batch_end, trainer, pl_module, outputs, batch)
@@ -204,8 +208,10 @@ class LedgerCallback(Callback):
         failed = record.values.get(self._failure_slot, 0)
         if failed > 0 and self.enabled:
             self.enabled = False
-            self._warn.warn("internal-error", f"switched off on every rank after an error on {int(failed)} rank(s); "
-                                              "training continues.")
+            self._warn.warn(
+                "internal-error",
+                f"switched off on every rank after an error on {int(failed)} rank(s); training continues.",
+            )
             return
         error = record.errors.get(f"{self._rule}/error") if self._rule else None
         if error:

@@ -57,8 +57,7 @@ def token_rule(batch: Any, tokens_fn: TokensFn | None = None) -> str | None:
     return RULE_LABELS if _padding_labels(batch, tensor) is not None else RULE_ALL
 
 
-def count_tokens(batch: Any, tokens_fn: TokensFn | None = None, *,
-                 lazy: bool = False) -> int | torch.Tensor | None:
+def count_tokens(batch: Any, tokens_fn: TokensFn | None = None, *, lazy: bool = False) -> int | torch.Tensor | None:
     """Training tokens in one batch (this rank, one micro-batch), or None when we cannot tell.
 
     A training token is a non-padding input token: what the model processes, the count that FLOPs and the

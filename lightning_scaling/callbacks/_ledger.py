@@ -190,7 +190,7 @@ class StepLedger:
                     self.rules_applied[rule] = described
             try:
                 tokens = count_tokens(batch, fn, lazy=True)
-            except Exception as err:  # noqa: BLE001 - the user's tokens_fn failed: the parts say so
+            except Exception as err:  # noqa: BLE001 - a user's tokens_fn that raises is reported, never re-raised
                 self.errors.setdefault(f"{rule}/error", f"tokens_fn raised {type(err).__name__}: {err}")
                 tokens = None
             if tokens is None:
@@ -278,8 +278,9 @@ class StepLedger:
         else:
             device = trainer.strategy.root_device
             dtype = torch.float32 if device.type == "mps" else torch.float64
-            packed = torch.tensor([0.0 if isinstance(v, torch.Tensor) else float(v) for v in values],
-                                  dtype=dtype, device=device)
+            packed = torch.tensor(
+                [0.0 if isinstance(v, torch.Tensor) else float(v) for v in values], dtype=dtype, device=device
+            )
             for i, v in enumerate(values):
                 if isinstance(v, torch.Tensor):  # stays on the device: the reduce below reads it with the rest
                     packed[i] += v.detach().reshape(()).to(device=device, dtype=dtype)
@@ -289,9 +290,14 @@ class StepLedger:
             else:
                 packed = trainer.strategy.reduce(packed, reduce_op="sum")
             read = packed.tolist()
-        return StepRecord(values=dict(zip(names, read)), steps=steps, global_step=int(trainer.global_step),
-                          world_size=world, errors=dict(self.errors),
-                          log_now=steps > 0 and _logging_due(trainer, self.planned_steps))
+        return StepRecord(
+            values=dict(zip(names, read, strict=True)),
+            steps=steps,
+            global_step=int(trainer.global_step),
+            world_size=world,
+            errors=dict(self.errors),
+            log_now=steps > 0 and _logging_due(trainer, self.planned_steps),
+        )
 
 
 def _logging_due(trainer: Any, planned_steps: int | None) -> bool:
@@ -316,6 +322,6 @@ def _read_back(values: list[Any]) -> list[float]:
         device = values[lazy[0]].device  # a tokens_fn may count on the CPU while the loss is on the GPU
         dtype = torch.float32 if device.type == "mps" else torch.float64
         read = torch.stack([values[i].detach().reshape(()).to(device=device, dtype=dtype) for i in lazy]).tolist()
-        for i, value in zip(lazy, read):
+        for i, value in zip(lazy, read, strict=True):
             out[i] = value
     return out

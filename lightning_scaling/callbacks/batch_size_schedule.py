@@ -12,10 +12,10 @@ from lightning.pytorch.callbacks import GradientAccumulationScheduler
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
+from lightning_scaling import metric_names
 from lightning_scaling.argument_checks import one_of, positive_float, positive_int
 from lightning_scaling.callbacks._common import WarnOnce
 from lightning_scaling.callbacks.gradient_noise_scale import GradientNoiseScale
-from lightning_scaling import metric_names
 
 LR_SCALING = ("none", "linear", "sqrt")
 # the learning-rate multiplier of one doubling of the batch, per rule
@@ -141,22 +141,32 @@ class BatchSizeSchedule(Callback):
             return
         callbacks: list[Callback] = list(trainer.callbacks)  # type: ignore[attr-defined]
         if any(isinstance(cb, GradientAccumulationScheduler) for cb in callbacks):
-            raise ValueError("BatchSizeSchedule and GradientAccumulationScheduler both set accumulate_grad_batches; "
-                             "use one of them on a Trainer")
+            raise ValueError(
+                "BatchSizeSchedule and GradientAccumulationScheduler both set accumulate_grad_batches; "
+                "use one of them on a Trainer"
+            )
         if not pl_module.automatic_optimization:
-            raise ValueError("BatchSizeSchedule needs automatic optimization (it changes Lightning's gradient "
-                             "accumulation, which manual optimization does not use)")
+            raise ValueError(
+                "BatchSizeSchedule needs automatic optimization (it changes Lightning's gradient "
+                "accumulation, which manual optimization does not use)"
+            )
         if trainer.strategy.handles_gradient_accumulation:
-            raise ValueError(f"BatchSizeSchedule cannot change the accumulation of {type(trainer.strategy).__name__}, "
-                             "which accumulates gradients itself; use DDP or a single device")
+            raise ValueError(
+                f"BatchSizeSchedule cannot change the accumulation of {type(trainer.strategy).__name__}, "
+                "which accumulates gradients itself; use DDP or a single device"
+            )
         k = int(trainer.accumulate_grad_batches)
         if self.max_accumulate_grad_batches < k:
-            raise ValueError(f"max_accumulate_grad_batches ({self.max_accumulate_grad_batches}) is below the "
-                             f"Trainer's accumulate_grad_batches ({k}); set it to {k} or more")
+            raise ValueError(
+                f"max_accumulate_grad_batches ({self.max_accumulate_grad_batches}) is below the "
+                f"Trainer's accumulate_grad_batches ({k}); set it to {k} or more"
+            )
         found = _find_noise_scale(callbacks)
         if found is None:
-            raise ValueError("BatchSizeSchedule reads the gradient noise scale: add GradientNoiseScale() or "
-                             "ScalingMonitor() to the Trainer's callbacks, beside BatchSizeSchedule")
+            raise ValueError(
+                "BatchSizeSchedule reads the gradient noise scale: add GradientNoiseScale() or "
+                "ScalingMonitor() to the Trainer's callbacks, beside BatchSizeSchedule"
+            )
         self.noise_scale, holder = found
         self._decide_at_batch_end = _index(callbacks, holder) < _index(callbacks, self)
 
@@ -166,9 +176,11 @@ class BatchSizeSchedule(Callback):
         # load_state_dict; before the loops and the other callbacks' on_train_start read the accumulation
         if self._restored is not None:
             if self._restored > self.max_accumulate_grad_batches:
-                raise ValueError(f"max_accumulate_grad_batches ({self.max_accumulate_grad_batches}) is below the "
-                                 f"accumulation this run resumes with ({self._restored}); set it to "
-                                 f"{self._restored} or more")
+                raise ValueError(
+                    f"max_accumulate_grad_batches ({self.max_accumulate_grad_batches}) is below the "
+                    f"accumulation this run resumes with ({self._restored}); set it to "
+                    f"{self._restored} or more"
+                )
             trainer.accumulate_grad_batches = self._restored
             self._restored = None
         self.accumulate_grad_batches = int(trainer.accumulate_grad_batches)
@@ -187,8 +199,9 @@ class BatchSizeSchedule(Callback):
             self._step_ended(trainer, completed_batch_idx=previous, next_batch_idx=batch_idx)
 
     @override
-    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         self._last_batch_idx = batch_idx
         if self._decide_at_batch_end and not _training_ends(trainer, batch_idx):
             last = trainer.is_last_batch or batch_idx + 1 >= trainer.num_training_batches
@@ -221,8 +234,11 @@ class BatchSizeSchedule(Callback):
     def summary(self) -> dict[str, Any]:
         """The accumulation in force, the learning-rate factor and every change so far (step, accumulation
         before and after, B_simple and the global batch before the change, in samples)."""
-        return {"accumulate_grad_batches": self.accumulate_grad_batches, "lr_factor": self.lr_factor,
-                "changes": [dict(c) for c in self.changes]}
+        return {
+            "accumulate_grad_batches": self.accumulate_grad_batches,
+            "lr_factor": self.lr_factor,
+            "changes": [dict(c) for c in self.changes],
+        }
 
     # ------------------------------------------------------------------------------------------- internals
     def _step_ended(self, trainer: Trainer, completed_batch_idx: int | None, next_batch_idx: int) -> None:
@@ -238,9 +254,12 @@ class BatchSizeSchedule(Callback):
         if not self._wants_to_double(step, k):
             return
         if 2 * k > self.max_accumulate_grad_batches:
-            self._warn.info("at-max", f"the noise scale calls for a larger batch, but accumulate_grad_batches is at "
-                                      f"max_accumulate_grad_batches={self.max_accumulate_grad_batches}; more "
-                                      "data-parallel devices (or a larger maximum) would follow it further")
+            self._warn.info(
+                "at-max",
+                f"the noise scale calls for a larger batch, but accumulate_grad_batches is at "
+                f"max_accumulate_grad_batches={self.max_accumulate_grad_batches}; more "
+                "data-parallel devices (or a larger maximum) would follow it further",
+            )
             return
         if next_batch_idx % (2 * k) != 0:
             return  # the next micro-batch would sit inside a window of 2k: try again after the next step
@@ -250,17 +269,22 @@ class BatchSizeSchedule(Callback):
         gns = self.noise_scale
         assert gns is not None
         if not gns.enabled:
-            self._warn.warn("gns-off", "the GradientNoiseScale it reads is switched off, so the batch stays at "
-                                       f"accumulate_grad_batches={k}")
+            self._warn.warn(
+                "gns-off",
+                f"the GradientNoiseScale it reads is switched off, so the batch stays at accumulate_grad_batches={k}",
+            )
             self._streak = 0
             return False
         estimate = gns.estimate()
         if estimate.measurements < self.min_measurements:
             if estimate.measurements == 0 and step >= 10 * self.min_measurements:
-                self._warn.warn("no-measurements", f"no noise-scale measurement after {step} optimizer steps, so the "
-                                                   f"batch stays at accumulate_grad_batches={k}; the noise scale "
-                                                   "needs two batch sizes (accumulate_grad_batches >= 2 or several "
-                                                   "devices, or normalization layers where it supports them)")
+                self._warn.warn(
+                    "no-measurements",
+                    f"no noise-scale measurement after {step} optimizer steps, so the "
+                    f"batch stays at accumulate_grad_batches={k}; the noise scale "
+                    "needs two batch sizes (accumulate_grad_batches >= 2 or several "
+                    "devices, or normalization layers where it supports them)",
+                )
             self._streak = 0
             return False
         b_simple, batch = estimate.b_simple, float(gns.batch_size)
@@ -285,8 +309,9 @@ class BatchSizeSchedule(Callback):
         self.lr_factor *= lr_step
         self._last_change_step = step
         self._streak = 0
-        self.changes.append({"step": step, "from": k, "to": 2 * k, "b_simple": estimate.b_simple,
-                             "global_batch": batch})
+        self.changes.append(
+            {"step": step, "from": k, "to": 2 * k, "b_simple": estimate.b_simple, "global_batch": batch}
+        )
         self._log(trainer, step, self._metrics(2 * batch))
         rank_zero_info(self._describe(step, k, estimate.b_simple, estimate.stderr, batch, lr_step))
 
@@ -299,16 +324,20 @@ class BatchSizeSchedule(Callback):
         r = b_simple / batch
         steps_ratio = (1 + r / 2) / (1 + r)  # S(2B)/S(B) with S = S_min(1 + B_noise/B)
         examples_ratio = (1 + 2 / r) / (1 + 1 / r)  # E(2B)/E(B) with E = E_min(1 + B/B_noise)
-        lr = {"none": "the learning rate is unchanged",
-              "linear": "the learning rate doubles with it (linear rule)",
-              "sqrt": f"the learning rate is multiplied by {lr_step:.3f} (square-root rule)"}[self.lr_scaling]
+        lr = {
+            "none": "the learning rate is unchanged",
+            "linear": "the learning rate doubles with it (linear rule)",
+            "sqrt": f"the learning rate is multiplied by {lr_step:.3f} (square-root rule)",
+        }[self.lr_scaling]
         if self.lr_scaling != "none":
             lr += f", {self.lr_factor:.3g}x its initial value in all"
-        return (f"{type(self).__name__}: after optimizer step {step}, the gradient noise scale B_simple ≈ "
-                f"{b_simple:,.0f}{spread} samples is {r:.1f}x the global batch of {batch:,.0f} samples (above "
-                f"trigger_ratio={self.trigger_ratio:g}), so the batch doubles: accumulate_grad_batches {k} -> {2 * k}, "
-                f"global batch {2 * batch:,.0f} samples{in_tokens}; {lr}. McCandlish et al. 2018 predict "
-                f"{steps_ratio:.2f}x the optimizer steps for {examples_ratio:.2f}x the examples per unit of progress.")
+        return (
+            f"{type(self).__name__}: after optimizer step {step}, the gradient noise scale B_simple ≈ "
+            f"{b_simple:,.0f}{spread} samples is {r:.1f}x the global batch of {batch:,.0f} samples (above "
+            f"trigger_ratio={self.trigger_ratio:g}), so the batch doubles: accumulate_grad_batches {k} -> {2 * k}, "
+            f"global batch {2 * batch:,.0f} samples{in_tokens}; {lr}. McCandlish et al. 2018 predict "
+            f"{steps_ratio:.2f}x the optimizer steps for {examples_ratio:.2f}x the examples per unit of progress."
+        )
 
     @staticmethod
     def _log(trainer: Trainer, step: int, metrics: dict[str, float]) -> None:
@@ -319,8 +348,10 @@ class BatchSizeSchedule(Callback):
         trainer.callback_metrics.update({name: torch.tensor(value) for name, value in metrics.items()})
 
     def _metrics(self, global_batch: float | None = None) -> dict[str, float]:
-        metrics = {metric_names.ACCUMULATE_GRAD_BATCHES: float(self.accumulate_grad_batches or 0),
-                   metric_names.LR_FACTOR: self.lr_factor}
+        metrics = {
+            metric_names.ACCUMULATE_GRAD_BATCHES: float(self.accumulate_grad_batches or 0),
+            metric_names.LR_FACTOR: self.lr_factor,
+        }
         if global_batch is not None:
             metrics[metric_names.GLOBAL_BATCH] = global_batch
         return metrics
@@ -365,8 +396,11 @@ def _scale_learning_rates(trainer: Trainer, factor: float) -> None:
     for optimizer in trainer.optimizers:
         for group in optimizer.param_groups:
             for key in _GROUP_LR_KEYS:
-                if key in group and isinstance(group[key], (int, float, torch.Tensor)) \
-                        and not isinstance(group[key], bool):
+                if (
+                    key in group
+                    and isinstance(group[key], (int, float, torch.Tensor))
+                    and not isinstance(group[key], bool)
+                ):
                     group[key] = _scaled(group[key], factor)
     for config in trainer.lr_scheduler_configs:
         _scale_scheduler(config.scheduler, factor)

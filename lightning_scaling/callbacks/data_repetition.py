@@ -12,24 +12,19 @@ from lightning.pytorch import LightningModule, Trainer
 from torch.utils.data import DataLoader, IterableDataset
 from typing_extensions import override
 
+from lightning_scaling import metric_names
 from lightning_scaling.argument_checks import positive_float, positive_int
 from lightning_scaling.callbacks._base import LedgerCallback
 from lightning_scaling.callbacks._common import (
     TokensFn,
-    first_tensor,
     count_samples,
+    first_tensor,
     planned_optimizer_steps,
     remaining_micro_batches,
     untouched_random_state,
 )
-from lightning_scaling.callbacks._ledger import (
-    MICRO_BATCHES,
-    NO_SAMPLES,
-    SAMPLES,
-    StepRecord,
-)
+from lightning_scaling.callbacks._ledger import MICRO_BATCHES, NO_SAMPLES, SAMPLES, StepRecord
 from lightning_scaling.run_report import format_count
-from lightning_scaling import metric_names
 
 SKETCH_FAILED = "repetition/sketch_failed"
 _STATE_VERSION = 1
@@ -75,7 +70,8 @@ class DataRepetition(LedgerCallback):
             ``__len__``; True: always (also reports duplicates inside a map-style dataset as
             ``distinct_fraction``); False: never.
         sketch_precision: p; the sketch has 2**p one-byte registers, relative standard error 1.04/sqrt(2**p)
-            (0.81% at the default 14). Under DDP the registers are max-reduced (2**p bytes) every ``sketch_every_n_steps`` steps.
+            (0.81% at the default 14). Under DDP the registers are max-reduced (2**p bytes) every
+            ``sketch_every_n_steps`` steps.
         sketch_every_n_steps: optimizer steps between sketch estimates; default ``trainer.log_every_n_steps``.
         warn_epochs: warn when the run is projected past this many epochs (default 4: diminishing returns).
         stop_epochs: warn when the run is projected past this many epochs (default 40: repeats worth little).
@@ -116,7 +112,9 @@ class DataRepetition(LedgerCallback):
         if law is not None and not all(
             callable(getattr(law, name, None)) for name in ("effective_tokens", "repetition_value", "compute_optimal")
         ):
-            raise ValueError(f"law must be a DataConstrainedLaw (effective_tokens, repetition_value, compute_optimal), got {law!r}")
+            raise ValueError(
+                f"law must be a DataConstrainedLaw (effective_tokens, repetition_value, compute_optimal), got {law!r}"
+            )
         self.law = law
         self.params_arg = None if params is None else positive_float("params", params)
 
@@ -136,7 +134,7 @@ class DataRepetition(LedgerCallback):
         self._snapshot: tuple[int, float] | None = None  # (samples, distinct) at the last estimate
         self._estimate_step = 0  # global step of the last sketch estimate
         self._loaded_registers: torch.Tensor | None = None
-        self._rule = "tokens"
+        self._rule: str = "tokens"  # this part always counts tokens: its ledger slot is never None
         self._batches_done_in_epoch = 0
         self._fit_tokens = 0  # tokens and micro-batches of this fit (a resumed run projects from its own pace)
         self._fit_micro_batches = 0

@@ -13,12 +13,12 @@ from lightning.pytorch import LightningModule, Trainer
 from torch.utils._python_dispatch import TorchDispatchMode
 from typing_extensions import override
 
+from lightning_scaling import metric_names
 from lightning_scaling.callbacks._base import LedgerCallback, guarded
 from lightning_scaling.callbacks._common import first_tensor, shape_signature
 from lightning_scaling.callbacks._ledger import StepRecord
-from lightning_scaling.flops.model_shape import ModelShape, find_model_shape
 from lightning_scaling.flops.counter import TrainingFlopCounter
-from lightning_scaling import metric_names
+from lightning_scaling.flops.model_shape import ModelShape, find_model_shape
 
 MODEL = "flops/model"
 HARDWARE = "flops/hardware"
@@ -91,6 +91,7 @@ class FlopCounter(LedgerCallback):
             raise ValueError(f"measure must be True or False, got {measure!r}")
         self.measure = measure
         self._shape: ModelShape | None = None
+        self._analytic_per_sequence: dict[int, tuple[float, ...]] = {}  # seq_len -> Chinchilla, PaLM FLOPs
         self._peak_total: float | None = None
         self._shapes: Any = None  # a FlopsByShape, made at fit start
         self._counting_failed = not measure
@@ -121,6 +122,7 @@ class FlopCounter(LedgerCallback):
         from lightning_scaling.flops.by_shape import FlopsByShape
 
         self._shape = find_model_shape(pl_module, self.model_shape_arg)
+        self._analytic_per_sequence = {}
         self._shapes = FlopsByShape(max_measured=self.max_measured_shapes)
         if self.measure and _uses_flex_attention(pl_module):
             # torch's eager flex attention refuses to run under any dispatch mode: measuring would break the step
@@ -211,6 +213,12 @@ class FlopCounter(LedgerCallback):
         self._step_had_measurement = False
         seconds = sum(s for _, s in self._times)
         self.last_flops_per_sec = sum(f for f, _ in self._times) / seconds if seconds > 0 else None
+        if self.last_flops_per_sec and self._peak_total:
+            self.last_mfu = self.last_flops_per_sec / self._peak_total
+        if self._shape is not None and record[UNCOUNTED] == 0:
+            self._check_against_analytic(step_flops, int(record[ANALYTIC_MATMUL]))
+        if not record.log_now:  # the metrics are built only when they are logged
+            return None
 
         metrics: dict[str, float] = {}
         if self.total_flops > 0:  # nothing measured (counting failed or off): only the analytic count
@@ -218,15 +226,12 @@ class FlopCounter(LedgerCallback):
             metrics[metric_names.FLOPS_PER_STEP] = float(step_flops)
             if self.last_flops_per_sec:
                 metrics[metric_names.FLOPS_PER_SEC] = self.last_flops_per_sec
-                if self._peak_total:
-                    self.last_mfu = self.last_flops_per_sec / self._peak_total
+                if self.last_mfu is not None and self._peak_total:
                     metrics[metric_names.MFU] = self.last_mfu
             if self.total_hardware_flops != self.total_flops:
                 metrics[metric_names.HARDWARE_FLOPS] = float(self.total_hardware_flops)
         if self._shape is not None:
             metrics[metric_names.FLOPS_ANALYTIC] = float(self.total_analytic_flops)
-            if record[UNCOUNTED] == 0:
-                self._check_against_analytic(step_flops, int(record[ANALYTIC_MATMUL]))
         return metrics
 
     @override
@@ -320,10 +325,12 @@ class FlopCounter(LedgerCallback):
         attention = measuring.attention_calls
         if attention:
             paths = ", ".join(f"{n} x {path}" for path, n in sorted(attention.items()))
-            self._warn.info("attention", f"attention counted as {self.causal_attention!r} causal; layers recognised: "
-                                         f"{paths}.")
-        error = self._shapes.record(measuring.key, measuring.family, measuring.batch_size, measuring.seq_len,
-                                    model, hardware)
+            self._warn.info(
+                "attention", f"attention counted as {self.causal_attention!r} causal; layers recognised: {paths}."
+            )
+        error = self._shapes.record(
+            measuring.key, measuring.family, measuring.batch_size, measuring.seq_len, model, hardware
+        )
         if error is not None and error > self._shapes.tolerance:
             self._warn.info(
                 "shape-formula",
@@ -344,9 +351,15 @@ class FlopCounter(LedgerCallback):
         # The model sees at most config.seq_len tokens (a [B, S + 1] window feeds S inputs).
         seq_len = min(int(tokens.shape[1]), self._shape.seq_len)
         samples = int(tokens.shape[0])
-        for slot, convention in ((ANALYTIC, "chinchilla"), (ANALYTIC_MATMUL, "palm")):
-            per_sequence = self._shape.training_flops_per_sequence(self.causal_attention, seq_len, convention)
-            self.ledger.add(slot, int(samples * per_sequence))
+        per_sequence = self._analytic_per_sequence.get(seq_len)
+        if per_sequence is None:  # one formula evaluation per sequence length, not per micro-batch
+            per_sequence = tuple(
+                self._shape.training_flops_per_sequence(self.causal_attention, seq_len, convention)
+                for convention in ("chinchilla", "palm")
+            )
+            self._analytic_per_sequence[seq_len] = per_sequence
+        self.ledger.add(ANALYTIC, int(samples * per_sequence[0]))
+        self.ledger.add(ANALYTIC_MATMUL, int(samples * per_sequence[1]))
 
     def _check_against_analytic(self, measured: int, analytic: int) -> None:
         if analytic <= 0 or measured <= 0:
@@ -471,8 +484,13 @@ def _shape_key(batch: Any) -> tuple[Any, Any, int, int]:
 
 
 def _abstract(signature: Any, b: int, s: int) -> Any:
-    if isinstance(signature, tuple) and len(signature) == 2 and isinstance(signature[0], tuple) \
-            and all(isinstance(d, int) for d in signature[0]) and isinstance(signature[1], str):
+    if (
+        isinstance(signature, tuple)
+        and len(signature) == 2
+        and isinstance(signature[0], tuple)
+        and all(isinstance(d, int) for d in signature[0])
+        and isinstance(signature[1], str)
+    ):
         dims = signature[0]
         named = tuple("b" if i == 0 and d == b else "s" if i > 0 and d == s else d for i, d in enumerate(dims))
         return (named, signature[1])

@@ -12,13 +12,13 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from typing_extensions import override
 
+from lightning_scaling import metric_names
 from lightning_scaling.argument_checks import fraction, positive_float, positive_int
 from lightning_scaling.callbacks._base import LedgerCallback, guarded
 from lightning_scaling.callbacks._common import TokensFn
 from lightning_scaling.callbacks._ledger import SAMPLES, StepRecord
 from lightning_scaling.callbacks._norm_layers import NormLayerProbe
 from lightning_scaling.estimators.noise_scale import NoiseScaleEstimate, NoiseScaleEstimator, least_squares_line
-from lightning_scaling import metric_names
 
 # The step's least-squares sums over (x = 1/B, y = |G_B|²) points: Σw, Σw·x, Σw·x², Σw·y, Σw·x·y.
 _POINT_SLOTS = ("gns/points", "gns/x", "gns/xx", "gns/y", "gns/xy")
@@ -26,8 +26,14 @@ _NORM_SLOTS = ("gns_norm/points", "gns_norm/x", "gns_norm/xx", "gns_norm/y", "gn
 _NORM_MISMATCHED = "gns_norm/mismatched"  # norm layers whose per-example sum missed autograd's gradient
 
 # Strategies that shard or hide the per-rank gradient (by class name, so optional packages are not imported).
-_NO_LOCAL_GRADIENTS = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy", "XLAStrategy",
-                       "SingleDeviceXLAStrategy", "XLAFSDPStrategy")
+_NO_LOCAL_GRADIENTS = (
+    "FSDPStrategy",
+    "DeepSpeedStrategy",
+    "ModelParallelStrategy",
+    "XLAStrategy",
+    "SingleDeviceXLAStrategy",
+    "XLAFSDPStrategy",
+)
 
 
 class GradientNoiseScale(LedgerCallback):
@@ -94,9 +100,15 @@ class GradientNoiseScale(LedgerCallback):
         norm_layers: also estimate the noise scale from the normalization layers' per-example gradients (the only
             source on one device without accumulation).
         norm_layers_every_n_steps: measure the normalization layers on every n-th optimizer step (>= 1). Their
-            per-example gradients cost about 3-5% of a step of the small example GPT on a CPU (recomputing the
-            normalized input is elementwise work, a smaller share the wider the model and on a GPU); every 4th
-            step keeps that near 1%, and the smoothing covers ``(1 + d)/(1 - d)`` measurements either way.
+            per-example gradients are two products over the layer's output per layer (about 1.5-3% of a step of
+            the small example GPT on a CPU, a smaller share the wider the model and on a GPU); every 4th step keeps
+            that under 1%, and the smoothing covers ``(1 + d)/(1 - d)`` measurements either way.
+        norm_layers_scale: the factor (> 0) that turns the normalization layers' B_simple into the whole model's,
+            applied where they are the only source. Their own noise scale is lower than the whole model's: 0.39 to
+            0.62 of it on the example GPT, measured with exact per-example gradients of every parameter
+            (``benchmarks/noise_scale_by_layer.py``), so without a factor the estimate reads about half. To
+            calibrate a model family, train a few hundred steps with ``accumulate_grad_batches=2`` and pass
+            ``summary()["whole_over_norm_layers"]``. Default 1: the norm layers' own figure, said once as such.
     """
 
     def __init__(
@@ -110,6 +122,7 @@ class GradientNoiseScale(LedgerCallback):
         tokens_fn: TokensFn | None = None,
         norm_layers: bool = True,
         norm_layers_every_n_steps: int = 4,
+        norm_layers_scale: float = 1.0,
     ) -> None:
         super().__init__()
         self.estimator = NoiseScaleEstimator(fraction("ema_decay", ema_decay, inclusive_high=False))
@@ -131,6 +144,7 @@ class GradientNoiseScale(LedgerCallback):
             raise ValueError(f"norm_layers must be True or False, got {norm_layers!r}")
         self.norm_layers = norm_layers
         self.norm_layers_every_n_steps = positive_int("norm_layers_every_n_steps", norm_layers_every_n_steps)
+        self.norm_layers_scale = positive_float("norm_layers_scale", norm_layers_scale)
         # the normalization layers' own estimate (Gray et al. 2024), beside or instead of the whole model's
         self.norm_estimator = NoiseScaleEstimator(self.estimator.ema_decay)
         self.norm_layers_found = ""  # e.g. "9 x LayerNorm"
@@ -191,6 +205,8 @@ class GradientNoiseScale(LedgerCallback):
             "skipped_nonfinite": self.skipped_nonfinite,
             "mode": self.mode,
             "gns_norm_layers": self.norm_estimator.b_simple,
+            "whole_over_norm_layers": self._whole_over_norm_layers(est),
+            "norm_layers_scale": self.norm_layers_scale,
             "norm_layers_found": self.norm_layers_found,
             "status": self._status_text(est),
         }
@@ -205,12 +221,16 @@ class GradientNoiseScale(LedgerCallback):
         self.ledger.declare(*_POINT_SLOTS, *_NORM_SLOTS, _NORM_MISMATCHED)
         names = {cls.__name__ for cls in type(trainer.strategy).__mro__}
         if names & set(_NO_LOCAL_GRADIENTS) or not isinstance(trainer.strategy, (SingleDeviceStrategy, DDPStrategy)):
-            self._step_aside(f"{type(trainer.strategy).__name__} does not expose each rank's local gradient "
-                             "(sharded or compiled gradients), so the noise scale cannot be measured; stepping aside.")
+            self._step_aside(
+                f"{type(trainer.strategy).__name__} does not expose each rank's local gradient "
+                "(sharded or compiled gradients), so the noise scale cannot be measured; stepping aside."
+            )
             return
         if not pl_module.automatic_optimization:
-            self._step_aside("manual optimization is not supported (Lightning's accumulation and clipping hooks "
-                             "are not in charge); stepping aside.")
+            self._step_aside(
+                "manual optimization is not supported (Lightning's accumulation and clipping hooks "
+                "are not in charge); stepping aside."
+            )
 
     @override
     def _on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -235,8 +255,9 @@ class GradientNoiseScale(LedgerCallback):
             self._collecting = False
             return
         if samples is None:
-            self._step_aside("cannot count the samples in a batch (no tensor with a leading batch dimension); "
-                             "stepping aside.")
+            self._step_aside(
+                "cannot count the samples in a batch (no tensor with a leading batch dimension); stepping aside."
+            )
             return
         self._micro_samples = samples
         self._collecting = True
@@ -244,6 +265,8 @@ class GradientNoiseScale(LedgerCallback):
         # .grad before it), so one fused norm in on_after_backward replaces its per-parameter hooks. Under DDP
         # the hooks are needed: a micro-batch that ends the step is all-reduced by the time the backward returns.
         self._hooks_live = not (self._micro == 0 and self._world == 1)
+        if self.mode == "hooks":  # hooks only where they measure: a hook that returns at once still costs a call
+            self._set_gradient_hooks(self._hooks_live)
         if self._probe_on and trainer.global_step % self.norm_layers_every_n_steps == 0:
             # check each layer's formula once, on a micro-batch whose .grad will be its own gradient
             self._probe.start(samples, check=not self._probe_checked and self._micro == 0 and self._world == 1)
@@ -323,26 +346,29 @@ class GradientNoiseScale(LedgerCallback):
     def _on_step(self, trainer: Trainer, pl_module: LightningModule, record: StepRecord) -> dict[str, float] | None:
         if record.steps == 0 or (self.mode == "off" and not self._probe_on):
             return None
+        assert self._rule is not None  # set with the ledger, in setup
         self.batch_size = record[SAMPLES]
         uncountable = record[f"{self._rule}/uncountable"] > 0
         self.batch_tokens = math.nan if uncountable else record.tokens(self._rule)
         self.last_loss = record.mean_loss
         if record[_NORM_MISMATCHED] > 0 and self._probe_on:
             count = int(record[_NORM_MISMATCHED] / max(record.world_size, 1))
-            self._norm_layers_off(f"{count} of {len(self._probe.layers)} normalization layers did not reproduce "
-                                  "their weight gradient with the LayerNorm/RMSNorm formula (a norm layer of an "
-                                  "unusual kind)")
+            self._norm_layers_off(
+                f"{count} of {len(self._probe.layers)} normalization layers did not reproduce "
+                "their weight gradient with the LayerNorm/RMSNorm formula (a norm layer of an "
+                "unusual kind)"
+            )
         elif self._probe_on:
             norm_line = least_squares_line(*(record[name] for name in _NORM_SLOTS))
             if norm_line is not None and all(math.isfinite(v) for v in norm_line):
                 self.norm_estimator.update_estimates(*norm_line)
-                if self.mode == "norm layers":  # the only source: it is the estimate
-                    self._update(trainer, *norm_line)
+                if self.mode == "norm layers":  # the only source: it is the estimate, B_simple times the scale
+                    self._update(trainer, norm_line[0], norm_line[1] * self.norm_layers_scale)
         if self.mode == "hooks":
             line = least_squares_line(*(record[name] for name in _POINT_SLOTS))
             if line is not None:
                 self._update(trainer, *line)
-        if self.mode == "off":
+        if self.mode == "off" or not record.log_now:  # the metrics are built only when they are logged
             return None
         return self._metrics()
 
@@ -395,6 +421,14 @@ class GradientNoiseScale(LedgerCallback):
 
     # ----------------------------------------------------------------------------------------------------------
     # internals
+    def _whole_over_norm_layers(self, est: NoiseScaleEstimate) -> float:
+        """The whole model's B_simple over the normalization layers' own, when both are measured (the factor for
+        ``norm_layers_scale``); NaN otherwise."""
+        norm = self.norm_estimator.b_simple
+        if self.mode != "hooks" or not (est.b_simple > 0 and norm > 0 and math.isfinite(est.b_simple * norm)):
+            return math.nan
+        return est.b_simple / norm
+
     def _metrics(self) -> dict[str, float]:
         est = self.estimator
         metrics: dict[str, float] = {metric_names.BATCH_SIZE: self.batch_size}
@@ -421,12 +455,16 @@ class GradientNoiseScale(LedgerCallback):
         if self.mode == "off":
             return self.status
         if est.measurements < 2:
-            return (f"too few measurements yet ({est.measurements}); the estimate needs at least 2 optimizer "
-                    "steps, and settles after about min_measurements of them")
+            return (
+                f"too few measurements yet ({est.measurements}); the estimate needs at least 2 optimizer "
+                "steps, and settles after about min_measurements of them"
+            )
         if not (est.grad_sq > 0):
-            return ("no signal yet: the smoothed |G|² estimate is not positive (gradient noise dominates the "
-                    "mean gradient, as early in training or on data without signal); train longer, or use a "
-                    "larger global batch")
+            return (
+                "no signal yet: the smoothed |G|² estimate is not positive (gradient noise dominates the "
+                "mean gradient, as early in training or on data without signal); train longer, or use a "
+                "larger global batch"
+            )
         if self.skipped_nonfinite:
             return f"measured ({self.skipped_nonfinite} non-finite step(s) skipped)"
         return "measured"
@@ -447,17 +485,22 @@ class GradientNoiseScale(LedgerCallback):
         if self._k > 1 or self._world > 1:
             self.mode = "hooks"
             self.status = "measuring"
-            self._handles = [p.register_hook(self._make_hook()) for p in self._params]
+            self._set_gradient_hooks(True)
         elif self._probe_on:
             self.mode = "norm layers"
             self.status = "measuring (per-example gradients of the normalization layers)"
         else:
             self.mode = "off"
-            why = ("" if not self.norm_layers else
-                   f" and {self._norm_layers_missing} (the per-example source needs LayerNorm or RMSNorm layers)")
-            self.status = ("not measured: one device without gradient accumulation gives one batch size only"
-                           f"{why}; set Trainer(accumulate_grad_batches=2) or more (same global batch with half the "
-                           "micro-batch), or train on two or more devices")
+            why = (
+                ""
+                if not self.norm_layers
+                else f" and {self._norm_layers_missing} (the per-example source needs LayerNorm or RMSNorm layers)"
+            )
+            self.status = (
+                "not measured: one device without gradient accumulation gives one batch size only"
+                f"{why}; set Trainer(accumulate_grad_batches=2) or more (same global batch with half the "
+                "micro-batch), or train on two or more devices"
+            )
             self._warn.info("off", f"the gradient noise scale is {self.status}. Nothing is logged.")
 
     def _configure_norm_layers(self, pl_module: LightningModule) -> bool:
@@ -466,17 +509,28 @@ class GradientNoiseScale(LedgerCallback):
         if not self.norm_layers:
             return False
         if getattr(pl_module, "_compiler_ctx", None) or any(
-                getattr(m, "_compiled_call_impl", None) is not None for m in pl_module.modules()):
-            self._norm_layers_missing = ("the model is compiled (torch.compile), where the norm-layer hooks would "
-                                         "break graphs")
+            getattr(m, "_compiled_call_impl", None) is not None for m in pl_module.modules()
+        ):
+            self._norm_layers_missing = (
+                "the model is compiled (torch.compile), where the norm-layer hooks would break graphs"
+            )
             return False
         self.norm_layers_found = self._probe.find(pl_module)
         if not self.norm_layers_found:
             self._norm_layers_missing = "the model has no normalization layers it recognises"
             return False
         self._probe.attach()
-        self._warn.info("norm-layers", "per-example gradient norms from the normalization layers "
-                                       f"({self.norm_layers_found}) give the noise scale a batch of one.")
+        self._warn.info(
+            "norm-layers",
+            "per-example gradient norms from the normalization layers "
+            f"({self.norm_layers_found}) give the noise scale a batch of one."
+            + (
+                ""
+                if self.norm_layers_scale != 1.0 or self._k > 1 or self._world > 1
+                else " Their noise scale reads about half the whole model's (0.4-0.6x on a small GPT); "
+                f"{self.option_hint('norm_layers_scale')} corrects it (see its documentation)."
+            ),
+        )
         return True
 
     def _step_aside(self, message: str) -> None:
@@ -489,10 +543,17 @@ class GradientNoiseScale(LedgerCallback):
 
     def _remove_hooks(self) -> None:
         self._probe.detach()
-        for handle in self._handles:
-            with contextlib.suppress(Exception):
-                handle.remove()
-        self._handles = []
+        self._set_gradient_hooks(False)
+
+    def _set_gradient_hooks(self, on: bool) -> None:
+        """Put a gradient hook on each of our parameters, or take them off (nothing when already so)."""
+        if on and not self._handles:
+            self._handles = [p.register_hook(self._make_hook()) for p in self._params]
+        elif not on and self._handles:
+            for handle in self._handles:
+                with contextlib.suppress(Exception):
+                    handle.remove()
+            self._handles = []
 
     def _make_hook(self) -> Any:
         def hook(grad: torch.Tensor) -> None:
@@ -505,7 +566,7 @@ class GradientNoiseScale(LedgerCallback):
                     self._norms.append(torch.dot(flat, flat))
                 else:  # 16-bit gradients: accumulate in fp32
                     self._norms.append(torch.linalg.vector_norm(flat, dtype=torch.float32).square())
-            except Exception as err:  # noqa: BLE001 - never break the user's backward; reported next hook
+            except Exception as err:  # noqa: BLE001 - raised later, in our own hook, as a guarded error
                 self._hook_error = err
                 self._collecting = False
             return
@@ -535,8 +596,7 @@ class GradientNoiseScale(LedgerCallback):
             return torch.zeros((), dtype=self._norm_dtype)
         return torch.stack(torch._foreach_norm(grads, 2, dtype=self._norm_dtype)).square().sum()
 
-    def _commit(self, sq: torch.Tensor, samples: float, weight: float,
-                slots: tuple[str, ...] = _POINT_SLOTS) -> None:
+    def _commit(self, sq: torch.Tensor, samples: float, weight: float, slots: tuple[str, ...] = _POINT_SLOTS) -> None:
         """Add the point (x = 1/B, y = |G_B|²) with ``weight`` to the step's least-squares sums."""
         assert self.ledger is not None
         x = 1.0 / samples
@@ -550,8 +610,11 @@ class GradientNoiseScale(LedgerCallback):
     def _update(self, trainer: Trainer, grad_sq: float, trace_cov: float) -> None:
         if not (math.isfinite(grad_sq) and math.isfinite(trace_cov)):
             self.skipped_nonfinite += 1
-            self._warn.warn("nonfinite", f"step {trainer.global_step}: the gradients are not finite (inf or NaN); "
-                                         "such steps are left out of the noise scale and counted in the report.")
+            self._warn.warn(
+                "nonfinite",
+                f"step {trainer.global_step}: the gradients are not finite (inf or NaN); "
+                "such steps are left out of the noise scale and counted in the report.",
+            )
             return
         self.estimator.update_estimates(grad_sq, trace_cov)
         self._check_batch(trainer)
@@ -580,19 +643,27 @@ class GradientNoiseScale(LedgerCallback):
         self.warned.add(direction)
         tokens = self.tokens_per_sample
         in_tokens = f" ({b_simple * tokens:,.0f} tokens)" if math.isfinite(tokens) else ""
-        where = (f"the batch in use ({self.batch_size:,.0f} samples per optimizer step) is {ratio:.1f}x the "
-                 f"gradient noise scale B_simple ≈ {b_simple:,.0f} samples{in_tokens}")
-        caveat = ("B_simple approximates the critical batch size (to within about an order of magnitude), and "
-                  "Adam tends to raise the critical batch size above it.")
+        where = (
+            f"the batch in use ({self.batch_size:,.0f} samples per optimizer step) is {ratio:.1f}x the "
+            f"gradient noise scale B_simple ≈ {b_simple:,.0f} samples{in_tokens}"
+        )
+        caveat = (
+            "B_simple approximates the critical batch size (to within about an order of magnitude), and "
+            "Adam tends to raise the critical batch size above it."
+        )
         if direction == "high":
-            message = (f"{where}. Above the critical batch size extra examples buy few steps: E/E_min = 1 + "
-                       f"B/B_noise ≈ {1 + ratio:.1f}, i.e. this run spends about {(1 + ratio) / 2:.1f}x the examples "
-                       "it would at B = B_noise for the same progress. Consider a smaller global batch (fewer "
-                       f"accumulation steps or devices) if compute is the constraint. {caveat}")
+            message = (
+                f"{where}. Above the critical batch size extra examples buy few steps: E/E_min = 1 + "
+                f"B/B_noise ≈ {1 + ratio:.1f}, i.e. this run spends about {(1 + ratio) / 2:.1f}x the examples "
+                "it would at B = B_noise for the same progress. Consider a smaller global batch (fewer "
+                f"accumulation steps or devices) if compute is the constraint. {caveat}"
+            )
         else:
-            message = (f"{where}. Far below the critical batch size, S/S_min = 1 + B_noise/B ≈ {1 + 1 / ratio:.1f}: "
-                       "a larger batch (more data parallelism or accumulation) would cut the number of optimizer "
-                       f"steps at the cost of few extra examples, if wall-clock time is the constraint. {caveat}")
+            message = (
+                f"{where}. Far below the critical batch size, S/S_min = 1 + B_noise/B ≈ {1 + 1 / ratio:.1f}: "
+                "a larger batch (more data parallelism or accumulation) would cut the number of optimizer "
+                f"steps at the cost of few extra examples, if wall-clock time is the constraint. {caveat}"
+            )
         self._warn.warn(f"batch-{direction}", message)
 
     def _kaplan_critical_batch(self, loss: float) -> float | None:

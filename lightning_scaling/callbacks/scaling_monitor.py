@@ -13,10 +13,10 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from typing_extensions import override
 
+from lightning_scaling import metric_names
 from lightning_scaling.callbacks._base import LedgerCallback, publish_metrics
 from lightning_scaling.callbacks._common import TokensFn, planned_optimizer_steps
 from lightning_scaling.run_report import HISTORY_FROM_METRICS, ReportThresholds, RunHistory
-from lightning_scaling import metric_names
 
 REPORT_FILE = "scaling_report.json"
 PICTURE_FILE = "scaling_report.png"
@@ -146,8 +146,9 @@ class ScalingMonitor(Callback):
             part.on_before_optimizer_step(trainer, pl_module, optimizer)
 
     @override
-    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         for part in self.parts.values():
             part.on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         if self._metrics:  # the parts filled it only if logging is due (StepRecord.log_now)
@@ -207,8 +208,9 @@ class ScalingMonitor(Callback):
                 out[name] = {"error": f"{type(err).__name__}: {err}"}
         return out
 
-    def build_report(self, report_path: str | None = None, picture_path: str | None = None,
-                     picture_note: str | None = None) -> dict[str, Any]:
+    def build_report(
+        self, report_path: str | None = None, picture_path: str | None = None, picture_note: str | None = None
+    ) -> dict[str, Any]:
         """The end-of-fit report (JSON-able; keys and units in :data:`lightning_scaling.run_report.REPORT_KEYS`):
         the parts' summaries grouped as compute, tokens, batch size and data, each with a verdict and advice,
         and the history of the logged values."""
@@ -226,10 +228,17 @@ class ScalingMonitor(Callback):
             stop_epochs=getattr(data, "stop_epochs", defaults.stop_epochs),
         )
         return build_run_report(
-            self.summaries(), self.history.columns(), law=getattr(tokens, "law", None),
-            data_law=getattr(data, "law", None), thresholds=thresholds, training_seconds=self.training_seconds,
-            planned_steps=self._planned_steps, report_path=report_path, picture_path=picture_path,
-            picture_note=picture_note)
+            self.summaries(),
+            self.history.columns(),
+            law=getattr(tokens, "law", None),
+            data_law=getattr(data, "law", None),
+            thresholds=thresholds,
+            training_seconds=self.training_seconds,
+            planned_steps=self._planned_steps,
+            report_path=report_path,
+            picture_path=picture_path,
+            picture_note=picture_note,
+        )
 
     def _record_history(self, trainer: Trainer) -> None:
         """The values behind the picture, at a logging step (a few dict lookups: no device read)."""
@@ -279,8 +288,7 @@ class ScalingMonitor(Callback):
 
     def _log_picture(self, trainer: Trainer, pixels: Any, path: str) -> None:
         """The picture to TensorBoard (``add_image``) and Weights & Biases (``log_image``) loggers in use."""
-        from lightning.fabric.loggers import TensorBoardLogger
-        from lightning.pytorch.loggers import WandbLogger
+        from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 
         step = int(trainer.global_step)
         for logger in trainer.loggers:
@@ -290,8 +298,10 @@ class ScalingMonitor(Callback):
                 elif isinstance(logger, WandbLogger):
                     logger.log_image(key=PICTURE_TAG, images=[path], step=step)
             except Exception as err:  # noqa: BLE001 - a logger's trouble must not fail the end of a run
-                rank_zero_info(f"{type(self).__name__}: could not log the report's picture to "
-                               f"{type(logger).__name__}: {type(err).__name__}: {err}")
+                rank_zero_info(
+                    f"{type(self).__name__}: could not log the report's picture to "
+                    f"{type(logger).__name__}: {type(err).__name__}: {err}"
+                )
 
 
 def _options(name: str, value: dict[str, Any] | bool, cls: type) -> dict[str, Any]:
@@ -300,9 +310,10 @@ def _options(name: str, value: dict[str, Any] | bool, cls: type) -> dict[str, An
         return {}
     if not isinstance(value, dict):
         raise ValueError(f"{name} must be True, False or a dict of keyword arguments, got {value!r}")
-    allowed = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+    allowed = list(inspect.signature(cls).parameters)  # the constructor's, without self
     unknown = sorted(set(value) - set(allowed))
     if unknown:
-        raise ValueError(f"{name} has no option {', '.join(map(repr, unknown))}; "
-                         f"{cls.__name__} takes {', '.join(allowed)}")
+        raise ValueError(
+            f"{name} has no option {', '.join(map(repr, unknown))}; {cls.__name__} takes {', '.join(allowed)}"
+        )
     return value

@@ -12,6 +12,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import default_collate
 from typing_extensions import override
 
+from lightning_scaling import metric_names
 from lightning_scaling.callbacks._base import LedgerCallback, guarded
 from lightning_scaling.callbacks._common import (
     TokensFn,
@@ -23,7 +24,6 @@ from lightning_scaling.callbacks._common import (
 )
 from lightning_scaling.callbacks._ledger import MICRO_BATCHES, SUPERVISED, StepRecord
 from lightning_scaling.run_report import format_count, format_duration, format_flops, format_percent, law_name
-from lightning_scaling import metric_names
 
 
 class TokenBudget(LedgerCallback):
@@ -74,11 +74,7 @@ class TokenBudget(LedgerCallback):
         params: int | None = None,
         projection_warmup_steps: int = 10,
     ) -> None:
-        from lightning_scaling.argument_checks import (
-            non_negative_float,
-            positive_float,
-            positive_int,
-        )
+        from lightning_scaling.argument_checks import non_negative_float, positive_float, positive_int
 
         super().__init__()
         if tokens_fn is not None and not callable(tokens_fn):
@@ -91,7 +87,9 @@ class TokenBudget(LedgerCallback):
         self.tokens_per_param = positive_float("tokens_per_param", tokens_per_param)
         self.overhead_threshold = non_negative_float("overhead_threshold", overhead_threshold)
         self.overtrained_factor = positive_float("overtrained_factor", overtrained_factor)
-        self.inference_tokens = None if inference_tokens is None else positive_float("inference_tokens", inference_tokens)
+        self.inference_tokens = (
+            None if inference_tokens is None else positive_float("inference_tokens", inference_tokens)
+        )
         self.params_override = None if params is None else positive_int("params", params)
         self.projection_warmup_steps = positive_int("projection_warmup_steps", projection_warmup_steps)
         # checkpointed (global over ranks)
@@ -102,7 +100,7 @@ class TokenBudget(LedgerCallback):
         self.warned: list[str] = []
         # this fit only
         self.params: int | None = None
-        self._rule = "tokens"
+        self._rule: str = "tokens"  # this part always counts tokens: its ledger slot is never None
         self._fit_start_tokens = 0
         self._fit_micro_batches = 0
         self._batches_done_in_epoch = 0
@@ -165,6 +163,13 @@ class TokenBudget(LedgerCallback):
         self.last_loss = record.mean_loss
         if not self.params:
             return None
+        steps_this_fit = trainer.global_step - self._fit_start_steps
+        due = self.projected_tokens is None or record.log_now  # first chance, then at each log interval
+        if due and steps_this_fit >= min(self.projection_warmup_steps, planned_optimizer_steps(trainer) or 1):
+            self._project(trainer, steps_this_fit)
+            self._advise()
+        if not record.log_now:  # the metrics are built only when they are logged
+            return None
         metrics = {
             metric_names.TOKENS: float(self.tokens),
             metric_names.PARAMS: float(self.params),
@@ -172,21 +177,20 @@ class TokenBudget(LedgerCallback):
         }
         if self.supervised_tokens:
             metrics[metric_names.SUPERVISED_TOKENS] = float(self.supervised_tokens)
-        steps_this_fit = trainer.global_step - self._fit_start_steps
-        due = self.projected_tokens is None or record.log_now  # first chance, then at each log interval
-        if due and steps_this_fit >= min(self.projection_warmup_steps, planned_optimizer_steps(trainer) or 1):
-            self._project(trainer, steps_this_fit)
-            if self.projected_tokens is not None:
-                metrics[metric_names.PROJECTED_TOKENS_PER_PARAM] = self.projected_tokens / self.params
-            if self.compute_overhead is not None:
-                metrics[metric_names.COMPUTE_OVERHEAD] = self.compute_overhead
-            self._advise()
+        if self.projected_tokens is not None:
+            metrics[metric_names.PROJECTED_TOKENS_PER_PARAM] = self.projected_tokens / self.params
+        if self.compute_overhead is not None:
+            metrics[metric_names.COMPUTE_OVERHEAD] = self.compute_overhead
         return metrics
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"tokens": self.tokens, "supervised_tokens": self.supervised_tokens,
-                "optimizer_steps": self.optimizer_steps, "warned": list(self.warned)}
+        return {
+            "tokens": self.tokens,
+            "supervised_tokens": self.supervised_tokens,
+            "optimizer_steps": self.optimizer_steps,
+            "warned": list(self.warned),
+        }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -277,7 +281,8 @@ class TokenBudget(LedgerCallback):
                 theirs = 6 * alt.params * alt.tokens + 2 * alt.params * self.inference_tokens
                 message += (
                     f" With {format_count(self.inference_tokens)} inference tokens, the inference-aware optimum for "
-                    f"the same loss is {format_count(float(alt.params))} parameters on {format_count(float(alt.tokens))} tokens, "
+                    f"the same loss is {format_count(float(alt.params))} parameters on "
+                    f"{format_count(float(alt.tokens))} tokens, "
                     f"{(ours - theirs) / theirs:+.0%} total FLOPs compared with this run."
                 )
             self._info_persisted("overtrained", message)
@@ -306,7 +311,9 @@ class TokenBudget(LedgerCallback):
                 f"planned training FLOPs (6ND): {format_flops(flops)}; compute-optimal for that budget "
                 f"({law_name(self.law)}): {format_count(optimum.params)} parameters on "
                 f"{format_count(optimum.tokens)} tokens"
-                + _extrapolation_note(self.law, self.params, tokens, " (an extrapolation: the {law} was fitted on {range})"),
+                + _extrapolation_note(
+                    self.law, self.params, tokens, " (an extrapolation: the {law} was fitted on {range})"
+                ),
             ]
         else:
             lines.append("planned tokens: known after the first steps")
@@ -316,8 +323,10 @@ class TokenBudget(LedgerCallback):
     def _estimate_tokens_per_step(self, trainer: Trainer) -> float | None:
         """Tokens per optimizer step from the dataloader's batch size and up to 8 samples spread over the dataset
         (each collated alone, as the loader would; no batch is drawn). Sets ``token_rule`` from them."""
+        loader = trainer.train_dataloader
+        if loader is None:  # not loaded yet
+            return None
         try:
-            loader = trainer.train_dataloader
             dataset, batch_size = loader.dataset, loader.batch_size
             n = len(dataset)
             picks = sorted({round(i * (n - 1) / 7) for i in range(8)}) if n > 1 else [0]

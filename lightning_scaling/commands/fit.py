@@ -1,6 +1,6 @@
 """``lightning-scaling fit``: fit a scaling law to a ladder of runs (CSV files or CSVLogger directories).
 
-Imports numpy/scipy (and matplotlib with --plot) only when it runs; never torch or Lightning.
+Imports numpy (and matplotlib with --plot) only when it runs; never torch or Lightning.
 """
 
 from __future__ import annotations
@@ -30,14 +30,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = _EPILOG
     parser.add_argument("paths", nargs="+", metavar="PATH", help="CSV file(s) or CSVLogger run directories")
-    parser.add_argument("--approach", choices=("1", "2", "3", "kaplan"), default="3",
-                        help="1: training-curve envelope; 2: isoFLOP parabolas; 3: Chinchilla L(N, D) (default); "
-                             "kaplan: Kaplan 2020 L(N, D)")
-    parser.add_argument("--bootstrap", type=int, default=0, metavar="N",
-                        help="resample runs N times for percentile intervals (default 0: none)")
+    parser.add_argument(
+        "--approach",
+        choices=("1", "2", "3", "kaplan"),
+        default="3",
+        help="1: training-curve envelope; 2: isoFLOP parabolas; 3: Chinchilla L(N, D) (default); "
+        "kaplan: Kaplan 2020 L(N, D)",
+    )
+    parser.add_argument(
+        "--bootstrap",
+        type=int,
+        default=0,
+        metavar="N",
+        help="resample runs N times for percentile intervals (default 0: none)",
+    )
     parser.add_argument("--confidence", type=float, default=0.95, help="interval coverage (default 0.95)")
-    parser.add_argument("--budget", type=float, metavar="C",
-                        help="FLOPs at which to report the optimum (default: the largest budget in the data)")
+    parser.add_argument(
+        "--budget",
+        type=float,
+        metavar="C",
+        help="FLOPs at which to report the optimum (default: the largest budget in the data)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("--plot", metavar="PNG", help="write isoFLOP, contour and predicted-vs-observed plots")
@@ -46,14 +59,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--params-column", help="parameter count column (default: params, Parameters, Model Size, ...)")
     data.add_argument("--tokens-column", help="training tokens column (default: tokens, Tokens, ...)")
     data.add_argument("--flops-column", help="training FLOPs column, used when there is no tokens column (D = C/6N)")
-    data.add_argument("--loss-column", help="loss column, nats (default: loss, Smoothed Loss, val/loss, train/loss, ...)")
+    data.add_argument(
+        "--loss-column", help="loss column, nats (default: loss, Smoothed Loss, val/loss, train/loss, ...)"
+    )
     data.add_argument("--run-column", help="column naming the run of each row (CSV with several rows per run)")
-    data.add_argument("--points", choices=("final", "all"),
-                      help="CSVLogger: each run's final loss, or every logged step (default: all for approach 1)")
-    data.add_argument("--drop-highest-loss", type=int, default=0, metavar="K",
-                      help="drop the K highest-loss points first (Besiroglu et al. 2024 drop 5)")
-    data.add_argument("--budget-tolerance", type=float, default=0.1,
-                      help="approach 2: runs whose FLOPs agree within this fraction share a budget (default 0.1)")
+    data.add_argument(
+        "--points",
+        choices=("final", "all"),
+        help="CSVLogger: each run's final loss, or every logged step (default: all for approach 1)",
+    )
+    data.add_argument(
+        "--drop-highest-loss",
+        type=int,
+        default=0,
+        metavar="K",
+        help="drop the K highest-loss points first (Besiroglu et al. 2024 drop 5)",
+    )
+    data.add_argument(
+        "--budget-tolerance",
+        type=float,
+        default=0.1,
+        help="approach 2: runs whose FLOPs agree within this fraction share a budget (default 0.1)",
+    )
 
 
 def _fit(args: argparse.Namespace, points: Any) -> Any:
@@ -74,15 +101,19 @@ def _sources(args: argparse.Namespace) -> str:
 
 
 def _columns_chosen(args: argparse.Namespace) -> str:
-    """" (with --loss-column 'x')" when the user picked columns: a fit that fails may owe it to that choice."""
+    """ " (with --loss-column 'x')" when the user picked columns: a fit that fails may owe it to that choice."""
     chosen = [f"{flag} {value!r}" for flag, value in _column_flags(args) if value is not None]
     return f" (with {', '.join(chosen)})" if chosen else ""
 
 
 def _column_flags(args: argparse.Namespace) -> list[tuple[str, str | None]]:
-    return [("--params-column", args.params_column), ("--tokens-column", args.tokens_column),
-            ("--flops-column", args.flops_column), ("--loss-column", args.loss_column),
-            ("--run-column", args.run_column)]
+    return [
+        ("--params-column", args.params_column),
+        ("--tokens-column", args.tokens_column),
+        ("--flops-column", args.flops_column),
+        ("--loss-column", args.loss_column),
+        ("--run-column", args.run_column),
+    ]
 
 
 def _check_flags(args: argparse.Namespace) -> None:
@@ -103,8 +134,10 @@ def _check_flags(args: argparse.Namespace) -> None:
         if value is not None and not value.strip():
             raise ValueError(f"{flag} must name a column, got an empty name")
     if args.out and args.approach in ("1", "2"):
-        raise ValueError(f"--out needs a loss law; approach {args.approach} gives only the exponents a and b "
-                         "(use --approach 3 or kaplan)")
+        raise ValueError(
+            f"--out needs a loss law; approach {args.approach} gives only the exponents a and b "
+            "(use --approach 3 or kaplan)"
+        )
     for flag, value in (("--out", args.out), ("--plot", args.plot)):
         if value is None:
             continue
@@ -125,9 +158,15 @@ def _read(args: argparse.Namespace, points_mode: str) -> Any:
     from lightning_scaling.laws.runs import read_points
 
     try:
-        return read_points(args.paths, params_column=args.params_column, tokens_column=args.tokens_column,
-                           flops_column=args.flops_column, loss_column=args.loss_column, run_column=args.run_column,
-                           points=points_mode)
+        return read_points(
+            args.paths,
+            params_column=args.params_column,
+            tokens_column=args.tokens_column,
+            flops_column=args.flops_column,
+            loss_column=args.loss_column,
+            run_column=args.run_column,
+            points=points_mode,
+        )
     except ValueError as err:
         for flag, value in _column_flags(args):
             if value is not None and f"{value!r}" in str(err):
@@ -149,14 +188,20 @@ def _check_budget(args: argparse.Namespace, points: Any, budget: float, optimum:
 
     n, d = optimum.get("n_opt"), optimum.get("d_opt")
     if n is not None and d is not None and not (n >= MIN_PARAMS and d >= MIN_TOKENS_PER_PARAM * n):
-        raise ValueError(f"{_budget_said(args, budget)}: the fitted optimum would be {n:.3g} parameters on "
-                         f"{d:.3g} tokens, and advice needs at least {MIN_PARAMS:g} parameter and {MIN_TOKENS_PER_PARAM:g} token per "
-                         f"parameter; give a --budget near the runs' FLOPs ({float(points.flops.min()):.3g} to "
-                         f"{float(points.flops.max()):.3g})")
+        raise ValueError(
+            f"{_budget_said(args, budget)}: the fitted optimum would be {n:.3g} parameters on "
+            f"{d:.3g} tokens, and advice needs at least {MIN_PARAMS:g} parameter and {MIN_TOKENS_PER_PARAM:g} "
+            f"token per parameter; give a --budget near the runs' FLOPs ({float(points.flops.min()):.3g} to "
+            f"{float(points.flops.max()):.3g})"
+        )
     lo, hi = float(points.flops.min()), float(points.flops.max())
     if budget < lo / EXTRAPOLATION_MARGIN or budget > hi * EXTRAPOLATION_MARGIN:
-        return [f"--budget {budget:.3g} FLOPs lies more than {EXTRAPOLATION_MARGIN:g}x outside the runs' FLOPs "
-                f"({lo:.3g} to {hi:.3g}): the optimum there is an extrapolation of the fit"]
+        return [
+            (
+                f"--budget {budget:.3g} FLOPs lies more than {EXTRAPOLATION_MARGIN:g}x outside the runs' FLOPs "
+                f"({lo:.3g} to {hi:.3g}): the optimum there is an extrapolation of the fit"
+            )
+        ]
     return []
 
 
@@ -174,9 +219,14 @@ def _finite_or_none(value: Any) -> Any:
 def _report(args: argparse.Namespace, points: Any, result: Any, budget: float, boot: Any) -> dict[str, Any]:
     from lightning_scaling.laws.fitting import optimum_at
 
-    report: dict[str, Any] = {"fit": result.to_dict(), "law": None if result.law is None else result.law.to_dict(),
-                              "budget": budget, "optimum": optimum_at(result, budget), "n_points": len(points),
-                              "n_runs": len(set(points.runs.tolist()))}
+    report: dict[str, Any] = {
+        "fit": result.to_dict(),
+        "law": None if result.law is None else result.law.to_dict(),
+        "budget": budget,
+        "optimum": optimum_at(result, budget),
+        "n_points": len(points),
+        "n_runs": len(set(points.runs.tolist())),
+    }
     if boot is not None:
         report["bootstrap"] = boot.to_dict()
     return report
@@ -186,12 +236,16 @@ def _print_table(report: dict[str, Any], approach: str) -> None:
     fit = report["fit"]
     intervals = report.get("bootstrap", {}).get("intervals", {})
     conf = report.get("bootstrap", {}).get("confidence")
-    title = {"1": "approach 1 (envelope)", "2": "approach 2 (isoFLOP parabolas)", "3": "approach 3 (Chinchilla L(N, D))",
-             "kaplan": "Kaplan L(N, D)"}[approach]
+    title = {
+        "1": "approach 1 (envelope)",
+        "2": "approach 2 (isoFLOP parabolas)",
+        "3": "approach 3 (Chinchilla L(N, D))",
+        "kaplan": "Kaplan L(N, D)",
+    }[approach]
     print(f"{title}: {report['n_points']} points from {report['n_runs']} runs")
     header = f"  {'':<14}{'value':>14}"
     if intervals:
-        header += f"   {int(round(conf * 100))}% interval"
+        header += f"   {round(conf * 100)}% interval"
     print(header)
     rows = dict(fit.get("parameters", {}))
     rows.update(a=fit["a"], b=fit["b"])
@@ -228,8 +282,16 @@ def run(args: argparse.Namespace) -> int:
     if args.bootstrap:
         kwargs = {"budget_tolerance": args.budget_tolerance} if args.approach == "2" else {}
         try:
-            boot = bootstrap(points, args.approach, args.bootstrap, budget=budget, confidence=args.confidence,
-                             seed=args.seed, fit=result, **kwargs)
+            boot = bootstrap(
+                points,
+                args.approach,
+                args.bootstrap,
+                budget=budget,
+                confidence=args.confidence,
+                seed=args.seed,
+                fit=result,
+                **kwargs,
+            )
         except ValueError as err:
             raise ValueError(f"--bootstrap {args.bootstrap}: {err}") from None
     try:
@@ -240,12 +302,21 @@ def run(args: argparse.Namespace) -> int:
     for message in report["warnings"]:
         print(f"lightning-scaling fit: warning: {message}", file=sys.stderr)
     if args.out:
-        fitted_range = {"params": [float(points.params.min()), float(points.params.max())],
-                        "tokens": [float(points.tokens.min()), float(points.tokens.max())],
-                        "source": f"the runs in {_sources(args)}"}
-        out = {**result.law.to_dict(), "fit": {**report["fit"], "sources": [str(p) for p in args.paths],
-                                                "budget": budget, "optimum": report["optimum"],
-                                                "fitted_range": fitted_range}}
+        fitted_range = {
+            "params": [float(points.params.min()), float(points.params.max())],
+            "tokens": [float(points.tokens.min()), float(points.tokens.max())],
+            "source": f"the runs in {_sources(args)}",
+        }
+        out = {
+            **result.law.to_dict(),
+            "fit": {
+                **report["fit"],
+                "sources": [str(p) for p in args.paths],
+                "budget": budget,
+                "optimum": report["optimum"],
+                "fitted_range": fitted_range,
+            },
+        }
         if boot is not None:
             out["fit"]["intervals"] = boot.to_dict()["intervals"]
             out["fit"]["confidence"] = boot.confidence

@@ -27,9 +27,31 @@ examples:
 
 # flags whose values go straight to planner.plan (dest names equal its keyword names)
 _PLAN_KEYS = (
-    "flops", "params", "tokens", "target_loss", "n_layer", "d_model", "n_head", "vocab_size", "seq_len", "d_ff",
-    "gated_mlp", "n_kv_head", "head_dim", "non_embedding", "flops_convention", "unique_tokens", "inference_tokens", "law", "law_file",
-    "gpu", "num_gpus", "mfu", "peak_flops", "dtype", "batch_size",
+    "flops",
+    "params",
+    "tokens",
+    "target_loss",
+    "n_layer",
+    "d_model",
+    "n_head",
+    "vocab_size",
+    "seq_len",
+    "d_ff",
+    "gated_mlp",
+    "n_kv_head",
+    "head_dim",
+    "non_embedding",
+    "flops_convention",
+    "unique_tokens",
+    "inference_tokens",
+    "law",
+    "law_file",
+    "gpu",
+    "num_gpus",
+    "mfu",
+    "peak_flops",
+    "dtype",
+    "batch_size",
 )
 
 
@@ -41,7 +63,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--flops", type=float, metavar="C", help="training compute budget, FLOPs")
     run.add_argument("--params", type=float, metavar="N", help="model parameters (total)")
     run.add_argument("--tokens", type=float, metavar="D", help="training tokens")
-    run.add_argument("--target-loss", type=float, metavar="L", help="target loss, nats/token: the cheapest run reaching it")
+    run.add_argument(
+        "--target-loss", type=float, metavar="L", help="target loss, nats/token: the cheapest run reaching it"
+    )
 
     shape = parser.add_argument_group("model shape (instead of --params: analytic FLOPs per token instead of 6N)")
     shape.add_argument("--n-layer", type=int)
@@ -60,8 +84,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     extra = parser.add_argument_group("data, inference and the law")
     extra.add_argument("--unique-tokens", type=float, metavar="U", help="unique tokens available (repeated-data law)")
     extra.add_argument("--inference-tokens", type=float, metavar="T", help="tokens the model will serve after training")
-    extra.add_argument("--law", help="preset law: hoffmann (Hoffmann et al. 2022), besiroglu (Besiroglu et al. 2024, "
-                                     "the default), muennighoff (Muennighoff et al. 2023)")
+    extra.add_argument(
+        "--law",
+        help="preset law: hoffmann (Hoffmann et al. 2022), besiroglu (Besiroglu et al. 2024, "
+        "the default), muennighoff (Muennighoff et al. 2023)",
+    )
     extra.add_argument("--law-file", metavar="PATH", help="JSON law written by `lightning-scaling fit`")
 
     hw = parser.add_argument_group("hardware (wall-clock and GPU-hours)")
@@ -89,8 +116,13 @@ def _table(result: dict[str, Any]) -> str:
 
     law = result["law"]
     rows: list[tuple[str, Any]] = [
-        ("law", f"{law['name'] or 'custom'} (E={law['E']:g}, A={law['A']:g}, B={law['B']:g}, "
-                f"alpha={law['alpha']:g}, beta={law['beta']:g}; {law['source']})"),
+        (
+            "law",
+            (
+                f"{law['name'] or 'custom'} (E={law['E']:g}, A={law['A']:g}, B={law['B']:g}, "
+                f"alpha={law['alpha']:g}, beta={law['beta']:g}; {law['source']})"
+            ),
+        ),
         ("mode", result["mode"]),
         ("parameters", result["params"]),
         ("training tokens", result["tokens"]),
@@ -101,11 +133,17 @@ def _table(result: dict[str, Any]) -> str:
         ("compute overhead vs same-loss optimum", format_percent(result["compute_overhead"])),
     ]
     best = result["compute_optimum"]
-    rows.append(("optimum for these FLOPs", f"{_fmt(best['params'])} params, {_fmt(best['tokens'])} tokens, "
-                                            f"loss {_fmt(best['loss'])}"))
+    rows.append(
+        (
+            "optimum for these FLOPs",
+            f"{_fmt(best['params'])} params, {_fmt(best['tokens'])} tokens, loss {_fmt(best['loss'])}",
+        )
+    )
     if result["model"]:
         m = result["model"]
-        rows.append(("model parameters", f"{_fmt(m['total_params'])} total, {_fmt(m['non_embedding_params'])} non-embedding"))
+        rows.append(
+            ("model parameters", f"{_fmt(m['total_params'])} total, {_fmt(m['non_embedding_params'])} non-embedding")
+        )
     if result["data"]:
         dd = result["data"]
         opt = dd["optimum"]
@@ -116,8 +154,13 @@ def _table(result: dict[str, Any]) -> str:
             ("effective parameters", dd["effective_params"]),
             ("loss with repetition", dd["loss"]),
             ("worth of last repeated token", dd["repetition_value"]),
-            ("data-constrained optimum", f"{_fmt(opt['params'])} params, {_fmt(opt['tokens'])} tokens, "
-                                         f"{_fmt(opt['epochs'])} epochs, loss {_fmt(opt['loss'])}"),
+            (
+                "data-constrained optimum",
+                (
+                    f"{_fmt(opt['params'])} params, {_fmt(opt['tokens'])} tokens, "
+                    f"{_fmt(opt['epochs'])} epochs, loss {_fmt(opt['loss'])}"
+                ),
+            ),
         ]
     if result["inference"]:
         inf = result["inference"]
@@ -125,8 +168,10 @@ def _table(result: dict[str, Any]) -> str:
         rows += [
             ("inference tokens", inf["inference_tokens"]),
             ("training + inference FLOPs", inf["planned"]["total_flops"]),
-            ("inference-aware optimum", f"{_fmt(opt['params'])} params, {_fmt(opt['tokens'])} tokens, "
-                                        f"{_fmt(opt['total_flops'])} FLOPs in all"),
+            (
+                "inference-aware optimum",
+                f"{_fmt(opt['params'])} params, {_fmt(opt['tokens'])} tokens, {_fmt(opt['total_flops'])} FLOPs in all",
+            ),
             ("it saves", f"{_fmt(inf['saved_flops'])} FLOPs ({format_percent(inf['saved_fraction'])})"),
         ]
     if result["hardware"]:

@@ -77,7 +77,7 @@ def hash_rows(rows: torch.Tensor, mask: torch.Tensor | None = None, seed: int = 
     else:
         rows = rows.to(torch.int64)
     length = rows.shape[1]
-    salt = _signed(mix64(torch.tensor([seed], dtype=torch.int64)).item() ^ _GOLDEN)
+    salt = _signed(int(mix64(torch.tensor([seed], dtype=torch.int64)).item()) ^ _GOLDEN)  # .item() of int64: int
     positions = mix64(torch.arange(1, length + 1, dtype=torch.int64, device=rows.device) * _GOLDEN + salt)
     values = mix64(rows ^ positions)
     if mask is not None:
@@ -148,7 +148,7 @@ class HyperLogLog:
         """Relative standard error of :meth:`estimate`: 1.04/sqrt(m) (Flajolet et al. 2007, §1)."""
         return 1.04 / math.sqrt(self.m)
 
-    def to(self, device: torch.device | str) -> "HyperLogLog":
+    def to(self, device: torch.device | str) -> HyperLogLog:
         """Move the registers to ``device`` (in place); returns self."""
         self.registers = self.registers.to(device)
         return self
@@ -170,11 +170,13 @@ class HyperLogLog:
         """Hash each sample (row) of ``rows`` with :func:`hash_rows` and add it."""
         self.add_hashes(hash_rows(rows, mask, seed=seed))
 
-    def merge_(self, other: "HyperLogLog | torch.Tensor") -> "HyperLogLog":
+    def merge_(self, other: HyperLogLog | torch.Tensor) -> HyperLogLog:
         """Merge another sketch (or its registers) of the same precision in place: register-wise max."""
         registers = other.registers if isinstance(other, HyperLogLog) else other
         if registers.shape != self.registers.shape:
-            raise ValueError(f"other must have {self.m} registers (precision {self.precision}), got {tuple(registers.shape)}")
+            raise ValueError(
+                f"other must have {self.m} registers (precision {self.precision}), got {tuple(registers.shape)}"
+            )
         torch.maximum(self.registers, registers.to(self.registers), out=self.registers)
         return self
 

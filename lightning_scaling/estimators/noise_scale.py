@@ -16,7 +16,7 @@ from typing import Any
 
 from lightning_scaling.argument_checks import fraction
 
-__all__ = ["NoiseScaleEstimate", "NoiseScaleEstimator", "unbiased_estimates", "least_squares_line", "noise_scale"]
+__all__ = ["NoiseScaleEstimate", "NoiseScaleEstimator", "least_squares_line", "noise_scale", "unbiased_estimates"]
 
 
 def unbiased_estimates(sq_small: float, sq_big: float, b_small: float, b_big: float) -> tuple[float, float]:
@@ -35,8 +35,9 @@ def unbiased_estimates(sq_small: float, sq_big: float, b_small: float, b_big: fl
     return grad_sq, trace_cov
 
 
-def least_squares_line(weight: float, sum_x: float, sum_xx: float, sum_y: float,
-                       sum_xy: float) -> tuple[float, float] | None:
+def least_squares_line(
+    weight: float, sum_x: float, sum_xx: float, sum_y: float, sum_xy: float
+) -> tuple[float, float] | None:
     """One step's unbiased ``(|G|², tr(Σ))`` from squared norms |G_B|² measured at several batch sizes.
 
     Takes the weighted sums over the points (x = 1/B, y = |G_B|²): Σw, Σw·x, Σw·x², Σw·y, Σw·x·y (B in samples).

@@ -38,9 +38,22 @@ _LAZY = {
     "find_model_shape": "model_shape",
 }
 
-__all__ = sorted([*_LAZY, "CAUSAL_ATTENTION_CONVENTIONS", "DEFAULT_CAUSAL_ATTENTION", "DENSE_PEAK_FLOPS",
-                  "FLOP_CONVENTIONS", "ParamCount", "TransformerFlops", "attention_flops", "causal_attention_factor",
-                  "dense_peak_flops", "device_peak_flops", "transformer_flops", "transformer_params"])
+# the eager names as a literal, so that linters and type checkers see them re-exported; then the lazy ones
+__all__ = [
+    "CAUSAL_ATTENTION_CONVENTIONS",
+    "DEFAULT_CAUSAL_ATTENTION",
+    "DENSE_PEAK_FLOPS",
+    "FLOP_CONVENTIONS",
+    "ParamCount",
+    "TransformerFlops",
+    "attention_flops",
+    "causal_attention_factor",
+    "dense_peak_flops",
+    "device_peak_flops",
+    "transformer_flops",
+    "transformer_params",
+]
+__all__ += sorted(_LAZY)
 
 
 def __getattr__(name: str) -> Any:

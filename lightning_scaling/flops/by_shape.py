@@ -73,7 +73,7 @@ class ShapeFamily:
     def predict(self, batch_size: int, seq_len: int) -> tuple[int, int]:
         assert self._coef is not None
         model, hardware = self._coef @ _features(batch_size, seq_len, self.terms)
-        return max(int(round(model)), 0), max(int(round(hardware)), 0)
+        return max(round(float(model)), 0), max(round(float(hardware)), 0)  # numpy 1.x: round(np.float64) is a float
 
 
 class FlopsByShape:
@@ -132,8 +132,9 @@ class FlopsByShape:
         self.predicted[key] = estimate
         return estimate
 
-    def record(self, key: Hashable, family: Hashable, batch_size: int, seq_len: int, model: int,
-               hardware: int) -> float | None:
+    def record(
+        self, key: Hashable, family: Hashable, batch_size: int, seq_len: int, model: int, hardware: int
+    ) -> float | None:
         """Add a measurement. Returns the relative error of the family's prediction for it (None when the
         family could not predict it yet); a small error validates the family, a large one un-validates it."""
         self.exact[key] = (int(model), int(hardware))

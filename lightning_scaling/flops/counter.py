@@ -92,7 +92,12 @@ _REGISTERED_HARDWARE: dict[Any, Callable[..., int]] = {}
 #: flex_attention) and what made it causal ("causal": the kernel's ``is_causal`` flag; "causal_mask": a mask or
 #: probabilities with nothing above the diagonal), or "full": not causal, or not recognised as such.
 ATTENTION_PATHS: tuple[str, ...] = (
-    "fused:causal", "fused:causal_mask", "fused:full", "eager:causal_mask", "eager:full", "flex:causal_mask",
+    "fused:causal",
+    "fused:causal_mask",
+    "fused:full",
+    "eager:causal_mask",
+    "eager:full",
+    "flex:causal_mask",
     "flex:full",
 )
 
@@ -124,8 +129,10 @@ def _packet(op: Any) -> Any:
     overload = getattr(op, "_opoverload", None)  # torch.library.custom_op returns a CustomOpDef
     if isinstance(overload, torch._ops.OpOverload):
         return overload._overloadpacket
-    raise ValueError(f"op must be a torch op (torch.ops.ns.name), an overload, a torch.library.custom_op or "
-                     f"a 'ns::name' string, got {op!r} of type {type(op).__name__}")
+    raise ValueError(
+        f"op must be a torch op (torch.ops.ns.name), an overload, a torch.library.custom_op or "
+        f"a 'ns::name' string, got {op!r} of type {type(op).__name__}"
+    )
 
 
 def _compatible(type_name: str, value: Any) -> bool:
@@ -141,7 +148,10 @@ def _matching_schema(packet: Any, args: tuple) -> Any:
     for overload in packet.overloads():
         schema = getattr(packet, overload)._schema
         positional = [a for a in schema.arguments if not a.kwarg_only]
-        if len(args) <= len(positional) and all(_compatible(str(a.type), v) for a, v in zip(positional, args)):
+        # args may stop early (the dispatcher drops trailing arguments equal to their defaults), never run over
+        if len(args) <= len(positional) and all(
+            _compatible(str(a.type), v) for a, v in zip(positional[: len(args)], args, strict=True)
+        ):
             return schema
     return None
 
@@ -152,7 +162,8 @@ def _bind(packet: Any, args: tuple, kwargs: dict) -> dict[str, Any] | None:
     if schema is None:
         return None
     bound = {a.name: (a.default_value if a.has_default_value() else None) for a in schema.arguments}
-    bound.update(zip((a.name for a in schema.arguments if not a.kwarg_only), args))
+    positional = [a.name for a in schema.arguments if not a.kwarg_only]
+    bound.update(zip(positional[: len(args)], args, strict=True))  # _matching_schema: len(args) <= len(positional)
     bound.update(kwargs)
     return bound
 
@@ -164,7 +175,7 @@ def _with_defaults(packet: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]
     if schema is None:
         return args, kwargs
     full_args = list(args)
-    for a in [a for a in schema.arguments if not a.kwarg_only][len(args):]:
+    for a in [a for a in schema.arguments if not a.kwarg_only][len(args) :]:
         if not a.has_default_value():
             break
         full_args.append(a.default_value)
@@ -203,7 +214,9 @@ def _sample_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     for size in reversed(lead):
         index.append(rest % size)
         rest = rest // size
-    return x[(*reversed(index), query)], query
+    index.reverse()  # outermost dimension first, then the query
+    index.append(query)
+    return x[tuple(index)], query
 
 
 def _causal_pattern(allowed: torch.Tensor, query: torch.Tensor, informative: torch.Tensor | None = None) -> bool:
@@ -311,13 +324,55 @@ def _mask_argument(bound: dict[str, Any]) -> Any:
 _MATMULS = frozenset({_aten.mm, _aten.addmm, _aten.bmm, _aten.baddbmm})
 _SCORE_MATMULS = frozenset({_aten.bmm, _aten.baddbmm})
 _SOFTMAX = frozenset({_aten._softmax, _aten._safe_softmax})
-_PASS_THROUGH = frozenset(getattr(_aten, name) for name in (
-    "view", "_unsafe_view", "_reshape_alias", "reshape", "expand", "clone", "contiguous", "transpose", "t",
-    "permute", "unsqueeze", "squeeze", "alias", "detach", "as_strided", "slice", "select", "_conj", "conj",
-    "_to_copy", "to", "lift_fresh", "mul", "mul_", "div", "div_", "add", "add_", "sub", "sub_", "neg", "where",
-    "masked_fill", "masked_fill_", "clamp", "clamp_", "clamp_min", "clamp_max", "tanh", "tanh_backward",
-    "native_dropout", "native_dropout_backward", "copy_",
-) if hasattr(_aten, name))
+_PASS_THROUGH = frozenset(
+    getattr(_aten, name)
+    for name in (
+        "view",
+        "_unsafe_view",
+        "_reshape_alias",
+        "reshape",
+        "expand",
+        "clone",
+        "contiguous",
+        "transpose",
+        "t",
+        "permute",
+        "unsqueeze",
+        "squeeze",
+        "alias",
+        "detach",
+        "as_strided",
+        "slice",
+        "select",
+        "_conj",
+        "conj",
+        "_to_copy",
+        "to",
+        "lift_fresh",
+        "mul",
+        "mul_",
+        "div",
+        "div_",
+        "add",
+        "add_",
+        "sub",
+        "sub_",
+        "neg",
+        "where",
+        "masked_fill",
+        "masked_fill_",
+        "clamp",
+        "clamp_",
+        "clamp_min",
+        "clamp_max",
+        "tanh",
+        "tanh_backward",
+        "native_dropout",
+        "native_dropout_backward",
+        "copy_",
+    )
+    if hasattr(_aten, name)
+)
 
 
 @dataclass(eq=False)
@@ -359,8 +414,9 @@ def _bind_shapes(packet: Any, formula: Callable[..., int], **extra: Any) -> Call
     return counted
 
 
-def register_flop_formula(op: Any, formula: Callable[..., int],
-                          hardware_formula: Callable[..., int] | None = None) -> None:
+def register_flop_formula(
+    op: Any, formula: Callable[..., int], hardware_formula: Callable[..., int] | None = None
+) -> None:
     """Count ``op`` with ``formula`` in ``training_flop_counter`` and in every plain ``FlopCounterMode``.
 
     ``op``: ``torch.ops.ns.name`` (or one overload of it), the object ``torch.library.custom_op`` returns, or
@@ -415,10 +471,7 @@ def registered_flop_formulas() -> dict[Any, Callable[..., int]]:
 # ----------------------------------------------------------------------------------- flex attention (HOPs)
 def _flex_operators() -> tuple[Any, Any] | None:
     try:
-        from torch._higher_order_ops.flex_attention import (
-            flex_attention,
-            flex_attention_backward,
-        )
+        from torch._higher_order_ops.flex_attention import flex_attention, flex_attention_backward
     except ImportError:  # pragma: no cover - torch without flex attention
         return None
     return flex_attention, flex_attention_backward
@@ -466,17 +519,16 @@ class TrainingFlopCounter(FlopCounterMode):
     ``get_total_flops()`` and the per-module table (``display=True``) are model FLOPs.
     """
 
-    def __init__(self, causal_attention: str = DEFAULT_CAUSAL_ATTENTION, display: bool = False,
-                 depth: int = 2) -> None:
+    def __init__(self, causal_attention: str = DEFAULT_CAUSAL_ATTENTION, display: bool = False, depth: int = 2) -> None:
         one_of("causal_attention", causal_attention, CAUSAL_ATTENTION_CONVENTIONS)
         self.causal_attention = causal_attention
         self._handlers: dict[Any, _Handler] = self._make_handlers()
-        mapping = {packet: _raw(functools.partial(self._model_only, handler))
-                   for packet, handler in self._handlers.items()}
+        mapping = {
+            packet: _raw(functools.partial(self._model_only, handler)) for packet, handler in self._handlers.items()
+        }
         super().__init__(display=display, depth=depth, custom_mapping=mapping)
         self.phase_counts: dict[str, dict[Any, int]] = {"forward": defaultdict(int), "backward": defaultdict(int)}
-        self.hardware_counts: dict[str, dict[Any, int]] = {"forward": defaultdict(int),
-                                                           "backward": defaultdict(int)}
+        self.hardware_counts: dict[str, dict[Any, int]] = {"forward": defaultdict(int), "backward": defaultdict(int)}
         self._attention_calls: dict[str, int] = defaultdict(int)
         self._tags: dict[int, tuple[StorageWeakRef, tuple[str, Any]]] = {}
         self._mask_verdicts: dict[tuple, tuple[StorageWeakRef, bool]] = {}
@@ -589,8 +641,16 @@ class TrainingFlopCounter(FlopCounterMode):
             return False
         try:
             storage = mask.untyped_storage()
-            key = (storage._cdata, mask.storage_offset(), tuple(mask.shape), tuple(mask.stride()), mask.dtype,
-                   mask._version, s_q, s_k)
+            key = (
+                storage._cdata,
+                mask.storage_offset(),
+                tuple(mask.shape),
+                tuple(mask.stride()),
+                mask.dtype,
+                mask._version,
+                s_q,
+                s_k,
+            )
         except (RuntimeError, NotImplementedError, TypeError):  # no storage (a subclass, a fake tensor)
             return False
         cached = self._mask_verdicts.get(key)
@@ -599,8 +659,9 @@ class TrainingFlopCounter(FlopCounterMode):
             self._mask_verdicts[key] = cached
         return cached[1]
 
-    def _attention_counts(self, dims: tuple[int, int, int, int, int, int], flagged: bool, mask: Any,
-                          backward: bool) -> tuple[int, int, str | None]:
+    def _attention_counts(
+        self, dims: tuple[int, int, int, int, int, int], flagged: bool, mask: Any, backward: bool
+    ) -> tuple[int, int, str | None]:
         """(model, hardware, path) of a dense fused attention call; ``dims`` = (B, H, Sq, Sk, Dq, Dv)."""
         causal_mask = not flagged and self._causal_mask(mask, dims[2], dims[3])
         model = _scaled(_square(*dims), causal_attention_factor(flagged or causal_mask, self.causal_attention))
@@ -616,8 +677,9 @@ class TrainingFlopCounter(FlopCounterMode):
         def handler(args: tuple, kwargs: dict, out: Any) -> tuple[int, int, str | None]:
             bound = _bind(packet, args, kwargs)
             q, k, v = (None, None, None) if bound is None else (bound["query"], bound["key"], bound["value"])
-            if bound is None or not all(isinstance(t, torch.Tensor) and not t.is_nested and t.dim() == 4
-                                        for t in (q, k, v)):
+            if bound is None or not all(
+                isinstance(t, torch.Tensor) and not t.is_nested and t.dim() == 4 for t in (q, k, v)
+            ):
                 # Nested or unusual layouts: torch's own count (full attention, 2.5x backward)
                 flops = int(torch_formula(*args, out_val=out, **kwargs)) if torch_formula else 0
                 return flops, flops, None if backward else "fused:full"
@@ -691,12 +753,16 @@ class TrainingFlopCounter(FlopCounterMode):
         return self._flex_verdicts[key]
 
     # ------------------------------------------------------------------------------- registered ops
-    def _registered_handler(self, packet: Any, formula: Callable[..., int],
-                            hardware_formula: Callable[..., int] | None) -> _Handler:
+    def _registered_handler(
+        self, packet: Any, formula: Callable[..., int], hardware_formula: Callable[..., int] | None
+    ) -> _Handler:
         model_formula = _bind_shapes(packet, formula, causal_attention=self.causal_attention)
         if hardware_formula is None:
-            hardware_of = (model_formula if self.causal_attention == "half"
-                           else _bind_shapes(packet, formula, causal_attention="half"))
+            hardware_of = (
+                model_formula
+                if self.causal_attention == "half"
+                else _bind_shapes(packet, formula, causal_attention="half")
+            )
         else:
             hardware_of = _bind_shapes(packet, hardware_formula)
 
@@ -750,8 +816,9 @@ class TrainingFlopCounter(FlopCounterMode):
         if attention.causal:
             self._discount(call)
 
-    def _follow_eager_attention(self, packet: Any, out: Any, args: tuple, kwargs: dict, model: int,
-                                parents: tuple[str, ...], phase: str) -> None:
+    def _follow_eager_attention(
+        self, packet: Any, out: Any, args: tuple, kwargs: dict, model: int, parents: tuple[str, ...], phase: str
+    ) -> None:
         """Follow eager attention through the ops: the score matmul (batched), the softmax, the P·V matmul,
         and in the backward the softmax backward, dP, dV, dQ and dK. The P·V matmul decides causality."""
         if packet in _MATMULS:
@@ -769,7 +836,8 @@ class TrainingFlopCounter(FlopCounterMode):
                         # padding rows are whole), then what P·V takes (a mask applied after the softmax).
                         probabilities, attention.probabilities = attention.probabilities, None
                         causal = (probabilities is not None and _probabilities_are_causal(probabilities)) or (
-                            position == 0 and _probabilities_are_causal(operand))
+                            position == 0 and _probabilities_are_causal(operand)
+                        )
                         attention.causal = causal
                         if phase == "forward":
                             self._attention_calls["eager:causal_mask" if causal else "eager:full"] += 1
@@ -816,8 +884,9 @@ def _flex_computed_fraction(block_mask: Any, s_q: int, s_k: int) -> float:
         return 1.0
 
 
-def training_flop_counter(causal_attention: str = DEFAULT_CAUSAL_ATTENTION,
-                          display: bool = False) -> TrainingFlopCounter:
+def training_flop_counter(
+    causal_attention: str = DEFAULT_CAUSAL_ATTENTION, display: bool = False
+) -> TrainingFlopCounter:
     """A ``TrainingFlopCounter`` (context manager): model FLOPs under ``causal_attention`` ("half" or "full"),
     causal attention recognised on every path (``is_causal``, causal masks, eager attention, flex attention),
     hardware FLOPs beside them, and every ``register_flop_formula`` op. ``display=True`` prints torch's
@@ -850,9 +919,15 @@ def measure_training_flops(fn: Callable[[], Any], causal_attention: str = DEFAUL
     with counter:
         fn()
     by_op = {str(op): int(n) for op, n in counter.get_flop_counts().get("Global", {}).items() if n}
-    return MeasuredFlops(total=int(counter.get_total_flops()), forward=counter.forward_flops,
-                         backward=counter.backward_flops, causal_attention=causal_attention, by_op=by_op,
-                         hardware=counter.hardware_flops, attention=counter.attention_calls)
+    return MeasuredFlops(
+        total=int(counter.get_total_flops()),
+        forward=counter.forward_flops,
+        backward=counter.backward_flops,
+        causal_attention=causal_attention,
+        by_op=by_op,
+        hardware=counter.hardware_flops,
+        attention=counter.attention_calls,
+    )
 
 
 def count_parameters(module: nn.Module, non_embedding: bool = False) -> int:

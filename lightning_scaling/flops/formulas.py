@@ -43,7 +43,14 @@ CAUSAL_ATTENTION_CONVENTIONS: tuple[str, ...] = ("half", "full")
 DEFAULT_CAUSAL_ATTENTION: str = "half"
 FLOP_CONVENTIONS: tuple[str, ...] = ("chinchilla", "kaplan", "palm")
 BREAKDOWN_COMPONENTS: tuple[str, ...] = (
-    "embeddings", "qkv", "scores", "softmax", "values", "out_proj", "mlp", "logits",
+    "embeddings",
+    "qkv",
+    "scores",
+    "softmax",
+    "values",
+    "out_proj",
+    "mlp",
+    "logits",
 )
 
 __all__ = [
@@ -71,16 +78,28 @@ def causal_attention_factor(causal: bool, causal_attention: str = DEFAULT_CAUSAL
     return 0.5 if (causal and causal_attention == "half") else 1.0
 
 
-def attention_flops(batch: int, heads: int, q_len: int, kv_len: int, head_dim: int, causal: bool,
-                    causal_attention: str = DEFAULT_CAUSAL_ATTENTION) -> float:
+def attention_flops(
+    batch: int,
+    heads: int,
+    q_len: int,
+    kv_len: int,
+    head_dim: int,
+    causal: bool,
+    causal_attention: str = DEFAULT_CAUSAL_ATTENTION,
+) -> float:
     """Forward FLOPs of the two attention matmuls, Q·Kᵀ and P·V, for a whole batch.
 
     ``4·batch·heads·q_len·kv_len·head_dim`` (two matmuls of 2·Sq·Sk·D each per head; FlashAttention's count),
     halved when ``causal`` under ``causal_attention="half"`` (module docstring). The softmax is not included.
     The backward is counted as 2 × this (model FLOPs), so one training step costs 3 × this.
     """
-    for name, value in (("batch", batch), ("heads", heads), ("q_len", q_len), ("kv_len", kv_len),
-                        ("head_dim", head_dim)):
+    for name, value in (
+        ("batch", batch),
+        ("heads", heads),
+        ("q_len", q_len),
+        ("kv_len", kv_len),
+        ("head_dim", head_dim),
+    ):
         positive_int(name, value)
     factor = causal_attention_factor(causal, causal_attention)
     # FlashAttention (Dao 2022) / Triton tutorial: 2 matmuls × 2·Sq·Sk·D per (batch, head), halved if causal
@@ -122,8 +141,9 @@ class ParamCount:
         return self.total - self.embedding
 
 
-def _shape(n_layer: int, d_model: int, n_head: int, seq_len: int, vocab_size: int,
-           d_ff: int | None) -> tuple[int, int, int, int, int, int]:
+def _shape(
+    n_layer: int, d_model: int, n_head: int, seq_len: int, vocab_size: int, d_ff: int | None
+) -> tuple[int, int, int, int, int, int]:
     n_layer = positive_int("n_layer", n_layer)
     d_model = positive_int("d_model", d_model)
     n_head = positive_int("n_head", n_head)
@@ -151,12 +171,21 @@ def _attention_widths(d_model: int, n_head: int, n_kv_head: int | None, head_dim
     return head_dim * n_head, head_dim * n_kv_head
 
 
-def transformer_flops(n_layer: int, d_model: int, n_head: int, seq_len: int, vocab_size: int,
-                      d_ff: int | None = None, gated_mlp: bool = False, causal: bool = True,
-                      convention: str = "chinchilla",
-                      causal_attention: str = DEFAULT_CAUSAL_ATTENTION,
-                      tied_embeddings: bool = True, n_kv_head: int | None = None,
-                      head_dim: int | None = None) -> TransformerFlops:
+def transformer_flops(
+    n_layer: int,
+    d_model: int,
+    n_head: int,
+    seq_len: int,
+    vocab_size: int,
+    d_ff: int | None = None,
+    gated_mlp: bool = False,
+    causal: bool = True,
+    convention: str = "chinchilla",
+    causal_attention: str = DEFAULT_CAUSAL_ATTENTION,
+    tied_embeddings: bool = True,
+    n_kv_head: int | None = None,
+    head_dim: int | None = None,
+) -> TransformerFlops:
     """Analytic training FLOPs per sequence of a decoder-only transformer.
 
     ``d_ff`` defaults to ``4·d_model``; ``gated_mlp`` (SwiGLU) has three d×f matrices instead of two.
@@ -212,14 +241,29 @@ def transformer_flops(n_layer: int, d_model: int, n_head: int, seq_len: int, voc
         }
     forward = float(sum(breakdown.values()))
     # Chinchilla App. F: backward = 2 × forward; Kaplan Table 1 and PaLM App. B: training = 3 × forward
-    return TransformerFlops(forward=forward, backward=2.0 * forward, seq_len=s, convention=convention,
-                            causal_attention=causal_attention, breakdown=breakdown)
+    return TransformerFlops(
+        forward=forward,
+        backward=2.0 * forward,
+        seq_len=s,
+        convention=convention,
+        causal_attention=causal_attention,
+        breakdown=breakdown,
+    )
 
 
-def transformer_params(n_layer: int, d_model: int, vocab_size: int, d_ff: int | None = None,
-                       gated_mlp: bool = False, tied_embeddings: bool = True, seq_len: int | None = None,
-                       linear_biases: bool = False, n_head: int | None = None, n_kv_head: int | None = None,
-                       head_dim: int | None = None) -> ParamCount:
+def transformer_params(
+    n_layer: int,
+    d_model: int,
+    vocab_size: int,
+    d_ff: int | None = None,
+    gated_mlp: bool = False,
+    tied_embeddings: bool = True,
+    seq_len: int | None = None,
+    linear_biases: bool = False,
+    n_head: int | None = None,
+    n_kv_head: int | None = None,
+    head_dim: int | None = None,
+) -> ParamCount:
     """Parameters of a decoder-only transformer laid out like ``examples/gpt.py``.
 
     Counted: token embedding V·d; learned positions seq_len·d when ``seq_len`` is given (None: rotary or no

@@ -9,6 +9,10 @@ first and fall back to Lightning only for devices this table does not name.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # torch loads only when a device is asked about
+    import torch
 
 # Dense (no 2:4 sparsity) tensor-core peak, FLOP/s per device, from the vendors' datasheets.
 # key: canonical name -> {dtype name: FLOP/s}
@@ -108,8 +112,9 @@ def dtype_key(dtype: object) -> str:
     return "fp32"
 
 
-def dense_peak_flops(gpu: str, dtype: object = "bf16", *, gpu_argument: str = "gpu",
-                     dtype_argument: str = "dtype") -> float:
+def dense_peak_flops(
+    gpu: str, dtype: object = "bf16", *, gpu_argument: str = "gpu", dtype_argument: str = "dtype"
+) -> float:
     """Dense peak FLOP/s of a named GPU (``--gpu`` names) for a compute dtype.
 
     Raises ``ValueError`` naming ``gpu_argument`` when the GPU is unknown, or ``dtype_argument`` when the table has
@@ -122,14 +127,14 @@ def dense_peak_flops(gpu: str, dtype: object = "bf16", *, gpu_argument: str = "g
     return table[dkey]
 
 
-def device_peak_flops(device: object, dtype: object) -> float | None:
+def device_peak_flops(device: torch.device | str | int, dtype: object) -> float | None:
     """Dense peak FLOP/s of a ``torch.device`` for a compute dtype, or None when unknown (never a guess).
 
     Our table first; for devices it does not name, Lightning's ``get_available_flops`` (quietly).
     """
     import torch
 
-    device = torch.device(device)
+    device = torch.device(device)  # "cuda", 0 or a torch.device
     if device.type != "cuda" or not torch.cuda.is_available():
         return None
     name = torch.cuda.get_device_name(device)
@@ -146,7 +151,9 @@ def device_peak_flops(device: object, dtype: object) -> float | None:
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "tf32": torch.float32}.get(dkey, torch.float32)
+            torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "tf32": torch.float32}.get(
+                dkey, torch.float32
+            )
             value = get_available_flops(device, torch_dtype)
         return float(value) if value else None
     except Exception:  # noqa: BLE001 - an unknown device means no MFU, not a crash

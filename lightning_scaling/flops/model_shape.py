@@ -29,10 +29,41 @@ _ALIASES: dict[str, tuple[str, ...]] = {
 # the activation. Gemma's MLP is gated with a GELU, so the activation alone cannot tell.
 _GATED_MLP_CLASSES = {"LLaMAMLP": True, "GemmaMLP": True, "GptNeoxMLP": False}
 _GATED_MODEL_TYPES = {
-    **dict.fromkeys(("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "gemma3_text", "phi3",
-                     "olmo", "olmo2", "cohere", "granite", "stablelm"), True),
-    **dict.fromkeys(("gpt2", "gpt_neox", "gptj", "gpt_neo", "phi", "opt", "bloom", "falcon", "gpt_bigcode",
-                     "starcoder2", "codegen"), False),
+    **dict.fromkeys(
+        (
+            "llama",
+            "mistral",
+            "qwen2",
+            "qwen3",
+            "gemma",
+            "gemma2",
+            "gemma3",
+            "gemma3_text",
+            "phi3",
+            "olmo",
+            "olmo2",
+            "cohere",
+            "granite",
+            "stablelm",
+        ),
+        True,
+    ),
+    **dict.fromkeys(
+        (
+            "gpt2",
+            "gpt_neox",
+            "gptj",
+            "gpt_neo",
+            "phi",
+            "opt",
+            "bloom",
+            "falcon",
+            "gpt_bigcode",
+            "starcoder2",
+            "codegen",
+        ),
+        False,
+    ),
 }
 _GATED_ACTIVATIONS = {"silu", "swiglu", "swish", "geglu"}
 # Mixture-of-experts configs: the analytic dense count does not apply (experts per token, router).
@@ -65,7 +96,8 @@ class ModelShape:
             raise ValueError(f"model_shape.gated_mlp must be True or False, got {self.gated_mlp!r}")
         if self.n_kv_head is not None and self.n_head % self.n_kv_head:
             raise ValueError(
-                f"model_shape.n_head must be a multiple of model_shape.n_kv_head, got {self.n_head} and {self.n_kv_head}"
+                "model_shape.n_head must be a multiple of model_shape.n_kv_head, "
+                f"got {self.n_head} and {self.n_kv_head}"
             )
         if self.head_dim is None and self.d_model % self.n_head:
             raise ValueError(
@@ -178,10 +210,7 @@ def find_model_shape(pl_module: Any, explicit: Any = None) -> ModelShape | None:
                 f"(or their Hugging Face or litgpt names), got {explicit!r}"
             )
         return shape
-    candidates = [
-        getattr(pl_module, "config", None),
-        getattr(getattr(pl_module, "model", None), "config", None),
-    ]
+    candidates = [getattr(pl_module, "config", None), getattr(getattr(pl_module, "model", None), "config", None)]
     children = getattr(pl_module, "children", None)
     if callable(children):
         candidates += [getattr(child, "config", None) for child in children()]

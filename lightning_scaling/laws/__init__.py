@@ -54,10 +54,29 @@ _LAZY = {
     "plot_fit": "plotting",
 }
 
-__all__ = sorted([*_LAZY, "BESIROGLU_2024", "DEFAULT_LAW", "EXTRAPOLATION_MARGIN", "HOFFMANN_2022", "LAWS",
-                  "MUENNIGHOFF_2023", "PF_DAY_FLOPS", "Allocation", "ChinchillaLaw", "DataConstrainedLaw",
-                  "ExtrapolationWarning", "FittedRange", "KaplanLaw", "fitted_range", "get_law", "inference_optimal",
-                  "law_from_dict", "load_fitted_range", "load_law"])
+# the eager names as a literal, so that linters and type checkers see them re-exported; then the lazy ones
+__all__ = [
+    "BESIROGLU_2024",
+    "DEFAULT_LAW",
+    "EXTRAPOLATION_MARGIN",
+    "HOFFMANN_2022",
+    "LAWS",
+    "MUENNIGHOFF_2023",
+    "PF_DAY_FLOPS",
+    "Allocation",
+    "ChinchillaLaw",
+    "DataConstrainedLaw",
+    "ExtrapolationWarning",
+    "FittedRange",
+    "KaplanLaw",
+    "fitted_range",
+    "get_law",
+    "inference_optimal",
+    "law_from_dict",
+    "load_fitted_range",
+    "load_law",
+]
+__all__ += sorted(_LAZY)
 
 
 def __getattr__(name: str) -> Any:

@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import functools
 import time
-from typing import Any, Callable, NamedTuple, TypeVar
+from collections.abc import Callable
+from typing import Any, NamedTuple, TypeVar
 
 import numpy as np
 
@@ -43,10 +44,12 @@ _F = TypeVar("_F", bound=Callable[..., Any])
 def _quietly(fn: _F) -> _F:
     """Run ``fn`` with numpy's floating-point warnings off: trial points overflow or leave the domain as a
     matter of course, and the optimisers test every value for finiteness instead."""
+
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         with np.errstate(all="ignore"):
             return fn(*args, **kwargs)
+
     return wrapper  # type: ignore[return-value]
 
 
@@ -55,9 +58,16 @@ def _finite_rows(a: np.ndarray) -> np.ndarray:
     return np.isfinite(np.einsum("ps->s", a))
 
 
-def _line_search(fun: ObjectiveFn, x: np.ndarray, f: np.ndarray, d: np.ndarray, slope: np.ndarray,
-                 weights: np.ndarray | None, max_backtracks: int, first_step: np.ndarray | None = None
-                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _line_search(
+    fun: ObjectiveFn,
+    x: np.ndarray,
+    f: np.ndarray,
+    d: np.ndarray,
+    slope: np.ndarray,
+    weights: np.ndarray | None,
+    max_backtracks: int,
+    first_step: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Armijo backtracking along each column of ``d`` (P, S; ``x`` likewise, one start per column, so that
     every numpy pass runs along the starts) from ``first_step`` (default 1), re-evaluating only the starts
     that still fail. Returns (step, f_new, g_new (P, S)); f_new is inf where ``max_backtracks`` trials all
@@ -114,10 +124,18 @@ class BFGSResult(NamedTuple):
 
 
 @_quietly
-def batched_bfgs(fun: ObjectiveFn, x0: np.ndarray, *, weights: np.ndarray | None = None,
-                 inverse_hessian: np.ndarray | None = None, values: tuple[np.ndarray, np.ndarray] | None = None,
-                 max_iter: int = 500, ftol: float = 1e-14, gtol: float = 0.0, max_backtracks: int = 40
-                 ) -> BFGSResult:
+def batched_bfgs(
+    fun: ObjectiveFn,
+    x0: np.ndarray,
+    *,
+    weights: np.ndarray | None = None,
+    inverse_hessian: np.ndarray | None = None,
+    values: tuple[np.ndarray, np.ndarray] | None = None,
+    max_iter: int = 500,
+    ftol: float = 1e-14,
+    gtol: float = 0.0,
+    max_backtracks: int = 40,
+) -> BFGSResult:
     """Minimise ``fun`` from each row of ``x0`` (S starts × P parameters) independently but in lock-step.
 
     ``fun(X, W)`` returns objective values (S,) and gradients (S, P) for the rows of X; ``weights`` (S, n)
@@ -142,8 +160,11 @@ def batched_bfgs(fun: ObjectiveFn, x0: np.ndarray, *, weights: np.ndarray | None
     eye = np.eye(p)[:, :, None]
     # inside, every array holds one start per column (P, S) or per last axis (P, P, S), so that each numpy
     # pass runs along the starts: (S, P) rows of 5 would make every pass a loop of tiny inner loops
-    h_all = np.broadcast_to(eye, (p, p, s_count)).copy() if inverse_hessian is None \
+    h_all = (
+        np.broadcast_to(eye, (p, p, s_count)).copy()
+        if inverse_hessian is None
         else np.ascontiguousarray(np.asarray(inverse_hessian, dtype=float).transpose(1, 2, 0))
+    )
     fresh_all = np.all(h_all == eye, axis=(0, 1))
     # the working set: compact copies of the starts still running (written back when they stop)
     act = np.flatnonzero(np.isfinite(f) & _finite_rows(g.T))
@@ -212,9 +233,16 @@ def batched_bfgs(fun: ObjectiveFn, x0: np.ndarray, *, weights: np.ndarray | None
 
 
 @_quietly
-def batched_newton(fun: ObjectiveFn, hess: HessianFn, x0: np.ndarray, *, weights: np.ndarray | None = None,
-                   max_iter: int = 200, ftol: float = 1e-15, max_backtracks: int = 40
-                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def batched_newton(
+    fun: ObjectiveFn,
+    hess: HessianFn,
+    x0: np.ndarray,
+    *,
+    weights: np.ndarray | None = None,
+    max_iter: int = 200,
+    ftol: float = 1e-15,
+    max_backtracks: int = 40,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Newton's method from each row of ``x0`` in lock-step: d = −B⁻¹g with B the Hessian ``hess(X, W)``
     with its eigenvalues replaced by their absolute values, floored at 1e-10 of the largest (so that d
     descends; Nocedal & Wright §3.4), falling back to steepest descent where the Hessian is not finite or
@@ -270,10 +298,19 @@ def batched_newton(fun: ObjectiveFn, hess: HessianFn, x0: np.ndarray, *, weights
     return x, f, iters
 
 
-def multistart(fun64: ObjectiveFn, fun32: ObjectiveFn, x0: np.ndarray, *, hess64: HessianFn | None = None,
-               scout_iterations: int = 1, survivors: int | None = 256, finish_iterations: int = 50,
-               refine: int = 16, weights: np.ndarray | None = None, stats: dict[str, float] | None = None
-               ) -> tuple[np.ndarray, np.ndarray]:
+def multistart(
+    fun64: ObjectiveFn,
+    fun32: ObjectiveFn,
+    x0: np.ndarray,
+    *,
+    hess64: HessianFn | None = None,
+    scout_iterations: int = 1,
+    survivors: int | None = 256,
+    finish_iterations: int = 50,
+    refine: int = 16,
+    weights: np.ndarray | None = None,
+    stats: dict[str, float] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """Minimise from every row of ``x0`` and return the ``refine`` best distinct optima, best first.
 
     1. scout by successive halving: every start runs ``scout_iterations`` float32 BFGS iterations, the
@@ -299,14 +336,28 @@ def multistart(fun64: ObjectiveFn, fun32: ObjectiveFn, x0: np.ndarray, *, hess64
         weights = None if weights is None else weights[keep]
         if state.x.shape[0] <= survivors:
             break
-        state = batched_bfgs(fun32, state.x, weights=weights, inverse_hessian=state.inverse_hessian,
-                             values=(state.f, state.g), max_iter=max(1, int(scout_iterations)), ftol=1e-6)
+        state = batched_bfgs(
+            fun32,
+            state.x,
+            weights=weights,
+            inverse_hessian=state.inverse_hessian,
+            values=(state.f, state.g),
+            max_iter=max(1, int(scout_iterations)),
+            ftol=1e-6,
+        )
         rounds += 1
     _record(stats, "scout", clock, x0.shape[0], rounds * max(1, int(scout_iterations)))
     clock = time.perf_counter()
     entering = state.x.shape[0]
-    state = batched_bfgs(fun32, state.x, weights=weights, inverse_hessian=state.inverse_hessian,
-                         values=(state.f, state.g), max_iter=int(finish_iterations), ftol=1e-5)
+    state = batched_bfgs(
+        fun32,
+        state.x,
+        weights=weights,
+        inverse_hessian=state.inverse_hessian,
+        values=(state.f, state.g),
+        max_iter=int(finish_iterations),
+        ftol=1e-5,
+    )
     _record(stats, "finish", clock, entering, float(np.max(state.iterations, initial=0)))
     clock = time.perf_counter()
     keep = distinct_best(state.x, state.f, max(1, int(refine)), decimals=4)
@@ -316,8 +367,9 @@ def multistart(fun64: ObjectiveFn, fun32: ObjectiveFn, x0: np.ndarray, *, hess64
     if hess64 is not None:
         x, f, it = batched_newton(fun64, hess64, state.x[keep], weights=w_keep)
     else:
-        x, f, _, it, _ = batched_bfgs(fun64, state.x[keep], weights=w_keep,
-                                      inverse_hessian=state.inverse_hessian[keep], max_iter=1000, ftol=1e-15)
+        x, f, _, it, _ = batched_bfgs(
+            fun64, state.x[keep], weights=w_keep, inverse_hessian=state.inverse_hessian[keep], max_iter=1000, ftol=1e-15
+        )
     _record(stats, "refine", clock, keep.size, float(np.max(it, initial=0)))
     order = np.argsort(f, kind="stable")
     return x[order], f[order]

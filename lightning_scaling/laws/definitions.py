@@ -21,15 +21,16 @@ import math
 import numbers
 import os
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Callable, TypeVar, Union
+from typing import Any, TypeAlias, TypeVar
 
 import numpy as np
 
 from lightning_scaling.argument_checks import fraction, non_negative_float, one_of, positive_array, positive_float
 
-ArrayLike = Union[float, np.ndarray]
+ArrayLike: TypeAlias = float | np.ndarray
 _F = TypeVar("_F", bound=Callable[..., Any])
 
 PF_DAY_FLOPS = 8.64e19  # 1 PF-day = 1e15 FLOP/s × 86400 s (Kaplan 2020, §1.1)
@@ -89,7 +90,9 @@ def _check_name(name: Any) -> None:
         raise ValueError(f"name must be a string (the law's label in messages), got {name!r}")
 
 
-def _allocation(params: np.ndarray, tokens: np.ndarray, loss: np.ndarray, blame: str, **extra: np.ndarray) -> Allocation:
+def _allocation(
+    params: np.ndarray, tokens: np.ndarray, loss: np.ndarray, blame: str, **extra: np.ndarray
+) -> Allocation:
     """An Allocation of finite, positive params, tokens, FLOPs and ``extra``; else a ValueError blaming ``blame``."""
     for value in (params, tokens):
         if not (np.all(np.isfinite(value)) and np.all(value > 0)):
@@ -159,7 +162,9 @@ class ChinchillaLaw:
     # --- loss ----------------------------------------------------------------------------------------
     def _log_excess(self, params: np.ndarray, tokens: np.ndarray) -> np.ndarray:
         """log(L - E), computed without overflow."""
-        return np.logaddexp(math.log(self.A) - self.alpha * np.log(params), math.log(self.B) - self.beta * np.log(tokens))
+        return np.logaddexp(
+            math.log(self.A) - self.alpha * np.log(params), math.log(self.B) - self.beta * np.log(tokens)
+        )
 
     @_no_overflow_warnings
     def loss(self, params: ArrayLike, tokens: ArrayLike) -> ArrayLike:
@@ -169,7 +174,7 @@ class ChinchillaLaw:
 
     def _loss(self, n: np.ndarray, d: np.ndarray) -> np.ndarray:
         # Hoffmann 2022, eq. 2: L = E + A/N^α + B/D^β
-        return self.E + self.A * n ** -self.alpha + self.B * d ** -self.beta
+        return self.E + self.A * n**-self.alpha + self.B * d**-self.beta
 
     # --- optima --------------------------------------------------------------------------------------
     @_no_overflow_warnings
@@ -207,7 +212,9 @@ class ChinchillaLaw:
     def _check_target(self, loss: Any, name: str = "loss") -> np.ndarray:
         target = positive_array(name, loss)
         if not np.all(target > self.E):
-            raise ValueError(f"{name} must be > E = {self.E:g} (the law's irreducible loss): the law cannot reach {loss!r}")
+            raise ValueError(
+                f"{name} must be > E = {self.E:g} (the law's irreducible loss): the law cannot reach {loss!r}"
+            )
         return target
 
     @_no_overflow_warnings
@@ -215,7 +222,8 @@ class ChinchillaLaw:
         """The cheapest run (fewest FLOPs) that reaches a target ``loss`` (nats/token, must exceed E)."""
         excess = self._check_target(loss) - self.E
         log_excess = np.log(excess)
-        # Hoffmann 2022 (eq. 2 on the eq. 4 frontier; docs/math.md §2): N = (A(1+α/β)/(ℓ−E))^(1/α), D = (B(1+β/α)/(ℓ−E))^(1/β)
+        # Hoffmann 2022 (eq. 2 on the eq. 4 frontier; docs/math.md §2):
+        # N = (A(1+α/β)/(ℓ−E))^(1/α), D = (B(1+β/α)/(ℓ−E))^(1/β)
         n = np.exp((math.log(self.A * (1.0 + self.alpha / self.beta)) - log_excess) / self.alpha)
         d = np.exp((math.log(self.B * (1.0 + self.beta / self.alpha)) - log_excess) / self.beta)
         return _allocation(n, d, self.E + excess, "loss")
@@ -227,7 +235,8 @@ class ChinchillaLaw:
         for a given N/N_opt (de Vries 2023)."""
         n, d = _broadcast(params=positive_array("params", params), tokens=positive_array("tokens", tokens))
         log_excess = self._log_excess(n, d)
-        # optimal run for that loss (docs/math.md §2 target-loss formulas), in logs; overhead = N·D/(N*·D*) − 1 (de Vries 2023)
+        # optimal run for that loss (docs/math.md §2 target-loss formulas), in logs;
+        # overhead = N·D/(N*·D*) − 1 (de Vries 2023)
         log_n_opt = (math.log(self.A * (1.0 + self.alpha / self.beta)) - log_excess) / self.alpha
         log_d_opt = (math.log(self.B * (1.0 + self.beta / self.alpha)) - log_excess) / self.beta
         ratio = np.log(n) + np.log(d) - log_n_opt - log_d_opt
@@ -239,7 +248,7 @@ class ChinchillaLaw:
         return {"kind": "chinchilla", **asdict(self)}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ChinchillaLaw":
+    def from_dict(cls, d: dict[str, Any]) -> ChinchillaLaw:
         """Build from ``to_dict()`` output; extra keys are ignored."""
         return _from_dict(cls, "chinchilla", d, required=_REQUIRED["chinchilla"])
 
@@ -247,8 +256,9 @@ class ChinchillaLaw:
 def _from_dict(cls: type, kind: str, d: Any, required: tuple[str, ...] = (), where: str = "d") -> Any:
     """``cls`` from a dict of its fields; ``where`` names the dict in messages ("d", "the file")."""
     if not isinstance(d, dict):
-        raise ValueError(f"{where} must be a dict (a JSON object) of a law's constants, the output of to_dict(); "
-                         f"got {_json_type(d)}")
+        raise ValueError(
+            f"{where} must be a dict (a JSON object) of a law's constants, the output of to_dict(); got {_json_type(d)}"
+        )
     if "kind" in d and d["kind"] != kind:
         raise ValueError(f"{where}['kind'] must be {kind!r} for {cls.__name__}, got {d['kind']!r}")
     missing = [k for k in required if k not in d]
@@ -279,11 +289,20 @@ HOFFMANN_2022 = ChinchillaLaw(E=1.69, A=406.4, B=410.7, alpha=0.34, beta=0.28, n
 BESIROGLU_2024 = ChinchillaLaw(E=1.8172, A=482.01, B=2085.43, alpha=0.3478, beta=0.3658, name="besiroglu")
 # Muennighoff et al. 2023 (arXiv 2305.16264), App. A: single-epoch C4 fit
 MUENNIGHOFF_2023 = ChinchillaLaw(
-    E=math.exp(0.6254804), A=math.exp(6.255414), B=math.exp(7.3049974), alpha=0.3526596, beta=0.3526596, name="muennighoff"
+    E=math.exp(0.6254804),
+    A=math.exp(6.255414),
+    B=math.exp(7.3049974),
+    alpha=0.3526596,
+    beta=0.3526596,
+    name="muennighoff",
 )
 DEFAULT_LAW = BESIROGLU_2024
 
-LAWS: dict[str, ChinchillaLaw] = {"hoffmann": HOFFMANN_2022, "besiroglu": BESIROGLU_2024, "muennighoff": MUENNIGHOFF_2023}
+LAWS: dict[str, ChinchillaLaw] = {
+    "hoffmann": HOFFMANN_2022,
+    "besiroglu": BESIROGLU_2024,
+    "muennighoff": MUENNIGHOFF_2023,
+}
 
 # Old preset names that still work, with a FutureWarning (shown to end users by default, unlike a
 # DeprecationWarning, which Python hides unless the call comes from __main__). "epoch" (after Epoch AI, the
@@ -294,8 +313,10 @@ DEPRECATED_LAW_NAMES: dict[str, str] = {"epoch": "besiroglu"}
 def deprecated_law_name_message(name: str, flag: str = "law") -> str:
     """The deprecation notice for an old preset ``name`` given as argument ``flag``."""
     new = DEPRECATED_LAW_NAMES[name]
-    return (f"{flag} {name!r} is deprecated and will be removed in a future release: the preset is now "
-            f"{new!r} (Besiroglu et al. 2024); use {flag} {new!r}")
+    return (
+        f"{flag} {name!r} is deprecated and will be removed in a future release: the preset is now "
+        f"{new!r} (Besiroglu et al. 2024); use {flag} {new!r}"
+    )
 
 
 def get_law(name: str) -> ChinchillaLaw:
@@ -345,6 +366,7 @@ class FittedRange:
 
     def describe(self) -> str:
         """E.g. "70M to 16B parameters and 5B to 500B tokens"."""
+
         def span(pair: tuple[float | None, float | None], unit: str) -> str:
             lo, hi = pair
             if lo is None and hi is None:
@@ -375,7 +397,7 @@ class FittedRange:
         return {"params": list(self.params), "tokens": list(self.tokens), "source": self.source}
 
     @classmethod
-    def from_dict(cls, d: Any) -> "FittedRange":
+    def from_dict(cls, d: Any) -> FittedRange:
         """Build from ``to_dict()`` output."""
         if not isinstance(d, dict) or "params" not in d or "tokens" not in d:
             raise ValueError(f"d must be a dict with 'params' and 'tokens' pairs, got {d!r}")
@@ -395,21 +417,26 @@ def _si(value: float | None) -> str:
 # Hoffmann et al. 2022 (arXiv 2203.15556), abstract and §3: over 400 models of 70M to over 16B parameters,
 # trained on 5B to 500B tokens. Approach 3 (the printed law) fits the final losses of those runs.
 HOFFMANN_2022_FITTED_RANGE = FittedRange(
-    params=(7e7, 1.6e10), tokens=(5e9, 5e11),
-    source="Hoffmann et al. 2022, abstract")
+    params=(7e7, 1.6e10), tokens=(5e9, 5e11), source="Hoffmann et al. 2022, abstract"
+)
 # Besiroglu et al. 2024 (arXiv 2404.10102), §2: a refit on data extracted from Hoffmann et al.'s Figure 4, a
 # subset of the same runs, so the same range at most.
 BESIROGLU_2024_FITTED_RANGE = FittedRange(
-    params=(7e7, 1.6e10), tokens=(5e9, 5e11),
-    source="Besiroglu et al. 2024 refit the runs of Hoffmann et al. 2022, abstract")
+    params=(7e7, 1.6e10),
+    tokens=(5e9, 5e11),
+    source="Besiroglu et al. 2024 refit the runs of Hoffmann et al. 2022, abstract",
+)
 # Muennighoff et al. 2023 (arXiv 2305.16264), abstract: runs of up to 9B parameters and 900B training tokens
 # (the smallest are not stated there, so no lower bound).
 MUENNIGHOFF_2023_FITTED_RANGE = FittedRange(
-    params=(None, 9e9), tokens=(None, 9e11),
-    source="Muennighoff et al. 2023, abstract")
+    params=(None, 9e9), tokens=(None, 9e11), source="Muennighoff et al. 2023, abstract"
+)
 
-_PRESET_RANGES = ((HOFFMANN_2022, HOFFMANN_2022_FITTED_RANGE), (BESIROGLU_2024, BESIROGLU_2024_FITTED_RANGE),
-                  (MUENNIGHOFF_2023, MUENNIGHOFF_2023_FITTED_RANGE))
+_PRESET_RANGES = (
+    (HOFFMANN_2022, HOFFMANN_2022_FITTED_RANGE),
+    (BESIROGLU_2024, BESIROGLU_2024_FITTED_RANGE),
+    (MUENNIGHOFF_2023, MUENNIGHOFF_2023_FITTED_RANGE),
+)
 
 
 def fitted_range(law: Any) -> FittedRange | None:
@@ -505,7 +532,7 @@ class KaplanLaw:
         return {"kind": "kaplan", **asdict(self)}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "KaplanLaw":
+    def from_dict(cls, d: dict[str, Any]) -> KaplanLaw:
         """Build from ``to_dict()`` output; missing constants keep their defaults, extra keys are ignored."""
         return _from_dict(cls, "kaplan", d)
 
@@ -538,7 +565,9 @@ class DataConstrainedLaw:
         _check_name(self.name)
 
     @classmethod
-    def from_chinchilla(cls, law: ChinchillaLaw, r_star_d: float = 15.387756, r_star_n: float = 5.309743) -> "DataConstrainedLaw":
+    def from_chinchilla(
+        cls, law: ChinchillaLaw, r_star_d: float = 15.387756, r_star_n: float = 5.309743
+    ) -> DataConstrainedLaw:
         """Another Chinchilla-form law with Muennighoff's repetition decay constants."""
         if not isinstance(law, ChinchillaLaw):
             raise ValueError(f"law must be a ChinchillaLaw, got {type(law).__name__}")
@@ -566,20 +595,26 @@ class DataConstrainedLaw:
     @_no_overflow_warnings
     def effective_tokens(self, tokens: ArrayLike, unique_tokens: ArrayLike) -> ArrayLike:
         """D': the number of fresh tokens worth as much as ``tokens`` drawn from ``unique_tokens`` repeated."""
-        d, u = _broadcast(tokens=positive_array("tokens", tokens), unique_tokens=positive_array("unique_tokens", unique_tokens))
+        d, u = _broadcast(
+            tokens=positive_array("tokens", tokens), unique_tokens=positive_array("unique_tokens", unique_tokens)
+        )
         return _out(self._effective_tokens(d, u))
 
     @_no_overflow_warnings
     def effective_params(self, params: ArrayLike, unique_tokens: ArrayLike) -> ArrayLike:
         """N': the parameters that still pay off when only ``unique_tokens`` unique tokens exist."""
-        n, u = _broadcast(params=positive_array("params", params), unique_tokens=positive_array("unique_tokens", unique_tokens))
+        n, u = _broadcast(
+            params=positive_array("params", params), unique_tokens=positive_array("unique_tokens", unique_tokens)
+        )
         return _out(self._effective_params(n, u))
 
     @_no_overflow_warnings
     def repetition_value(self, tokens: ArrayLike, unique_tokens: ArrayLike) -> ArrayLike:
         """Worth of the next repeated token against a fresh one after ``tokens`` tokens drawn from
         ``unique_tokens`` unique ones: dD'/dD = exp(−R_D/R*_D) (1 during the first epoch)."""
-        d, u = _broadcast(tokens=positive_array("tokens", tokens), unique_tokens=positive_array("unique_tokens", unique_tokens))
+        d, u = _broadcast(
+            tokens=positive_array("tokens", tokens), unique_tokens=positive_array("unique_tokens", unique_tokens)
+        )
         return _out(np.exp(-np.maximum(d / u - 1.0, 0.0) / self.r_star_d))  # derivative of Muennighoff 2023, eq. 5
 
     def epochs_at_value(self, value: float) -> float:
@@ -590,7 +625,11 @@ class DataConstrainedLaw:
 
     def _loss(self, n: np.ndarray, d: np.ndarray, u: np.ndarray) -> np.ndarray:
         # Muennighoff 2023, eq. 7: L = E + A/N'^α + B/D'^β
-        return self.E + self.A * self._effective_params(n, u) ** -self.alpha + self.B * self._effective_tokens(d, u) ** -self.beta
+        return (
+            self.E
+            + self.A * self._effective_params(n, u) ** -self.alpha
+            + self.B * self._effective_tokens(d, u) ** -self.beta
+        )
 
     @_no_overflow_warnings
     def loss(self, params: ArrayLike, tokens: ArrayLike, unique_tokens: ArrayLike) -> ArrayLike:
@@ -609,7 +648,9 @@ class DataConstrainedLaw:
         ``unique_tokens`` unique tokens exist; the allocation carries ``epochs`` and ``unique_tokens``.
 
         A vectorised 1-D search along each iso-FLOP line (log-spaced grid, then repeated zooming)."""
-        c, u = _broadcast(flops=positive_array("flops", flops), unique_tokens=positive_array("unique_tokens", unique_tokens))
+        c, u = _broadcast(
+            flops=positive_array("flops", flops), unique_tokens=positive_array("unique_tokens", unique_tokens)
+        )
         base = self.base_law
         log_n0 = base.log_G + base.params_exponent * (np.log(c) - math.log(6.0))  # eq. 4 optimum (Hoffmann 2022)
         log_c6 = np.log(c) - math.log(6.0)
@@ -634,7 +675,7 @@ class DataConstrainedLaw:
         return {"kind": "data_constrained", **asdict(self)}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "DataConstrainedLaw":
+    def from_dict(cls, d: dict[str, Any]) -> DataConstrainedLaw:
         """Build from ``to_dict()`` output; missing constants keep their C4 defaults, extra keys are ignored."""
         return _from_dict(cls, "data_constrained", d)
 
@@ -656,7 +697,9 @@ def inference_optimal(law: ChinchillaLaw, loss: ArrayLike, inference_tokens: Arr
     try:
         t = np.asarray(inference_tokens, dtype=float)
     except (TypeError, ValueError, OverflowError):
-        raise ValueError(f"inference_tokens must be a number >= 0 or an array of them, got {inference_tokens!r}") from None
+        raise ValueError(
+            f"inference_tokens must be a number >= 0 or an array of them, got {inference_tokens!r}"
+        ) from None
     if t.size == 0 or not np.all(np.isfinite(t)) or not np.all(t >= 0):
         raise ValueError(f"inference_tokens must be finite and >= 0, got {inference_tokens!r}")
     target, t = _broadcast(loss=target, inference_tokens=t)
@@ -693,8 +736,9 @@ _REQUIRED: dict[str, tuple[str, ...]] = {"chinchilla": ("E", "A", "B", "alpha", 
 
 def _law_from_dict(d: Any, where: str) -> ChinchillaLaw | KaplanLaw | DataConstrainedLaw:
     if not isinstance(d, dict):
-        raise ValueError(f"{where} must be a dict (a JSON object) of a law's constants, the output of to_dict(); "
-                         f"got {_json_type(d)}")
+        raise ValueError(
+            f"{where} must be a dict (a JSON object) of a law's constants, the output of to_dict(); got {_json_type(d)}"
+        )
     kind = d.get("kind", "chinchilla")
     if not isinstance(kind, str) or kind not in _KINDS:
         raise ValueError(f"{where}['kind'] must be one of {', '.join(map(repr, _KINDS))}, got {kind!r}")
@@ -724,13 +768,15 @@ def _read_law_json(path: str | os.PathLike[str]) -> Any:
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as err:
-        raise ValueError(f"{where} is not UTF-8 text (byte {raw[err.start]:#04x} at offset {err.start}); "
-                         f"{_LAW_FILE_HINT}") from None
+        raise ValueError(
+            f"{where} is not UTF-8 text (byte {raw[err.start]:#04x} at offset {err.start}); {_LAW_FILE_HINT}"
+        ) from None
     try:
         return json.loads(text)
     except json.JSONDecodeError as err:
-        raise ValueError(f"{where} is not JSON ({err.msg} at line {err.lineno}, column {err.colno}); "
-                         f"{_LAW_FILE_HINT}") from None
+        raise ValueError(
+            f"{where} is not JSON ({err.msg} at line {err.lineno}, column {err.colno}); {_LAW_FILE_HINT}"
+        ) from None
     except (ValueError, RecursionError) as err:  # an integer too long to read, or nesting too deep
         raise ValueError(f"{where} is not JSON a law can come from ({type(err).__name__}: {err})") from None
 
@@ -751,7 +797,11 @@ def load_fitted_range(path: str | os.PathLike[str]) -> FittedRange | None:
     """The range of runs recorded in a law file written by ``lightning-scaling fit --out`` (its
     ``fit.fitted_range``), or None when the file records none. ValueError naming the file as ``load_law``."""
     data = _read_law_json(path)
-    recorded = data.get("fit", {}).get("fitted_range") if isinstance(data, dict) and isinstance(data.get("fit"), dict) else None
+    recorded = (
+        data.get("fit", {}).get("fitted_range")
+        if isinstance(data, dict) and isinstance(data.get("fit"), dict)
+        else None
+    )
     if recorded is None:
         return None
     try:

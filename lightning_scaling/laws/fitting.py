@@ -28,13 +28,15 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 
-from lightning_scaling.laws.batched_bfgs import HessianFn, ObjectiveFn, batched_bfgs, distinct_best, multistart
 from lightning_scaling.argument_checks import positive_array, positive_float, positive_int
+from lightning_scaling.laws.batched_bfgs import HessianFn, ObjectiveFn, batched_bfgs, distinct_best, multistart
+from lightning_scaling.laws.definitions import ArrayLike, ChinchillaLaw, KaplanLaw
 
 HUBER_DELTA = 1e-3  # Hoffmann et al. 2022, App. D.2: Huber δ = 1e-3 on log loss
 
@@ -92,29 +94,31 @@ class ScalingPoints:
             if arr.size and not (np.all(np.isfinite(arr)) and np.all(arr > 0)):
                 raise ValueError(f"{name} must be finite and > 0 at every point")
         if np.shape(self.runs) != size:
-            raise ValueError(f"runs has {np.size(self.runs)} labels but params has {int(np.prod(size))}; "
-                             "they must match")
+            raise ValueError(
+                f"runs has {np.size(self.runs)} labels but params has {int(np.prod(size))}; they must match"
+            )
 
     @classmethod
-    def from_arrays(cls, params: Any, tokens: Any = None, loss: Any = None, *, flops: Any = None,
-                    runs: Sequence[Any] | None = None) -> "ScalingPoints":
+    def from_arrays(
+        cls, params: Any, tokens: Any = None, loss: Any = None, *, flops: Any = None, runs: Sequence[Any] | None = None
+    ) -> ScalingPoints:
         """Check and pack arrays. Give ``tokens`` or ``flops`` (then D = C / (6N), Kaplan 2020 Table 1)."""
         n = positive_array("params", params).ravel()
         if loss is None:
             raise ValueError("loss is required")
         ell = positive_array("loss", loss).ravel()
-        if tokens is None and flops is None:
-            raise ValueError("give tokens or flops (tokens = flops / (6 * params))")
         c = None if flops is None else positive_array("flops", flops).ravel()
-        if tokens is None:
-            d = c / (6.0 * n) if c.size == n.size else None  # Kaplan 2020 Table 1: C ≈ 6ND
-        else:
-            d = positive_array("tokens", tokens).ravel()
+        d = None if tokens is None else positive_array("tokens", tokens).ravel()
         for name, arr in (("tokens", d), ("loss", ell), ("flops", c)):
             if arr is not None and arr.size != n.size:
                 raise ValueError(f"{name} has {arr.size} values but params has {n.size}; they must match")
-        if c is None:
-            c = 6.0 * n * d  # Kaplan 2020 Table 1: C ≈ 6ND
+        # Kaplan 2020 Table 1: C ≈ 6ND gives the one of the two that is missing
+        if d is not None:
+            c = 6.0 * n * d if c is None else c
+        elif c is not None:
+            d = c / (6.0 * n)
+        else:
+            raise ValueError("give tokens or flops (tokens = flops / (6 * params))")
         if runs is None:
             labels = np.arange(n.size).astype(str)
         else:
@@ -126,11 +130,12 @@ class ScalingPoints:
     def __len__(self) -> int:
         return int(self.params.size)
 
-    def subset(self, index: np.ndarray) -> "ScalingPoints":
-        return ScalingPoints(self.params[index], self.tokens[index], self.loss[index], self.flops[index],
-                             self.runs[index])
+    def subset(self, index: np.ndarray) -> ScalingPoints:
+        return ScalingPoints(
+            self.params[index], self.tokens[index], self.loss[index], self.flops[index], self.runs[index]
+        )
 
-    def drop_highest_loss(self, count: int) -> "ScalingPoints":
+    def drop_highest_loss(self, count: int) -> ScalingPoints:
         """Without the ``count`` highest-loss points (Besiroglu et al. 2024 drop 5 outliers this way)."""
         if count == 0:
             return self
@@ -166,8 +171,7 @@ def _huber(r: np.ndarray, delta: float) -> tuple[np.ndarray, np.ndarray]:
     return deriv * (r - 0.5 * deriv), deriv
 
 
-def _chinchilla_log_residuals(theta: np.ndarray, log_n: np.ndarray, log_d: np.ndarray, log_l: np.ndarray
-                              ) -> np.ndarray:
+def _chinchilla_log_residuals(theta: np.ndarray, log_n: np.ndarray, log_d: np.ndarray, log_l: np.ndarray) -> np.ndarray:
     """Residuals LSE(a − α log N, b − β log D, e) − log L (Hoffmann 2022, App. D.2) for one θ = (a, b, e, α,
     β), in log loss (nats of log)."""
     a, b, e, alpha, beta = (float(v) for v in theta)
@@ -178,8 +182,9 @@ def _chinchilla_log_residuals(theta: np.ndarray, log_n: np.ndarray, log_d: np.nd
 _CHUNK_BYTES = 1 << 18
 
 
-def _approach3_objective(log_n: np.ndarray, log_d: np.ndarray, log_l: np.ndarray, delta: float,
-                         dtype: type[np.floating[Any]] = np.float64) -> ObjectiveFn:
+def _approach3_objective(
+    log_n: np.ndarray, log_d: np.ndarray, log_l: np.ndarray, delta: float, dtype: type[np.floating[Any]] = np.float64
+) -> ObjectiveFn:
     """Σ_i w_i Huber_δ(r_i), r_i = log(A/N_i^α + B/D_i^β + E) − log L_i, and its gradient in θ = (a, b, e, α,
     β) = (log A, log B, log E, α, β) for each row of θ (Hoffmann 2022, App. D.2; the SUM, not the mean, as
     Besiroglu et al. 2024 stress).
@@ -235,6 +240,7 @@ def _approach3_objective(log_n: np.ndarray, log_d: np.ndarray, log_l: np.ndarray
                 g[lo:hi, 4] = -np.einsum("sn,n->s", z2, y)
         out_f = f.astype(np.float64)
         return np.where(np.isfinite(out_f), out_f, np.inf), g.astype(np.float64)
+
     return fun
 
 
@@ -273,6 +279,7 @@ def _approach3_hessian(log_n: np.ndarray, log_d: np.ndarray, log_l: np.ndarray, 
             out[:, 4, 1] = out[:, 1, 4]
             out[:, 2, 2] += (psi * p3).sum(axis=1)
         return out
+
     return hess
 
 
@@ -282,8 +289,9 @@ def approach3_grid() -> np.ndarray:
     return np.stack([g.ravel() for g in grid], axis=1)
 
 
-def approach3_objective(theta: Any, params: Any, tokens: Any = None, loss: Any = None, delta: float = HUBER_DELTA
-                        ) -> tuple[float, np.ndarray]:
+def approach3_objective(
+    theta: Any, params: Any, tokens: Any = None, loss: Any = None, delta: float = HUBER_DELTA
+) -> tuple[float, np.ndarray]:
     """The approach-3 objective (summed Huber on log loss, nats of log) and its gradient at one
     θ = (a, b, e, α, β), for per-start optimisers such as scipy's and for benchmarks. ``params`` may be a
     :class:`ScalingPoints` (then leave ``tokens`` and ``loss`` out)."""
@@ -300,8 +308,9 @@ def approach3_objective(theta: Any, params: Any, tokens: Any = None, loss: Any =
 
 def _require_points(pts: ScalingPoints, n_params: int, what: str) -> None:
     if len(pts) <= n_params:
-        raise UndeterminedLawError(f"{what} fits {n_params} parameters and needs more than {n_params} points; "
-                                   f"got {len(pts)}")
+        raise UndeterminedLawError(
+            f"{what} fits {n_params} parameters and needs more than {n_params} points; got {len(pts)}"
+        )
 
 
 def _require_loss_varies(pts: ScalingPoints, what: str) -> None:
@@ -309,7 +318,8 @@ def _require_loss_varies(pts: ScalingPoints, what: str) -> None:
     if hi - lo <= MIN_LOSS_SPREAD * hi:
         raise UndeterminedLawError(
             f"{what}: the loss is {hi:.6g} nats at every point, so the runs say nothing about how it scales "
-            "(a loss that never changes usually means the wrong loss column, or runs that did not train)")
+            "(a loss that never changes usually means the wrong loss column, or runs that did not train)"
+        )
 
 
 def _distinct(values: np.ndarray) -> np.ndarray:
@@ -320,52 +330,62 @@ def _distinct(values: np.ndarray) -> np.ndarray:
 def _require_distinct(pts: ScalingPoints, what: str, sizes: int, tokens: int) -> None:
     """At least ``sizes`` distinct model sizes and ``tokens`` distinct token counts (a power-law term
     c·X^−p shifted by a free constant is pinned by no fewer than three values of X)."""
-    for values, need, noun, unit, todo in ((pts.params, sizes, "model sizes", "params", "other model sizes"),
-                                           (pts.tokens, tokens, "token counts", "tokens",
-                                            "other numbers of training tokens")):
+    for values, need, noun, unit, todo in (
+        (pts.params, sizes, "model sizes", "params", "other model sizes"),
+        (pts.tokens, tokens, "token counts", "tokens", "other numbers of training tokens"),
+    ):
         got = np.exp(_distinct(values))
         if got.size < need:
             shown = " and ".join(f"{v:.4g}" for v in got)
             raise UndeterminedLawError(
                 f"{what} needs runs at {need} or more distinct {noun} to fit how loss scales with {unit}; all "
-                f"{len(pts)} points have {unit} = {shown}; add runs with {todo}")
+                f"{len(pts)} points have {unit} = {shown}; add runs with {todo}"
+            )
 
 
 def _exponent_problem(what: str, exponents: dict[str, float]) -> str | None:
     """Why fitted exponents make no law (None when they do): one ≤ 0 or above :data:`MAX_EXPONENT`."""
     for name, value in exponents.items():
         if not value > 0:
-            return (f"{what} found no decreasing law ({name} = {value:.3g}); the runs do not show loss falling "
-                    "with both params and tokens")
+            return (
+                f"{what} found no decreasing law ({name} = {value:.3g}); the runs do not show loss falling "
+                "with both params and tokens"
+            )
         if value > MAX_EXPONENT:
-            return (f"{what}: the best fit has {name} = {value:.3g}, outside (0, {MAX_EXPONENT:g}], the range where "
-                    "the law means anything (Hoffmann et al.'s start grid; published fits lie near 0.1 to 0.4): "
-                    "the runs do not determine the law; check that loss falls with params and tokens, and add "
-                    "runs spanning a wider range of both")
+            return (
+                f"{what}: the best fit has {name} = {value:.3g}, outside (0, {MAX_EXPONENT:g}], the range where "
+                "the law means anything (Hoffmann et al.'s start grid; published fits lie near 0.1 to 0.4): "
+                "the runs do not determine the law; check that loss falls with params and tokens, and add "
+                "runs spanning a wider range of both"
+            )
     return None
 
 
-def _effect_problem(what: str, loss_fn: Callable[[float, float], Any], pts: ScalingPoints, delta: float
-                    ) -> str | None:
+def _effect_problem(what: str, loss_fn: Callable[[float, float], Any], pts: ScalingPoints, delta: float) -> str | None:
     """Why a fitted law is no answer (None when it is one): N or D moving the predicted loss by less than
     the Huber threshold ``delta`` (log loss) from the smallest to the largest value in the runs, the other
     held at its geometric mid-range. Such a term sits inside the objective's noise floor and its exponent is
     arbitrary."""
-    n_lo, n_hi, d_lo, d_hi = (float(v) for v in (np.min(pts.params), np.max(pts.params), np.min(pts.tokens),
-                                                np.max(pts.tokens)))
+    n_lo, n_hi, d_lo, d_hi = (
+        float(v) for v in (np.min(pts.params), np.max(pts.params), np.min(pts.tokens), np.max(pts.tokens))
+    )
     n_mid, d_mid = math.sqrt(n_lo * n_hi), math.sqrt(d_lo * d_hi)
 
     def log_ratio(n1: float, d1: float, n2: float, d2: float) -> float:
         return float(np.log(float(loss_fn(n1, d1)) / float(loss_fn(n2, d2))))
 
     with np.errstate(all="ignore"):
-        effects = (("params", "model size", n_lo, n_hi, log_ratio(n_lo, d_mid, n_hi, d_mid)),
-                   ("tokens", "token count", d_lo, d_hi, log_ratio(n_mid, d_lo, n_mid, d_hi)))
+        effects = (
+            ("params", "model size", n_lo, n_hi, log_ratio(n_lo, d_mid, n_hi, d_mid)),
+            ("tokens", "token count", d_lo, d_hi, log_ratio(n_mid, d_lo, n_mid, d_hi)),
+        )
     for unit, noun, lo, hi, effect in effects:
         if not abs(effect) >= delta:
-            return (f"{what}: the best fit changes the loss by only {abs(effect):.2g} (log) from the smallest to "
-                    f"the largest {noun} ({lo:.3g} to {hi:.3g} {unit}), under the Huber threshold {delta:g}: the "
-                    f"runs do not determine how loss scales with {unit}; add runs spanning a wider range of {unit}")
+            return (
+                f"{what}: the best fit changes the loss by only {abs(effect):.2g} (log) from the smallest to "
+                f"the largest {noun} ({lo:.3g} to {hi:.3g} {unit}), under the Huber threshold {delta:g}: the "
+                f"runs do not determine how loss scales with {unit}; add runs spanning a wider range of {unit}"
+            )
     return None
 
 
@@ -373,8 +393,10 @@ def _exp_or_raise(what: str, **logs: float) -> dict[str, float]:
     """exp() of fitted log-parameters, or an UndeterminedLawError when one is beyond float range."""
     if any(not -700.0 < v < 700.0 for v in logs.values()):
         shown = ", ".join(f"{k}={v:.3g}" for k, v in logs.items())
-        raise UndeterminedLawError(f"{what} diverged ({shown}): the runs do not constrain the law; add runs that "
-                                   "vary params and tokens more widely")
+        raise UndeterminedLawError(
+            f"{what} diverged ({shown}): the runs do not constrain the law; add runs that "
+            "vary params and tokens more widely"
+        )
     return {k: math.exp(v) for k, v in logs.items()}
 
 
@@ -389,7 +411,7 @@ class LawFit:
     best first (the bootstrap restarts from them)."""
 
     approach: str
-    law: Any
+    law: ChinchillaLaw | KaplanLaw
     objective: float
     residuals: np.ndarray
     theta: np.ndarray
@@ -401,14 +423,31 @@ class LawFit:
     local_minima: np.ndarray | None = field(default=None, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"approach": self.approach, "objective": self.objective, "n_points": self.n_points,
-                "starts": self.starts, "a": self.a, "b": self.b, "parameters": dict(self.parameters),
-                "rms_log_residual": float(np.sqrt(np.mean(self.residuals ** 2)))}
+        return {
+            "approach": self.approach,
+            "objective": self.objective,
+            "n_points": self.n_points,
+            "starts": self.starts,
+            "a": self.a,
+            "b": self.b,
+            "parameters": dict(self.parameters),
+            "rms_log_residual": float(np.sqrt(np.mean(self.residuals**2))),
+        }
 
 
-def fit_approach3(params: Any, tokens: Any = None, loss: Any = None, *, flops: Any = None,
-                  delta: float = HUBER_DELTA, starts: np.ndarray | None = None, survivors: int | None = 256,
-                  refine: int = 16, name: str = "fitted (approach 3)", polish: int | None = None) -> LawFit:
+def fit_approach3(
+    params: Any,
+    tokens: Any = None,
+    loss: Any = None,
+    *,
+    flops: Any = None,
+    delta: float = HUBER_DELTA,
+    starts: np.ndarray | None = None,
+    survivors: int | None = 256,
+    refine: int = 16,
+    name: str = "fitted (approach 3)",
+    polish: int | None = None,
+) -> LawFit:
     """Fit L(N, D) = E + A/N^α + B/D^β (Hoffmann et al. 2022, eq. 2) by approach 3 (§3.3, App. D.2).
 
     Minimises Σ_i Huber_δ(LSE(a − α log N_i, b − β log D_i, e) − log L_i) from every row of ``starts``
@@ -427,7 +466,6 @@ def fit_approach3(params: Any, tokens: Any = None, loss: Any = None, *, flops: A
     (0, :data:`MAX_EXPONENT`] or a term that moves the loss by less than ``delta`` across the runs.
     ``polish`` is deprecated and ignored (it sized a scipy polish that no longer exists).
     """
-    from lightning_scaling.laws.definitions import ChinchillaLaw
 
     pts = _points(params, tokens, loss, flops)
     delta = positive_float("delta", delta)
@@ -435,9 +473,12 @@ def fit_approach3(params: Any, tokens: Any = None, loss: Any = None, *, flops: A
         survivors = positive_int("survivors", survivors)
     refine = positive_int("refine", refine)
     if polish is not None:
-        warnings.warn("fit_approach3(polish=...) is ignored and will be removed: there is no scipy polish any "
-                      "more; the `refine` best points are refined by Newton's method", DeprecationWarning,
-                      stacklevel=2)
+        warnings.warn(
+            "fit_approach3(polish=...) is ignored and will be removed: there is no scipy polish any "
+            "more; the `refine` best points are refined by Newton's method",
+            DeprecationWarning,
+            stacklevel=2,
+        )
     try:
         x0 = approach3_grid() if starts is None else np.asarray(starts, dtype=float)
     except (TypeError, ValueError, OverflowError):
@@ -448,12 +489,16 @@ def fit_approach3(params: Any, tokens: Any = None, loss: Any = None, *, flops: A
     _require_distinct(pts, "approach 3", 3, 3)
     _require_loss_varies(pts, "approach 3")
     log_n, log_d, log_l = np.log(pts.params), np.log(pts.tokens), np.log(pts.loss)
-    x, f = multistart(_approach3_objective(log_n, log_d, log_l, delta),
-                      _approach3_objective(log_n, log_d, log_l, delta, np.float32), x0,
-                      hess64=_approach3_hessian(log_n, log_d, log_l, delta), survivors=survivors, refine=refine)
+    x, f = multistart(
+        _approach3_objective(log_n, log_d, log_l, delta),
+        _approach3_objective(log_n, log_d, log_l, delta, np.float32),
+        x0,
+        hess64=_approach3_hessian(log_n, log_d, log_l, delta),
+        survivors=survivors,
+        refine=refine,
+    )
     if f.size == 0 or not np.isfinite(f[0]):
-        raise UndeterminedLawError("approach 3 found no finite fit; check that loss decreases with params and "
-                                   "tokens")
+        raise UndeterminedLawError("approach 3 found no finite fit; check that loss decreases with params and tokens")
     theta, obj = x[0], float(f[0])
     a_, b_, e_, alpha, beta = (float(v) for v in theta)
     problem = _exponent_problem("approach 3", {"alpha": alpha, "beta": beta})
@@ -466,9 +511,19 @@ def fit_approach3(params: Any, tokens: Any = None, loss: Any = None, *, flops: A
         raise UndeterminedLawError(problem)
     r = _chinchilla_log_residuals(theta, log_n, log_d, log_l)
     parameters = {"E": law.E, "A": law.A, "B": law.B, "alpha": alpha, "beta": beta}
-    return LawFit("3", law, obj, r, np.asarray(theta), len(pts), int(x0.shape[0]),
-                  beta / (alpha + beta), alpha / (alpha + beta), parameters,  # Hoffmann 2022 eq. 4: a = β/(α+β)
-                  local_minima=x)
+    return LawFit(
+        "3",
+        law,
+        obj,
+        r,
+        np.asarray(theta),
+        len(pts),
+        int(x0.shape[0]),
+        beta / (alpha + beta),
+        alpha / (alpha + beta),
+        parameters,  # Hoffmann 2022 eq. 4: a = β/(α+β)
+        local_minima=x,
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -478,6 +533,7 @@ def fit_approach3(params: Any, tokens: Any = None, loss: Any = None, *, flops: A
 
 def _kaplan_objective(log_n: np.ndarray, log_d: np.ndarray, log_l: np.ndarray, delta: float) -> ObjectiveFn:
     """Huber on log residuals of Kaplan 2020 eq. 1.5; rows θ = (α_N, α_D, log N_c, log D_c)."""
+
     def fun(theta: np.ndarray, weights: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
             an, ad, lnc, ldc = (theta[:, k : k + 1] for k in range(4))
@@ -500,18 +556,32 @@ def _kaplan_objective(log_n: np.ndarray, log_d: np.ndarray, log_l: np.ndarray, d
             g[:, 3] = np.einsum("sn,sn->s", dh, w2 * ad)
             f = h.sum(axis=1)
         return np.where(np.isfinite(f), f, np.inf), g
+
     return fun
 
 
 def kaplan_grid() -> np.ndarray:
     """Starts for :func:`fit_kaplan`: rows (α_N, α_D, log N_c, log D_c) around Kaplan 2020's values."""
-    grid = np.meshgrid([0.03, 0.08, 0.2, 0.5], [0.03, 0.1, 0.3, 0.8], np.log([1e8, 1e11, 1e14, 1e17]),
-                       np.log([1e8, 1e11, 1e14, 1e17]), indexing="ij")
+    grid = np.meshgrid(
+        [0.03, 0.08, 0.2, 0.5],
+        [0.03, 0.1, 0.3, 0.8],
+        np.log([1e8, 1e11, 1e14, 1e17]),
+        np.log([1e8, 1e11, 1e14, 1e17]),
+        indexing="ij",
+    )
     return np.stack([g.ravel() for g in grid], axis=1)
 
 
-def fit_kaplan(params: Any, tokens: Any = None, loss: Any = None, *, flops: Any = None,
-               delta: float = HUBER_DELTA, refine: int = 4, name: str = "fitted (Kaplan)") -> LawFit:
+def fit_kaplan(
+    params: Any,
+    tokens: Any = None,
+    loss: Any = None,
+    *,
+    flops: Any = None,
+    delta: float = HUBER_DELTA,
+    refine: int = 4,
+    name: str = "fitted (Kaplan)",
+) -> LawFit:
     """Fit Kaplan et al. 2020's L(N, D) = [(N_c/N)^(α_N/α_D) + D_c/D]^α_D (eq. 1.5) by the approach-3 recipe:
     summed Huber on log loss, 40 batched BFGS iterations from each of 256 starts (:func:`kaplan_grid`), then
     the ``refine`` best distinct end points with positive exponents run on until no further decrease is found.
@@ -521,7 +591,6 @@ def fit_kaplan(params: Any, tokens: Any = None, loss: Any = None, *, flops: Any 
     Raises :class:`UndeterminedLawError` when the runs cannot determine the law: 4 or fewer points, fewer
     than 2 distinct model sizes or token counts, a constant loss, or a best fit with an exponent outside
     (0, :data:`MAX_EXPONENT`] or a variable that moves the loss by less than ``delta`` across the runs."""
-    from lightning_scaling.laws.definitions import KaplanLaw
 
     pts = _points(params, tokens, loss, flops)
     delta = positive_float("delta", delta)
@@ -536,11 +605,14 @@ def fit_kaplan(params: Any, tokens: Any = None, loss: Any = None, *, flops: Any 
     x, f = scout.x, scout.f
     best = distinct_best(x, np.where((x[:, 0] > 0) & (x[:, 1] > 0), f, np.inf), refine)
     if best.size == 0:
-        raise UndeterminedLawError("the Kaplan fit found no law with positive exponents; the runs do not show "
-                                   "loss falling with both params and tokens")
+        raise UndeterminedLawError(
+            "the Kaplan fit found no law with positive exponents; the runs do not show "
+            "loss falling with both params and tokens"
+        )
     scout = scout.take(best)
-    x, f, *_ = batched_bfgs(fun, scout.x, inverse_hessian=scout.inverse_hessian, values=(scout.f, scout.g),
-                            max_iter=2000, ftol=1e-15)
+    x, f, *_ = batched_bfgs(
+        fun, scout.x, inverse_hessian=scout.inverse_hessian, values=(scout.f, scout.g), max_iter=2000, ftol=1e-15
+    )
     order = np.argsort(f, kind="stable")
     x, f = x[order], f[order]
     theta, obj = x[0], float(f[0])
@@ -556,12 +628,14 @@ def fit_kaplan(params: Any, tokens: Any = None, loss: Any = None, *, flops: Any 
     r = ad * np.logaddexp(an / ad * (lnc - log_n), ldc - log_d) - log_l
     a, b = frontier_exponents(law.loss, float(np.min(pts.flops)), float(np.max(pts.flops)))
     parameters = {"alpha_n": an, "alpha_d": ad, "n_c": law.n_c, "d_c": law.d_c}
-    return LawFit("kaplan", law, obj, r, np.asarray(theta), len(pts), int(x0.shape[0]), a, b, parameters,
-                  local_minima=x)
+    return LawFit(
+        "kaplan", law, obj, r, np.asarray(theta), len(pts), int(x0.shape[0]), a, b, parameters, local_minima=x
+    )
 
 
-def optimal_params_numeric(loss_fn: Callable[[np.ndarray, np.ndarray], np.ndarray], flops: float,
-                           points: int = 801, span: float = 8.0) -> float:
+def optimal_params_numeric(
+    loss_fn: Callable[[np.ndarray, np.ndarray], ArrayLike], flops: float, points: int = 801, span: float = 8.0
+) -> float:
     """N (parameters) minimising loss_fn(N, C/(6N)) at ``flops`` (C = 6ND, Kaplan 2020 Table 1), by a grid in
     log N over ``span`` decades around √(C/6) refined with a parabola through the best three points."""
     centre = 0.5 * math.log(flops / 6.0)
@@ -575,8 +649,9 @@ def optimal_params_numeric(loss_fn: Callable[[np.ndarray, np.ndarray], np.ndarra
     return float(math.exp(log_n[k] + shift * (log_n[1] - log_n[0])))
 
 
-def frontier_exponents(loss_fn: Callable[[np.ndarray, np.ndarray], np.ndarray], c_low: float, c_high: float
-                       ) -> tuple[float, float]:
+def frontier_exponents(
+    loss_fn: Callable[[np.ndarray, np.ndarray], ArrayLike], c_low: float, c_high: float
+) -> tuple[float, float]:
     """Exponents a, b of N_opt ∝ C^a, D_opt ∝ C^b for any law, from its numeric optimum at two budgets."""
     if not c_high > c_low:
         c_low, c_high = c_low / 10.0, c_low * 10.0
@@ -608,17 +683,26 @@ class FrontierFit:
     residuals: np.ndarray  # log N_opt(fitted) − log N_opt(observed) per optimum
     parameters: dict[str, float] = field(default_factory=dict)
     skipped: tuple[str, ...] = ()
-    law: Any = None
+    law: None = None  # no loss law: the attribute is there so that code can ask any fit for its law
 
     def optimal(self, flops: float) -> tuple[float, float]:
         """(N_opt parameters, D_opt tokens) at ``flops`` training FLOPs."""
         c = positive_float("flops", flops)
-        return self.n_coefficient * c ** self.a, self.d_coefficient * c ** self.b
+        return self.n_coefficient * c**self.a, self.d_coefficient * c**self.b
 
     def to_dict(self) -> dict[str, Any]:
-        return {"approach": self.approach, "a": self.a, "b": self.b, "n_coefficient": self.n_coefficient,
-                "d_coefficient": self.d_coefficient, "n_points": self.n_points, "objective": self.objective,
-                "optima": self.optima.tolist(), "skipped": list(self.skipped), "parameters": dict(self.parameters)}
+        return {
+            "approach": self.approach,
+            "a": self.a,
+            "b": self.b,
+            "n_coefficient": self.n_coefficient,
+            "d_coefficient": self.d_coefficient,
+            "n_points": self.n_points,
+            "objective": self.objective,
+            "optima": self.optima.tolist(),
+            "skipped": list(self.skipped),
+            "parameters": dict(self.parameters),
+        }
 
 
 def _power_law(c: np.ndarray, y: np.ndarray) -> tuple[float, float, np.ndarray]:
@@ -634,7 +718,7 @@ def _frontier(approach: str, optima: np.ndarray, n_points: int, skipped: tuple[s
     a, k_n, res = _power_law(c, n_opt)  # Hoffmann 2022 §3.1-3.2: N_opt ∝ C^a
     b, k_d, _ = _power_law(c, d_opt)  # D_opt ∝ C^b
     params = {"a": a, "b": b, "n_coefficient": k_n, "d_coefficient": k_d}
-    return FrontierFit(approach, a, b, k_n, k_d, optima, n_points, float(np.sum(res ** 2)), res, params, skipped)
+    return FrontierFit(approach, a, b, k_n, k_d, optima, n_points, float(np.sum(res**2)), res, params, skipped)
 
 
 def group_budgets(flops: np.ndarray, tolerance: float = 0.1) -> list[np.ndarray]:
@@ -661,8 +745,9 @@ def _parabola(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float, float]
     return float(coef[0]), float(coef[1]), float(coef[2]), se
 
 
-def fit_approach2(params: Any, tokens: Any = None, loss: Any = None, *, flops: Any = None,
-                  budget_tolerance: float = 0.1) -> FrontierFit:
+def fit_approach2(
+    params: Any, tokens: Any = None, loss: Any = None, *, flops: Any = None, budget_tolerance: float = 0.1
+) -> FrontierFit:
     """Approach 2 (Hoffmann et al. 2022 §3.2): for each compute budget (points whose FLOPs agree within
     ``budget_tolerance``), fit a parabola of loss against log N; its vertex is N_opt(C) and D_opt = C/(6 N_opt).
     Then fit N_opt ∝ C^a and D_opt ∝ C^b across budgets. A budget is skipped (and listed in ``.skipped``) when
@@ -674,8 +759,10 @@ def fit_approach2(params: Any, tokens: Any = None, loss: Any = None, *, flops: A
     _require_loss_varies(pts, "approach 2")
     groups = group_budgets(pts.flops, budget_tolerance)
     if len(groups) < 2:
-        raise UndeterminedLawError(f"approach 2 needs at least 2 compute budgets; all {len(pts)} points share "
-                                   f"one (C ≈ {np.median(pts.flops):.3g} FLOPs)")
+        raise UndeterminedLawError(
+            f"approach 2 needs at least 2 compute budgets; all {len(pts)} points share "
+            f"one (C ≈ {np.median(pts.flops):.3g} FLOPs)"
+        )
     optima, skipped = [], []
     for g in groups:
         c = float(np.exp(np.mean(np.log(pts.flops[g]))))
@@ -692,8 +779,10 @@ def fit_approach2(params: Any, tokens: Any = None, loss: Any = None, *, flops: A
             skipped.append(f"C={c:.3g}: the loss has no minimum over log N (parabola opens downwards)")
             continue
         if quad < 2.0 * se:
-            skipped.append(f"C={c:.3g}: the parabola's curvature is within 2 standard errors of zero "
-                           f"({quad:.3g} ± {se:.2g}), so its minimum is noise")
+            skipped.append(
+                f"C={c:.3g}: the parabola's curvature is within 2 standard errors of zero "
+                f"({quad:.3g} ± {se:.2g}), so its minimum is noise"
+            )
             continue
         x_opt = -lin / (2 * quad)
         if not (x.min() <= x_opt <= x.max()):
@@ -703,13 +792,22 @@ def fit_approach2(params: Any, tokens: Any = None, loss: Any = None, *, flops: A
         optima.append((c, n_opt, c / (6.0 * n_opt), const - lin * lin / (4 * quad)))  # C = 6ND
     if len(optima) < 2:
         shown = "; ".join(skipped[:3]) + (f"; and {len(skipped) - 3} more" if len(skipped) > 3 else "")
-        raise UndeterminedLawError(f"approach 2 needs at least 2 compute budgets with an interior minimum; got "
-                                   f"{len(optima)} of {len(groups)} ({shown})")
+        raise UndeterminedLawError(
+            f"approach 2 needs at least 2 compute budgets with an interior minimum; got "
+            f"{len(optima)} of {len(groups)} ({shown})"
+        )
     return _frontier("2", np.asarray(optima), len(pts), tuple(skipped))
 
 
-def fit_approach1(params: Any, tokens: Any = None, loss: Any = None, *, flops: Any = None,
-                  runs: Sequence[Any] | None = None, n_flops: int = 40) -> FrontierFit:
+def fit_approach1(
+    params: Any,
+    tokens: Any = None,
+    loss: Any = None,
+    *,
+    flops: Any = None,
+    runs: Sequence[Any] | None = None,
+    n_flops: int = 40,
+) -> FrontierFit:
     """Approach 1 (Hoffmann et al. 2022 §3.1): for ``n_flops`` log-spaced FLOP values, the run whose training
     curve (loss against C, interpolated in log C) is lowest there gives N_opt(C) and D_opt = C/(6 N_opt);
     fit N_opt ∝ C^a and D_opt ∝ C^b on those envelope points. Each run (``runs`` labels, default: one run
@@ -730,10 +828,16 @@ def fit_approach1(params: Any, tokens: Any = None, loss: Any = None, *, flops: A
             curves.append((np.log(pts.flops[order]), pts.loss[order], float(np.median(pts.params[order]))))
     if len(curves) < 2:
         groups = pts.run_groups()
-        hint = ("; every run has a single point: give each run's loss at several steps (read every logged step, "
-                "points='all', not only the final loss)" if all(g.size == 1 for g in groups) else "")
-        raise UndeterminedLawError(f"approach 1 needs training curves (at least 2 points at different FLOPs) from "
-                                   f"at least 2 runs; {len(curves)} of {len(groups)} runs have one{hint}")
+        hint = (
+            "; every run has a single point: give each run's loss at several steps (read every logged step, "
+            "points='all', not only the final loss)"
+            if all(g.size == 1 for g in groups)
+            else ""
+        )
+        raise UndeterminedLawError(
+            f"approach 1 needs training curves (at least 2 points at different FLOPs) from "
+            f"at least 2 runs; {len(curves)} of {len(groups)} runs have one{hint}"
+        )
     lo = min(c[0][0] for c in curves)
     hi = max(c[0][-1] for c in curves)
     grid = np.linspace(lo, hi, n_flops)
@@ -750,8 +854,10 @@ def fit_approach1(params: Any, tokens: Any = None, loss: Any = None, *, flops: A
             optima.append((c, best[1], c / (6.0 * best[1]), best[0]))  # C = 6ND
     optima_arr = np.asarray(optima)
     if np.unique(optima_arr[:, 1]).size < 2:
-        raise UndeterminedLawError("approach 1: one run is lowest at every FLOP value, so the envelope gives "
-                                   "no exponent; train a wider range of model sizes")
+        raise UndeterminedLawError(
+            "approach 1: one run is lowest at every FLOP value, so the envelope gives "
+            "no exponent; train a wider range of model sizes"
+        )
     return _frontier("1", optima_arr, len(pts))
 
 
@@ -761,7 +867,7 @@ def optimum_at(fit: LawFit | FrontierFit, budget: float) -> dict[str, float]:
     if isinstance(fit, FrontierFit):
         n, d = fit.optimal(budget)
         return {"n_opt": n, "d_opt": d}
-    if fit.approach == "3":
+    if isinstance(fit.law, ChinchillaLaw):  # approach 3: the closed form
         alloc = fit.law.compute_optimal(budget)
         return {"n_opt": float(alloc.params), "d_opt": float(alloc.tokens), "loss_opt": float(alloc.loss)}
     n = optimal_params_numeric(fit.law.loss, budget)

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from lightning_scaling.laws.definitions import ChinchillaLaw
 from lightning_scaling.laws.fitting import FrontierFit, LawFit, ScalingPoints, group_budgets, optimal_params_numeric
 
 
@@ -30,8 +31,8 @@ def _pyplot() -> Any:
 def _frontier(fit: LawFit | FrontierFit, flops: np.ndarray) -> np.ndarray:
     """N_opt (parameters) at each of ``flops``."""
     if isinstance(fit, FrontierFit):
-        return fit.n_coefficient * flops ** fit.a
-    if fit.approach == "3":
+        return fit.n_coefficient * flops**fit.a
+    if isinstance(fit.law, ChinchillaLaw):  # approach 3: the closed form
         return np.asarray(fit.law.compute_optimal(flops).params, dtype=float)
     return np.asarray([optimal_params_numeric(fit.law.loss, float(c)) for c in flops])
 
@@ -40,7 +41,7 @@ def plot_isoflops(ax: Any, points: ScalingPoints, budget_tolerance: float = 0.1)
     """Loss against N for each compute budget, with the parabola in log N and its minimum (approach 2)."""
     groups = [g for g in group_budgets(points.flops, budget_tolerance) if g.size >= 1]
     colours = _colours(len(groups))
-    for colour, g in zip(colours, groups):
+    for colour, g in zip(colours, groups, strict=True):
         c = float(np.exp(np.mean(np.log(points.flops[g]))))
         order = g[np.argsort(points.params[g])]
         ax.plot(points.params[order], points.loss[order], "o", color=colour, ms=4, label=f"{c:.2g} FLOPs")
@@ -51,8 +52,7 @@ def plot_isoflops(ax: Any, points: ScalingPoints, budget_tolerance: float = 0.1)
             ax.plot(np.exp(grid), np.polyval([quad, lin, const], grid), "-", color=colour, lw=1)
             if quad > 0 and x.min() <= -lin / (2 * quad) <= x.max():
                 x_opt = -lin / (2 * quad)
-                ax.plot(math.exp(x_opt), np.polyval([quad, lin, const], x_opt), "*", color=colour, ms=12,
-                        mec="black")
+                ax.plot(math.exp(x_opt), np.polyval([quad, lin, const], x_opt), "*", color=colour, ms=12, mec="black")
     ax.set_xscale("log")
     ax.set_xlabel("parameters N")
     ax.set_ylabel("loss (nats/token)")
@@ -77,8 +77,9 @@ def plot_contours(ax: Any, points: ScalingPoints, fit: LawFit | FrontierFit) -> 
     d_opt = flops / (6.0 * n_opt)  # C = 6ND (Kaplan 2020 Table 1)
     inside = (n_opt >= n_lo) & (n_opt <= n_hi) & (d_opt >= d_lo) & (d_opt <= d_hi)
     ax.plot(n_opt[inside], d_opt[inside], "r-", lw=2, label="efficient frontier")
-    ax.scatter(points.params, points.tokens, c=points.loss, cmap="viridis", s=12, edgecolors="k", linewidths=0.3,
-               label="runs")
+    ax.scatter(
+        points.params, points.tokens, c=points.loss, cmap="viridis", s=12, edgecolors="k", linewidths=0.3, label="runs"
+    )
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlim(n_lo, n_hi)
@@ -91,7 +92,7 @@ def plot_contours(ax: Any, points: ScalingPoints, fit: LawFit | FrontierFit) -> 
 
 def plot_predicted(ax: Any, points: ScalingPoints, fit: LawFit | FrontierFit) -> None:
     """Predicted against observed loss (laws); for approaches 1/2, N_opt fitted against observed."""
-    if fit.law is not None:
+    if isinstance(fit, LawFit):
         predicted = np.asarray(fit.law.loss(points.params, points.tokens), dtype=float)
         ax.plot(points.loss, predicted, "o", ms=3)
         lo, hi = min(points.loss.min(), predicted.min()), max(points.loss.max(), predicted.max())
@@ -109,8 +110,9 @@ def plot_predicted(ax: Any, points: ScalingPoints, fit: LawFit | FrontierFit) ->
     ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
 
 
-def plot_fit(points: ScalingPoints, fit: LawFit | FrontierFit, path: str | Path, *, budget_tolerance: float = 0.1,
-             dpi: int = 120) -> Path:
+def plot_fit(
+    points: ScalingPoints, fit: LawFit | FrontierFit, path: str | Path, *, budget_tolerance: float = 0.1, dpi: int = 120
+) -> Path:
     """Write the three panels to ``path`` (PNG, or any format matplotlib knows by the suffix)."""
     plt = _pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))

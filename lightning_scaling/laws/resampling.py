@@ -7,13 +7,14 @@ imports neither scipy, lightning, torch nor triton.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from lightning_scaling.laws.batched_bfgs import batched_bfgs, batched_newton, distinct_best
 from lightning_scaling.argument_checks import fraction, one_of, positive_float, positive_int
+from lightning_scaling.laws.batched_bfgs import batched_bfgs, batched_newton, distinct_best
 from lightning_scaling.laws.definitions import ChinchillaLaw, KaplanLaw
 from lightning_scaling.laws.fitting import (
     APPROACHES,
@@ -52,8 +53,13 @@ class BootstrapResult:
     failed: int
 
     def to_dict(self) -> dict[str, Any]:
-        return {"confidence": self.confidence, "budget": self.budget, "n_resamples": self.n_resamples,
-                "failed": self.failed, "intervals": {k: list(v) for k, v in self.intervals.items()}}
+        return {
+            "confidence": self.confidence,
+            "budget": self.budget,
+            "n_resamples": self.n_resamples,
+            "failed": self.failed,
+            "intervals": {k: list(v) for k, v in self.intervals.items()},
+        }
 
 
 def _summary(fit: LawFit | FrontierFit, budget: float) -> dict[str, float]:
@@ -75,9 +81,17 @@ def _resample_counts(pts: ScalingPoints, n_resamples: int, rng: np.random.Genera
     return counts
 
 
-def bootstrap(points: ScalingPoints, approach: str = "3", n_resamples: int = 200, *, budget: float | None = None,
-              confidence: float = 0.95, seed: int = 0, fit: LawFit | FrontierFit | None = None,
-              **fit_kwargs: Any) -> BootstrapResult:
+def bootstrap(
+    points: ScalingPoints,
+    approach: str = "3",
+    n_resamples: int = 200,
+    *,
+    budget: float | None = None,
+    confidence: float = 0.95,
+    seed: int = 0,
+    fit: LawFit | FrontierFit | None = None,
+    **fit_kwargs: Any,
+) -> BootstrapResult:
     """Resample runs with replacement ``n_resamples`` times, refit, and report percentile intervals.
 
     For approach 3 and Kaplan all resamples are refitted together in one batched minimisation (each
@@ -93,12 +107,23 @@ def bootstrap(points: ScalingPoints, approach: str = "3", n_resamples: int = 200
     budget = float(np.max(points.flops)) if budget is None else positive_float("budget", budget)
     rng = np.random.default_rng(seed)
     counts = _resample_counts(points, n_resamples, rng)
-    fitter = {"1": fit_approach1, "2": fit_approach2, "3": fit_approach3, "kaplan": fit_kaplan}[approach]
+    fitters: dict[str, Callable[..., LawFit | FrontierFit]] = {
+        "1": fit_approach1,
+        "2": fit_approach2,
+        "3": fit_approach3,
+        "kaplan": fit_kaplan,
+    }
+    fitter = fitters[approach]
     if fit is None:
         fit = fitter(points, **fit_kwargs)
+    elif fit.approach != approach:
+        raise ValueError(
+            f"fit comes from approach {fit.approach!r} but approach is {approach!r}; pass the fit of the same "
+            "approach, or leave fit out to fit it here"
+        )
     summaries: list[dict[str, float]] = []
     failed = 0
-    if approach in ("3", "kaplan"):
+    if isinstance(fit, LawFit):  # approach 3 or Kaplan
         summaries, failed = _bootstrap_law(points, fit, counts, budget, fit_kwargs.get("delta", HUBER_DELTA))
     else:
         for s in range(n_resamples):
@@ -117,8 +142,9 @@ def bootstrap(points: ScalingPoints, approach: str = "3", n_resamples: int = 200
     return BootstrapResult(intervals, samples, confidence, budget, n_resamples, failed)
 
 
-def _bootstrap_law(points: ScalingPoints, fit: LawFit, counts: np.ndarray, budget: float, delta: float
-                   ) -> tuple[list[dict[str, float]], int]:
+def _bootstrap_law(
+    points: ScalingPoints, fit: LawFit, counts: np.ndarray, budget: float, delta: float
+) -> tuple[list[dict[str, float]], int]:
     """Refit approach 3 or Kaplan on every resample at once: one row per (resample, start), the resample's
     multiplicities as point weights. Approach 3 runs Newton's method (its exact Hessian); Kaplan runs BFGS. A
     resample whose best fit the full fit would reject (fewer distinct model sizes or token counts than the
@@ -144,8 +170,12 @@ def _bootstrap_law(points: ScalingPoints, fit: LawFit, counts: np.ndarray, budge
     for s in range(counts.shape[0]):
         theta = x[s, int(np.argmin(f[s]))]
         sample = points.subset(np.flatnonzero(counts[s] > 0))
-        if not (np.all(np.isfinite(theta)) and np.all(np.abs(theta[:3]) < 700)
-                and _distinct(sample.params).size >= need and _distinct(sample.tokens).size >= need):
+        if not (
+            np.all(np.isfinite(theta))
+            and np.all(np.abs(theta[:3]) < 700)
+            and _distinct(sample.params).size >= need
+            and _distinct(sample.tokens).size >= need
+        ):
             failed += 1
             continue
         if fit.approach == "3":

@@ -6,14 +6,14 @@ from __future__ import annotations
 
 import csv
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
+from lightning_scaling import metric_names
 from lightning_scaling.argument_checks import one_of
 from lightning_scaling.laws.fitting import ScalingPoints
-from lightning_scaling import metric_names
 
 # Candidate column names, first match wins (case-insensitive). Includes the Chinchilla digitised CSV of
 # Besiroglu et al. 2024 ("Model Size", "Training FLOP", "loss") and Sardana et al. 2023's ("Parameters",
@@ -30,8 +30,9 @@ LOGGER_TOKENS = metric_names.TOKENS
 LOGGER_PARAMS = metric_names.PARAMS
 
 
-def _pick(header: Sequence[str], wanted: str | None, candidates: Sequence[str], what: str, path: Path,
-          required: bool = True) -> str | None:
+def _find(header: Sequence[str], wanted: str | None, candidates: Sequence[str], what: str, path: Path) -> str | None:
+    """The column for ``what``: ``wanted`` when given (an error if the header lacks it), else the first of
+    ``candidates`` in the header (case-insensitive), else None."""
     lower = {h.strip().lower(): h for h in header}
     if wanted is not None:
         if wanted in header:
@@ -42,10 +43,18 @@ def _pick(header: Sequence[str], wanted: str | None, candidates: Sequence[str], 
     for name in candidates:
         if name in lower:
             return lower[name]
-    if required:
-        raise ValueError(f"{path}: no {what} column (looked for {', '.join(map(repr, candidates))}); "
-                         f"columns are {', '.join(header)}; name it with the {what}_column option")
     return None
+
+
+def _pick(header: Sequence[str], wanted: str | None, candidates: Sequence[str], what: str, path: Path) -> str:
+    """:func:`_find` for a column the file must have."""
+    column = _find(header, wanted, candidates, what, path)
+    if column is None:
+        raise ValueError(
+            f"{path}: no {what} column (looked for {', '.join(map(repr, candidates))}); "
+            f"columns are {', '.join(header)}; name it with the {what}_column option"
+        )
+    return column
 
 
 def _number(text: str, column: str, line: int, path: Path) -> float:
@@ -73,9 +82,15 @@ def _rows(path: Path) -> tuple[list[str], list[dict[str, str]]]:
     return header, rows
 
 
-def read_csv(path: str | Path, *, params_column: str | None = None, tokens_column: str | None = None,
-             flops_column: str | None = None, loss_column: str | None = None, run_column: str | None = None
-             ) -> ScalingPoints:
+def read_csv(
+    path: str | Path,
+    *,
+    params_column: str | None = None,
+    tokens_column: str | None = None,
+    flops_column: str | None = None,
+    loss_column: str | None = None,
+    run_column: str | None = None,
+) -> ScalingPoints:
     """Points from a CSV with one row per run (or per logged step with ``run_column``).
 
     Columns are found by name (case-insensitive) unless given: parameters (``params``, ``Parameters``,
@@ -86,8 +101,8 @@ def read_csv(path: str | Path, *, params_column: str | None = None, tokens_colum
     header, rows = _rows(path)
     p_col = _pick(header, params_column, PARAMS_COLUMNS, "params", path)
     l_col = _pick(header, loss_column, LOSS_COLUMNS, "loss", path)
-    t_col = _pick(header, tokens_column, TOKENS_COLUMNS, "tokens", path, required=False)
-    f_col = _pick(header, flops_column, FLOPS_COLUMNS, "flops", path, required=False)
+    t_col = _find(header, tokens_column, TOKENS_COLUMNS, "tokens", path)
+    f_col = _find(header, flops_column, FLOPS_COLUMNS, "flops", path)
     if t_col is None and f_col is None:
         raise ValueError(f"{path}: needs a tokens or a flops column; columns are {', '.join(header)}")
     r_col = None if run_column is None else _pick(header, run_column, RUN_COLUMNS, "run", path)
@@ -107,8 +122,14 @@ def read_csv(path: str | Path, *, params_column: str | None = None, tokens_colum
     return ScalingPoints.from_arrays(n, d if t_col else None, loss, flops=c if f_col else None, runs=runs)
 
 
-def read_csv_logger(path: str | Path, *, loss_column: str | None = None, points: str = "final",
-                    params_column: str = LOGGER_PARAMS, tokens_column: str = LOGGER_TOKENS) -> ScalingPoints:
+def read_csv_logger(
+    path: str | Path,
+    *,
+    loss_column: str | None = None,
+    points: str = "final",
+    params_column: str = LOGGER_PARAMS,
+    tokens_column: str = LOGGER_TOKENS,
+) -> ScalingPoints:
     """Points from Lightning ``CSVLogger`` runs under ``path``: every ``metrics.csv`` below it is one run.
 
     Tokens and parameters come from ``scaling/tokens`` and ``scaling/params`` (the ``TokenBudget``
@@ -127,8 +148,10 @@ def read_csv_logger(path: str | Path, *, loss_column: str | None = None, points:
         l_col = _pick(header, loss_column, LOGGER_LOSS_COLUMNS, "loss", file)
         for col in (params_column, tokens_column):
             if col not in header:
-                raise ValueError(f"{file}: no {col!r} column; log it with the TokenBudget callback "
-                                 f"(lightning_scaling.callbacks.TokenBudget); columns are {', '.join(header)}")
+                raise ValueError(
+                    f"{file}: no {col!r} column; log it with the TokenBudget callback "
+                    f"(lightning_scaling.callbacks.TokenBudget); columns are {', '.join(header)}"
+                )
         tokens = params = None
         run_points = []
         for line, row in enumerate(rows, start=2):
@@ -139,9 +162,8 @@ def read_csv_logger(path: str | Path, *, loss_column: str | None = None, points:
             if (row.get(l_col) or "").strip() and tokens is not None and params is not None:
                 run_points.append((params, tokens, _number(row[l_col], l_col, line, file)))
         if not run_points:
-            raise ValueError(f"{file}: no row has {l_col!r} after {tokens_column!r} and {params_column!r} "
-                             "were logged")
-        for p, t, ell in (run_points[-1:] if points == "final" else run_points):
+            raise ValueError(f"{file}: no row has {l_col!r} after {tokens_column!r} and {params_column!r} were logged")
+        for p, t, ell in run_points[-1:] if points == "final" else run_points:
             n.append(p)
             d.append(t)
             loss.append(ell)
@@ -149,9 +171,16 @@ def read_csv_logger(path: str | Path, *, loss_column: str | None = None, points:
     return ScalingPoints.from_arrays(n, d, loss, runs=runs)
 
 
-def read_points(paths: Sequence[str | Path], *, params_column: str | None = None,
-                tokens_column: str | None = None, flops_column: str | None = None, loss_column: str | None = None,
-                run_column: str | None = None, points: str = "final") -> ScalingPoints:
+def read_points(
+    paths: Sequence[str | Path],
+    *,
+    params_column: str | None = None,
+    tokens_column: str | None = None,
+    flops_column: str | None = None,
+    loss_column: str | None = None,
+    run_column: str | None = None,
+    points: str = "final",
+) -> ScalingPoints:
     """Points from several CSV files and/or CSVLogger directories, concatenated."""
     if not paths:
         raise ValueError("paths must name at least one CSV file or CSVLogger directory")
@@ -161,13 +190,28 @@ def read_points(paths: Sequence[str | Path], *, params_column: str | None = None
         if not path.exists():
             raise ValueError(f"path {str(path)!r} does not exist")
         if path.is_dir() or path.name == "metrics.csv":
-            parts.append(read_csv_logger(path, loss_column=loss_column, points=points,
-                                         **({"params_column": params_column} if params_column else {}),
-                                         **({"tokens_column": tokens_column} if tokens_column else {})))
+            parts.append(
+                read_csv_logger(
+                    path,
+                    loss_column=loss_column,
+                    points=points,
+                    **({"params_column": params_column} if params_column else {}),
+                    **({"tokens_column": tokens_column} if tokens_column else {}),
+                )
+            )
         else:
-            parts.append(read_csv(path, params_column=params_column, tokens_column=tokens_column,
-                                  flops_column=flops_column, loss_column=loss_column, run_column=run_column))
+            parts.append(
+                read_csv(
+                    path,
+                    params_column=params_column,
+                    tokens_column=tokens_column,
+                    flops_column=flops_column,
+                    loss_column=loss_column,
+                    run_column=run_column,
+                )
+            )
     if len(parts) == 1:
         return parts[0]
-    return ScalingPoints(*(np.concatenate([getattr(p, k) for p in parts])
-                           for k in ("params", "tokens", "loss", "flops", "runs")))
+    return ScalingPoints(
+        *(np.concatenate([getattr(p, k) for p in parts]) for k in ("params", "tokens", "loss", "flops", "runs"))
+    )
