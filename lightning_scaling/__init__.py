@@ -7,11 +7,10 @@ neither Lightning nor Triton; the callbacks import Lightning when first used. Na
 
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
-from typing import Any
 
 from lightning_scaling import _source_tree
+from lightning_scaling.lazy_imports import module_getattr
 
 _source_tree.install(Path(__file__).resolve().parent)  # lightning_scaling.kernels from a source checkout too
 
@@ -60,7 +59,4 @@ _LAZY = {
 __all__ = ["ScalingWarning", "__version__", *sorted(_LAZY)]
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'lightning_scaling' has no attribute {name!r}")
+__getattr__ = module_getattr(__name__, _LAZY)

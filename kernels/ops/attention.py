@@ -92,25 +92,8 @@ _KEY = ["SEQ_Q", "SEQ_K", "HEAD_DIM", "CAUSAL", "DOT_PRECISION"]
 # ----------------------------------------------------------------------------------------------------------
 @triton.jit
 def _attn_fwd_inner(
-    acc,
-    l_i,
-    m_i,
-    q,
-    K,
-    V,
-    offs_m,
-    lo,
-    hi,
-    SEQ_K,
-    qk_scale,
-    stride_ks,
-    stride_kd,
-    stride_vs,
-    stride_vd,
-    HEAD_DIM: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    MASKED: tl.constexpr,
+    acc, l_i, m_i, q, K, V, offs_m, lo, hi, SEQ_K, qk_scale, stride_ks, stride_kd, stride_vs, stride_vd,
+    HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
     CAUSAL: tl.constexpr,
 ):
     offs_n = tl.arange(0, BLOCK_N)
@@ -150,44 +133,38 @@ def _unmasked_key_end(start_m, SEQ_K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constex
     return (SEQ_K // BLOCK_N) * BLOCK_N
 
 
+@triton.jit
+def _program_batch_head(H):
+    # Axis 1 of the grid runs over batch*head; the 64-bit batch and head indices (batch offsets pass 2**31
+    # elements at large batch x seq).
+    off_bh = tl.program_id(1)
+    return off_bh, (off_bh // H).to(tl.int64), (off_bh % H).to(tl.int64)
+
+
+@triton.jit
+def _load_rows(base, rows, offs_d, stride_row, stride_d, n_rows):
+    # The [rows, HEAD_DIM] tile at base[rows, :], zero in the rows at or past n_rows.
+    return tl.load(base + rows[:, None] * stride_row + offs_d[None, :] * stride_d, mask=rows[:, None] < n_rows,
+                   other=0.0)
+
+
+@triton.jit
+def _store_rows(base, rows, offs_d, stride_row, stride_d, n_rows, value):
+    # Store the [rows, HEAD_DIM] tile value at base[rows, :] (in base's dtype), except the rows at or past n_rows.
+    tl.store(base + rows[:, None] * stride_row + offs_d[None, :] * stride_d, value.to(base.dtype.element_ty),
+             mask=rows[:, None] < n_rows)
+
+
 @triton.autotune(configs=_FWD_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _pruner(_FWD_TILES)})
 @triton.jit
 def _attn_fwd_kernel(
-    Q,
-    K,
-    V,
-    O,
-    LSE,
-    stride_qb,
-    stride_qh,
-    stride_qs,
-    stride_qd,
-    stride_kb,
-    stride_kh,
-    stride_ks,
-    stride_kd,
-    stride_vb,
-    stride_vh,
-    stride_vs,
-    stride_vd,
-    stride_ob,
-    stride_oh,
-    stride_os,
-    stride_od,
-    H,
-    SEQ_Q,
-    SEQ_K,
-    qk_scale,
-    HEAD_DIM: tl.constexpr,
-    CAUSAL: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr,
+    Q, K, V, O, LSE, stride_qb, stride_qh, stride_qs, stride_qd, stride_kb, stride_kh, stride_ks, stride_kd, stride_vb,
+    stride_vh, stride_vs, stride_vd, stride_ob, stride_oh, stride_os, stride_od, H, SEQ_Q, SEQ_K, qk_scale,
+    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
     start_m = tl.program_id(0)
-    off_bh = tl.program_id(1)
-    off_b = (off_bh // H).to(tl.int64)  # 64-bit: batch offsets pass 2**31 elements at large batch x seq
-    off_h = (off_bh % H).to(tl.int64)
+    off_bh, off_b, off_h = _program_batch_head(H)
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     Q += off_b * stride_qb + off_h * stride_qh
@@ -195,7 +172,7 @@ def _attn_fwd_kernel(
     V += off_b * stride_vb + off_h * stride_vh
 
     # This block of queries stays in registers for the whole loop.
-    q = tl.load(Q + offs_m[:, None] * stride_qs + offs_d[None, :] * stride_qd, mask=offs_m[:, None] < SEQ_Q, other=0.0)
+    q = _load_rows(Q, offs_m, offs_d, stride_qs, stride_qd, SEQ_Q)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running row max (log2 units)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running row sum of exp2(score - m_i)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
@@ -204,60 +181,19 @@ def _attn_fwd_kernel(
     hi = tl.minimum((start_m + 1) * BLOCK_M, SEQ_K) if CAUSAL else SEQ_K
     mid = _unmasked_key_end(start_m, SEQ_K, BLOCK_M, BLOCK_N, CAUSAL)
     acc, l_i, m_i = _attn_fwd_inner(
-        acc,
-        l_i,
-        m_i,
-        q,
-        K,
-        V,
-        offs_m,
-        0,
-        mid,
-        SEQ_K,
-        qk_scale,
-        stride_ks,
-        stride_kd,
-        stride_vs,
-        stride_vd,
-        HEAD_DIM,
-        DOT_PRECISION,
-        BLOCK_N,
-        False,
-        CAUSAL,
+        acc, l_i, m_i, q, K, V, offs_m, 0, mid, SEQ_K, qk_scale, stride_ks, stride_kd, stride_vs, stride_vd, HEAD_DIM,
+        DOT_PRECISION, BLOCK_N, False, CAUSAL,
     )
     acc, l_i, m_i = _attn_fwd_inner(
-        acc,
-        l_i,
-        m_i,
-        q,
-        K,
-        V,
-        offs_m,
-        mid,
-        hi,
-        SEQ_K,
-        qk_scale,
-        stride_ks,
-        stride_kd,
-        stride_vs,
-        stride_vd,
-        HEAD_DIM,
-        DOT_PRECISION,
-        BLOCK_N,
-        True,
-        CAUSAL,
+        acc, l_i, m_i, q, K, V, offs_m, mid, hi, SEQ_K, qk_scale, stride_ks, stride_kd, stride_vs, stride_vd, HEAD_DIM,
+        DOT_PRECISION, BLOCK_N, True, CAUSAL,
     )
 
     # Every row sees key 0 (top-left causal), so l_i > 0 and nothing divides by zero.
     acc = acc / l_i[:, None]
     lse = (m_i + tl.math.log2(l_i)) / 1.4426950408889634  # natural-log log-sum-exp of the scaled scores
     tl.store(LSE + off_bh * SEQ_Q + offs_m, lse, mask=offs_m < SEQ_Q)
-    O += off_b * stride_ob + off_h * stride_oh
-    tl.store(
-        O + offs_m[:, None] * stride_os + offs_d[None, :] * stride_od,
-        acc.to(O.dtype.element_ty),
-        mask=offs_m[:, None] < SEQ_Q,
-    )
+    _store_rows(O + off_b * stride_ob + off_h * stride_oh, offs_m, offs_d, stride_os, stride_od, SEQ_Q, acc)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -265,39 +201,16 @@ def _attn_fwd_kernel(
 # ----------------------------------------------------------------------------------------------------------
 @triton.jit
 def _attn_bwd_preprocess_kernel(
-    O,
-    DO,
-    DELTA,
-    stride_ob,
-    stride_oh,
-    stride_os,
-    stride_od,
-    stride_dob,
-    stride_doh,
-    stride_dos,
-    stride_dod,
-    H,
-    SEQ_Q,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_M: tl.constexpr,
+    O, DO, DELTA, stride_ob, stride_oh, stride_os, stride_od, stride_dob, stride_doh, stride_dos, stride_dod, H, SEQ_Q,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     start_m = tl.program_id(0)
-    off_bh = tl.program_id(1)
-    off_b = (off_bh // H).to(tl.int64)  # 64-bit: batch offsets pass 2**31 elements at large batch x seq
-    off_h = (off_bh % H).to(tl.int64)
+    off_bh, off_b, off_h = _program_batch_head(H)
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
-    rows = offs_m[:, None] < SEQ_Q
-    o = tl.load(
-        O + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :] * stride_od,
-        mask=rows,
-        other=0.0,
-    ).to(tl.float32)
-    do = tl.load(
-        DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_dos + offs_d[None, :] * stride_dod,
-        mask=rows,
-        other=0.0,
-    ).to(tl.float32)
+    o = _load_rows(O + off_b * stride_ob + off_h * stride_oh, offs_m, offs_d, stride_os, stride_od, SEQ_Q)
+    do = _load_rows(DO + off_b * stride_dob + off_h * stride_doh, offs_m, offs_d, stride_dos, stride_dod, SEQ_Q)
+    o, do = o.to(tl.float32), do.to(tl.float32)
     tl.store(DELTA + off_bh * SEQ_Q + offs_m, tl.sum(o * do, 1), mask=offs_m < SEQ_Q)
 
 
@@ -309,27 +222,8 @@ def _attn_bwd_preprocess_kernel(
 # ----------------------------------------------------------------------------------------------------------
 @triton.jit
 def _attn_bwd_dkdv_inner(
-    dk,
-    dv,
-    k,
-    v,
-    Q,
-    DO,
-    LSE,
-    DELTA,
-    offs_n,
-    lo,
-    hi,
-    SEQ_Q,
-    qk_scale,
-    stride_qs,
-    stride_qd,
-    stride_dos,
-    stride_dod,
-    HEAD_DIM: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    MASKED: tl.constexpr,
+    dk, dv, k, v, Q, DO, LSE, DELTA, offs_n, lo, hi, SEQ_Q, qk_scale, stride_qs, stride_qd, stride_dos, stride_dod,
+    HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
 ):
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -357,44 +251,13 @@ def _attn_bwd_dkdv_inner(
 @triton.autotune(configs=_DKDV_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _pruner(_DKDV_TILES)})
 @triton.jit
 def _attn_bwd_dkdv_kernel(
-    Q,
-    K,
-    V,
-    DO,
-    LSE,
-    DELTA,
-    DK,
-    DV,
-    stride_qb,
-    stride_qh,
-    stride_qs,
-    stride_qd,
-    stride_kb,
-    stride_kh,
-    stride_ks,
-    stride_kd,
-    stride_vb,
-    stride_vh,
-    stride_vs,
-    stride_vd,
-    stride_dob,
-    stride_doh,
-    stride_dos,
-    stride_dod,
-    H,
-    SEQ_Q,
-    SEQ_K,
-    sm_scale,
-    HEAD_DIM: tl.constexpr,
-    CAUSAL: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr,
+    Q, K, V, DO, LSE, DELTA, DK, DV, stride_qb, stride_qh, stride_qs, stride_qd, stride_kb, stride_kh, stride_ks,
+    stride_kd, stride_vb, stride_vh, stride_vs, stride_vd, stride_dob, stride_doh, stride_dos, stride_dod, H, SEQ_Q,
+    SEQ_K, sm_scale, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
     start_n = tl.program_id(0)
-    off_bh = tl.program_id(1)
-    off_b = (off_bh // H).to(tl.int64)  # 64-bit: batch offsets pass 2**31 elements at large batch x seq
-    off_h = (off_bh % H).to(tl.int64)
+    off_bh, off_b, off_h = _program_batch_head(H)
     offs_n = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     Q += off_b * stride_qb + off_h * stride_qh
@@ -402,17 +265,8 @@ def _attn_bwd_dkdv_kernel(
     LSE += off_bh * SEQ_Q
     DELTA += off_bh * SEQ_Q
 
-    key_rows = offs_n[:, None] < SEQ_K
-    k = tl.load(
-        K + off_b * stride_kb + off_h * stride_kh + offs_n[:, None] * stride_ks + offs_d[None, :] * stride_kd,
-        mask=key_rows,
-        other=0.0,
-    )
-    v = tl.load(
-        V + off_b * stride_vb + off_h * stride_vh + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd,
-        mask=key_rows,
-        other=0.0,
-    )
+    k = _load_rows(K + off_b * stride_kb + off_h * stride_kh, offs_n, offs_d, stride_ks, stride_kd, SEQ_K)
+    v = _load_rows(V + off_b * stride_vb + off_h * stride_vh, offs_n, offs_d, stride_vs, stride_vd, SEQ_K)
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     qk_scale = sm_scale * 1.4426950408889634
@@ -423,65 +277,19 @@ def _attn_bwd_dkdv_kernel(
         lo = (start_n * BLOCK_N // BLOCK_M) * BLOCK_M
         mid = tl.minimum(tl.cdiv((start_n + 1) * BLOCK_N, BLOCK_M) * BLOCK_M, SEQ_Q)
         dk, dv = _attn_bwd_dkdv_inner(
-            dk,
-            dv,
-            k,
-            v,
-            Q,
-            DO,
-            LSE,
-            DELTA,
-            offs_n,
-            lo,
-            mid,
-            SEQ_Q,
-            qk_scale,
-            stride_qs,
-            stride_qd,
-            stride_dos,
-            stride_dod,
-            HEAD_DIM,
-            DOT_PRECISION,
-            BLOCK_M,
-            True,
+            dk, dv, k, v, Q, DO, LSE, DELTA, offs_n, lo, mid, SEQ_Q, qk_scale, stride_qs, stride_qd, stride_dos,
+            stride_dod, HEAD_DIM, DOT_PRECISION, BLOCK_M, True,
         )
     else:
         mid = 0
     dk, dv = _attn_bwd_dkdv_inner(
-        dk,
-        dv,
-        k,
-        v,
-        Q,
-        DO,
-        LSE,
-        DELTA,
-        offs_n,
-        mid,
-        SEQ_Q,
-        SEQ_Q,
-        qk_scale,
-        stride_qs,
-        stride_qd,
-        stride_dos,
-        stride_dod,
-        HEAD_DIM,
-        DOT_PRECISION,
-        BLOCK_M,
-        False,
+        dk, dv, k, v, Q, DO, LSE, DELTA, offs_n, mid, SEQ_Q, SEQ_Q, qk_scale, stride_qs, stride_qd, stride_dos,
+        stride_dod, HEAD_DIM, DOT_PRECISION, BLOCK_M, False,
     )
 
     dk *= sm_scale
-    tl.store(
-        DK + off_bh.to(tl.int64) * SEQ_K * HEAD_DIM + offs_n[:, None] * HEAD_DIM + offs_d[None, :],
-        dk.to(DK.dtype.element_ty),
-        mask=key_rows,
-    )
-    tl.store(
-        DV + off_bh.to(tl.int64) * SEQ_K * HEAD_DIM + offs_n[:, None] * HEAD_DIM + offs_d[None, :],
-        dv.to(DV.dtype.element_ty),
-        mask=key_rows,
-    )
+    _store_rows(DK + off_bh.to(tl.int64) * SEQ_K * HEAD_DIM, offs_n, offs_d, HEAD_DIM, 1, SEQ_K, dk)
+    _store_rows(DV + off_bh.to(tl.int64) * SEQ_K * HEAD_DIM, offs_n, offs_d, HEAD_DIM, 1, SEQ_K, dv)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -490,26 +298,8 @@ def _attn_bwd_dkdv_kernel(
 # ----------------------------------------------------------------------------------------------------------
 @triton.jit
 def _attn_bwd_dq_inner(
-    dq,
-    q,
-    do,
-    lse,
-    delta,
-    K,
-    V,
-    offs_m,
-    lo,
-    hi,
-    SEQ_K,
-    qk_scale,
-    stride_ks,
-    stride_kd,
-    stride_vs,
-    stride_vd,
-    HEAD_DIM: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    MASKED: tl.constexpr,
+    dq, q, do, lse, delta, K, V, offs_m, lo, hi, SEQ_K, qk_scale, stride_ks, stride_kd, stride_vs, stride_vd,
+    HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
     CAUSAL: tl.constexpr,
 ):
     offs_n = tl.arange(0, BLOCK_N)
@@ -539,59 +329,20 @@ def _attn_bwd_dq_inner(
 @triton.autotune(configs=_DQ_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _pruner(_DQ_TILES)})
 @triton.jit
 def _attn_bwd_dq_kernel(
-    Q,
-    K,
-    V,
-    DO,
-    LSE,
-    DELTA,
-    DQ,
-    stride_qb,
-    stride_qh,
-    stride_qs,
-    stride_qd,
-    stride_kb,
-    stride_kh,
-    stride_ks,
-    stride_kd,
-    stride_vb,
-    stride_vh,
-    stride_vs,
-    stride_vd,
-    stride_dob,
-    stride_doh,
-    stride_dos,
-    stride_dod,
-    H,
-    SEQ_Q,
-    SEQ_K,
-    sm_scale,
-    HEAD_DIM: tl.constexpr,
-    CAUSAL: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr,
+    Q, K, V, DO, LSE, DELTA, DQ, stride_qb, stride_qh, stride_qs, stride_qd, stride_kb, stride_kh, stride_ks, stride_kd,
+    stride_vb, stride_vh, stride_vs, stride_vd, stride_dob, stride_doh, stride_dos, stride_dod, H, SEQ_Q, SEQ_K,
+    sm_scale, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
     start_m = tl.program_id(0)
-    off_bh = tl.program_id(1)
-    off_b = (off_bh // H).to(tl.int64)  # 64-bit: batch offsets pass 2**31 elements at large batch x seq
-    off_h = (off_bh % H).to(tl.int64)
+    off_bh, off_b, off_h = _program_batch_head(H)
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     K += off_b * stride_kb + off_h * stride_kh
     V += off_b * stride_vb + off_h * stride_vh
 
-    query_rows = offs_m[:, None] < SEQ_Q
-    q = tl.load(
-        Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :] * stride_qd,
-        mask=query_rows,
-        other=0.0,
-    )
-    do = tl.load(
-        DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_dos + offs_d[None, :] * stride_dod,
-        mask=query_rows,
-        other=0.0,
-    )
+    q = _load_rows(Q + off_b * stride_qb + off_h * stride_qh, offs_m, offs_d, stride_qs, stride_qd, SEQ_Q)
+    do = _load_rows(DO + off_b * stride_dob + off_h * stride_doh, offs_m, offs_d, stride_dos, stride_dod, SEQ_Q)
     lse = tl.load(LSE + off_bh * SEQ_Q + offs_m, mask=offs_m < SEQ_Q, other=0.0) * 1.4426950408889634
     delta = tl.load(DELTA + off_bh * SEQ_Q + offs_m, mask=offs_m < SEQ_Q, other=0.0)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
@@ -602,58 +353,16 @@ def _attn_bwd_dq_kernel(
     hi = tl.minimum((start_m + 1) * BLOCK_M, SEQ_K) if CAUSAL else SEQ_K
     mid = _unmasked_key_end(start_m, SEQ_K, BLOCK_M, BLOCK_N, CAUSAL)
     dq = _attn_bwd_dq_inner(
-        dq,
-        q,
-        do,
-        lse,
-        delta,
-        K,
-        V,
-        offs_m,
-        0,
-        mid,
-        SEQ_K,
-        qk_scale,
-        stride_ks,
-        stride_kd,
-        stride_vs,
-        stride_vd,
-        HEAD_DIM,
-        DOT_PRECISION,
-        BLOCK_N,
-        False,
-        CAUSAL,
+        dq, q, do, lse, delta, K, V, offs_m, 0, mid, SEQ_K, qk_scale, stride_ks, stride_kd, stride_vs, stride_vd,
+        HEAD_DIM, DOT_PRECISION, BLOCK_N, False, CAUSAL,
     )
     dq = _attn_bwd_dq_inner(
-        dq,
-        q,
-        do,
-        lse,
-        delta,
-        K,
-        V,
-        offs_m,
-        mid,
-        hi,
-        SEQ_K,
-        qk_scale,
-        stride_ks,
-        stride_kd,
-        stride_vs,
-        stride_vd,
-        HEAD_DIM,
-        DOT_PRECISION,
-        BLOCK_N,
-        True,
-        CAUSAL,
+        dq, q, do, lse, delta, K, V, offs_m, mid, hi, SEQ_K, qk_scale, stride_ks, stride_kd, stride_vs, stride_vd,
+        HEAD_DIM, DOT_PRECISION, BLOCK_N, True, CAUSAL,
     )
 
     dq *= sm_scale
-    tl.store(
-        DQ + off_bh.to(tl.int64) * SEQ_Q * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :],
-        dq.to(DQ.dtype.element_ty),
-        mask=query_rows,
-    )
+    _store_rows(DQ + off_bh.to(tl.int64) * SEQ_Q * HEAD_DIM, offs_m, offs_d, HEAD_DIM, 1, SEQ_Q, dq)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -673,35 +382,15 @@ def _triton_forward(
     lse = torch.empty((b, h, sq), dtype=torch.float32, device=q.device)
     grid = lambda meta: (triton.cdiv(sq, meta["BLOCK_M"]), b * h)
     _attn_fwd_kernel[grid](
-        q,
-        k,
-        v,
-        out,
-        lse,
-        *q.stride(),
-        *k.stride(),
-        *v.stride(),
-        *out.stride(),
-        h,
-        sq,
-        sk,
-        scale * _LOG2E,
-        HEAD_DIM=d,
-        CAUSAL=causal,
-        DOT_PRECISION=_dot_precision(q.dtype),
+        q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(), h, sq, sk, scale * _LOG2E, HEAD_DIM=d,
+        CAUSAL=causal, DOT_PRECISION=_dot_precision(q.dtype),
     )
     return out, lse
 
 
 def _triton_backward(
-    grad_out: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    out: torch.Tensor,
-    lse: torch.Tensor,
-    causal: bool,
-    scale: float,
+    grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+    causal: bool, scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     b, h, sq, d = q.shape
     sk = k.shape[2]
@@ -748,14 +437,8 @@ def _reference_forward(
 
 
 def _reference_backward(
-    grad_out: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    out: torch.Tensor,
-    lse: torch.Tensor,
-    causal: bool,
-    scale: float,
+    grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+    causal: bool, scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     ct = reference_dtype(q.dtype)
     q32, k32, v32, do32 = q.to(ct), k.to(ct), v.to(ct), grad_out.to(ct)
@@ -787,14 +470,8 @@ def _(q, k, v, causal, scale):
 
 @torch.library.custom_op("lightning_scaling::flash_attention_backward", mutates_args=())
 def flash_attention_backward(
-    grad_out: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    out: torch.Tensor,
-    lse: torch.Tensor,
-    causal: bool,
-    scale: float,
+    grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+    causal: bool, scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients (dq, dk, dv) of ``flash_attention_forward``, recomputing probabilities from ``lse``."""
     return run_kernels(q, _triton_backward, _reference_backward, grad_out, q, k, v, out, lse, causal, scale)

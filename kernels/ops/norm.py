@@ -59,19 +59,8 @@ _REDUCE_TILE = 4096  # elements per [partials, columns] tile in stage 2
 # ----------------------------------------------------------------------------------------------------------
 @triton.jit
 def _norm_fwd_kernel(
-    X,
-    W,
-    B,
-    Y,
-    MEAN,
-    RSTD,
-    n_rows,
-    n_cols,
-    eps,
-    RMS_NORM: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    BLOCK_ROWS: tl.constexpr,
-    BLOCK_COLS: tl.constexpr,
+    X, W, B, Y, MEAN, RSTD, n_rows, n_cols, eps, RMS_NORM: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     cols = tl.arange(0, BLOCK_COLS)
@@ -107,19 +96,8 @@ def _norm_fwd_kernel(
 # ----------------------------------------------------------------------------------------------------------
 @triton.jit
 def _norm_bwd_rows(
-    DY,
-    X,
-    W,
-    MEAN,
-    RSTD,
-    DX,
-    first_row,
-    n_here,
-    n_cols,
-    RMS_NORM: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    BLOCK_ROWS: tl.constexpr,
-    BLOCK_COLS: tl.constexpr,
+    DY, X, W, MEAN, RSTD, DX, first_row, n_here, n_cols, RMS_NORM: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
 ):
     """dx for rows first_row ... first_row + n_here − 1; returns their sums (Σ dy ⊙ x̂, Σ dy) in fp32."""
     cols = tl.arange(0, BLOCK_COLS)
@@ -156,27 +134,9 @@ def _norm_bwd_rows(
 
 @triton.jit
 def _norm_bwd_kernel(
-    DY,
-    X,
-    W,
-    MEAN,
-    RSTD,
-    DX,
-    PARTIAL_DW,
-    PARTIAL_DB,
-    SQ_NORMS,
-    n_cols,
-    n_examples,
-    rows_per_example,
-    examples_per_program,
-    chunks,
-    rows_per_chunk,
-    RMS_NORM: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    SINGLE_CHUNK: tl.constexpr,
-    MANY_EXAMPLES: tl.constexpr,
-    BLOCK_ROWS: tl.constexpr,
-    BLOCK_COLS: tl.constexpr,
+    DY, X, W, MEAN, RSTD, DX, PARTIAL_DW, PARTIAL_DB, SQ_NORMS, n_cols, n_examples, rows_per_example,
+    examples_per_program, chunks, rows_per_chunk, RMS_NORM: tl.constexpr, HAS_BIAS: tl.constexpr,
+    SINGLE_CHUNK: tl.constexpr, MANY_EXAMPLES: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
 ):
     pid = tl.program_id(0)
     group = pid // chunks
@@ -218,19 +178,8 @@ def _norm_bwd_kernel(
             tl.store(PARTIAL_DB + partial, db_acc, mask=col_ok)
     else:  # one example, whole or a chunk of it
         g_w, g_b = _norm_bwd_rows(
-            DY,
-            X,
-            W,
-            MEAN,
-            RSTD,
-            DX,
-            group.to(tl.int64) * rows_per_example + lo,
-            hi - lo,
-            n_cols,
-            RMS_NORM,
-            HAS_BIAS,
-            BLOCK_ROWS,
-            BLOCK_COLS,
+            DY, X, W, MEAN, RSTD, DX, group.to(tl.int64) * rows_per_example + lo, hi - lo, n_cols, RMS_NORM, HAS_BIAS,
+            BLOCK_ROWS, BLOCK_COLS,
         )
         tl.store(PARTIAL_DW + partial, g_w, mask=col_ok)
         if HAS_BIAS:
@@ -249,17 +198,8 @@ def _norm_bwd_kernel(
 # ----------------------------------------------------------------------------------------------------------
 @triton.jit
 def _norm_bwd_reduce_kernel(
-    PARTIAL_DW,
-    PARTIAL_DB,
-    DW,
-    DB,
-    SQ_PARTS,
-    n_partials,
-    n_cols,
-    HAS_BIAS: tl.constexpr,
-    CHUNKS: tl.constexpr,
-    BLOCK_P: tl.constexpr,
-    BLOCK_COLS: tl.constexpr,
+    PARTIAL_DW, PARTIAL_DB, DW, DB, SQ_PARTS, n_partials, n_cols, HAS_BIAS: tl.constexpr, CHUNKS: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_COLS: tl.constexpr,
 ):
     pid = tl.program_id(0)
     cols = pid * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
@@ -341,34 +281,16 @@ def _triton_forward(
     mean = torch.empty(0 if rms_norm else n_rows, dtype=torch.float32, device=x.device)
     block_rows, block_cols, warps = _row_blocks(n_cols, n_rows)
     _norm_fwd_kernel[(triton.cdiv(n_rows, block_rows),)](
-        x,
-        weight,
-        weight if bias is None else bias.contiguous(),
-        y,
-        rstd if rms_norm else mean,
-        rstd,
-        n_rows,
-        n_cols,
-        eps,
-        RMS_NORM=rms_norm,
-        HAS_BIAS=bias is not None,
-        BLOCK_ROWS=block_rows,
-        BLOCK_COLS=block_cols,
+        x, weight, weight if bias is None else bias.contiguous(), y, rstd if rms_norm else mean, rstd, n_rows, n_cols,
+        eps, RMS_NORM=rms_norm, HAS_BIAS=bias is not None, BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols,
         num_warps=warps,
     )
     return y, mean, rstd
 
 
 def _triton_backward(
-    grad_out: torch.Tensor,
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    mean: torch.Tensor,
-    rstd: torch.Tensor,
-    has_bias: bool,
-    rms_norm: bool,
-    examples: int,
-    target_programs: int | None = None,
+    grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
+    has_bias: bool, rms_norm: bool, examples: int, target_programs: int | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """(dx, dw, db, per-example squared norms); ``target_programs`` overrides the partition (tests)."""
     grad_out, x, weight = grad_out.contiguous(), x.contiguous(), weight.contiguous()
@@ -384,27 +306,9 @@ def _triton_backward(
     sq_norms = torch.empty(examples, dtype=torch.float32, device=x.device)
     block_rows, block_cols, warps = _row_blocks(n_cols, rows_per_chunk)
     _norm_bwd_kernel[(programs,)](
-        grad_out,
-        x,
-        weight,
-        rstd if rms_norm else mean,
-        rstd,
-        dx,
-        partial_dw,
-        partial_db,
-        sq_norms,
-        n_cols,
-        examples,
-        rows_per_example,
-        per_program,
-        chunks,
-        rows_per_chunk,
-        RMS_NORM=rms_norm,
-        HAS_BIAS=has_bias,
-        SINGLE_CHUNK=chunks == 1,
-        MANY_EXAMPLES=per_program > 1,
-        BLOCK_ROWS=block_rows,
-        BLOCK_COLS=block_cols,
+        grad_out, x, weight, rstd if rms_norm else mean, rstd, dx, partial_dw, partial_db, sq_norms, n_cols, examples,
+        rows_per_example, per_program, chunks, rows_per_chunk, RMS_NORM=rms_norm, HAS_BIAS=has_bias,
+        SINGLE_CHUNK=chunks == 1, MANY_EXAMPLES=per_program > 1, BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols,
         num_warps=warps,
     )
     dw = torch.empty_like(weight)
@@ -414,18 +318,8 @@ def _triton_backward(
     col_blocks = triton.cdiv(n_cols, reduce_cols)
     sq_parts = torch.empty(examples, col_blocks, dtype=torch.float32, device=x.device) if chunks > 1 else sq_norms
     _norm_bwd_reduce_kernel[(col_blocks,)](
-        partial_dw,
-        partial_db,
-        dw,
-        db if has_bias else dw,
-        sq_parts,
-        programs,
-        n_cols,
-        HAS_BIAS=has_bias,
-        CHUNKS=chunks,
-        BLOCK_P=block_p,
-        BLOCK_COLS=reduce_cols,
-        num_warps=_num_warps(block_p * reduce_cols),
+        partial_dw, partial_db, dw, db if has_bias else dw, sq_parts, programs, n_cols, HAS_BIAS=has_bias,
+        CHUNKS=chunks, BLOCK_P=block_p, BLOCK_COLS=reduce_cols, num_warps=_num_warps(block_p * reduce_cols),
     )
     if chunks > 1:
         sq_norms = sq_parts.sum(dim=1)
@@ -454,14 +348,8 @@ def _reference_forward(
 
 
 def _reference_backward(
-    grad_out: torch.Tensor,
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    mean: torch.Tensor,
-    rstd: torch.Tensor,
-    has_bias: bool,
-    rms_norm: bool,
-    examples: int,
+    grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
+    has_bias: bool, rms_norm: bool, examples: int,
 ) -> tuple[torch.Tensor, ...]:
     ct = reference_dtype(x.dtype)
     xf, dy, r = x.to(ct), grad_out.to(ct), rstd.to(ct)[:, None]
@@ -493,11 +381,7 @@ def _stats_dtype(x: torch.Tensor) -> torch.dtype:
 
 @torch.library.custom_op("lightning_scaling::norm_forward", mutates_args=())
 def norm_forward(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    per_example_sink: torch.Tensor | None,
-    eps: float,
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, per_example_sink: torch.Tensor | None, eps: float,
     rms_norm: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """LayerNorm (``rms_norm=False``) or RMSNorm of x [rows, H] over H: (y [rows, H] in x's dtype, mean [rows]
@@ -514,14 +398,8 @@ def _(x, weight, bias, per_example_sink, eps, rms_norm):
 
 @torch.library.custom_op("lightning_scaling::norm_backward", mutates_args=())
 def norm_backward(
-    grad_out: torch.Tensor,
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    mean: torch.Tensor,
-    rstd: torch.Tensor,
-    has_bias: bool,
-    rms_norm: bool,
-    examples: int,
+    grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
+    has_bias: bool, rms_norm: bool, examples: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of ``norm_forward``: (dx [rows, H], dw [H], db [H] (or [0] without bias), per-example squared
     norms [examples] in fp32 (float64 for float64 x)), rows being ``examples`` equal runs of consecutive rows."""
@@ -557,12 +435,8 @@ def _backward(ctx, grad_y: torch.Tensor, grad_mean: torch.Tensor | None, grad_rs
     dx, dw, db, sq_norms = norm_backward(grad_y, x, weight, mean, rstd, ctx.has_bias, ctx.rms_norm, ctx.examples)
     needs = ctx.needs_input_grad
     return (
-        dx if needs[0] else None,
-        dw if needs[1] else None,
-        db if ctx.has_bias and needs[2] else None,
-        sq_norms if needs[3] else None,
-        None,
-        None,
+        dx if needs[0] else None, dw if needs[1] else None, db if ctx.has_bias and needs[2] else None,
+        sq_norms if needs[3] else None, None, None,
     )
 
 
@@ -619,12 +493,8 @@ def _examples_of(x: torch.Tensor) -> int:
 
 
 def _normalize(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    eps: float | None,
-    per_example_sink: torch.Tensor | None,
-    rms_norm: bool,
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float | None,
+    per_example_sink: torch.Tensor | None, rms_norm: bool,
 ) -> torch.Tensor:
     check_float_tensor("x", x)
     if x.dim() == 0 or x.numel() == 0:

@@ -98,23 +98,8 @@ def _tile_indices(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: t
 
 @triton.jit
 def _gate_up_tiles(
-    X,
-    WG,
-    WU,
-    offs_m,
-    offs_n,
-    M,
-    N,
-    K,
-    stride_xm,
-    stride_xk,
-    stride_wn,
-    stride_wk,
-    EVEN_K: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    X, WG, WU, offs_m, offs_n, M, N, K, stride_xm, stride_xk, stride_wn, stride_wk, EVEN_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # g = x W_gateᵀ and u = x W_upᵀ for one [BLOCK_M, BLOCK_N] tile, fp32 accumulators. Out-of-range rows and
     # columns wrap around (modulo) instead of being masked: they compute garbage that is never stored.
@@ -151,45 +136,14 @@ def _gate_up_tiles(
 @triton.heuristics(_HEURISTICS)
 @triton.jit
 def _gate_up_swiglu_fwd_kernel(
-    X,
-    WG,
-    WU,
-    H,
-    M,
-    N,
-    K,
-    stride_xm,
-    stride_xk,
-    stride_wn,
-    stride_wk,
-    stride_hm,
-    stride_hn,
-    EVEN_K: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    X, WG, WU, H, M, N, K, stride_xm, stride_xk, stride_wn, stride_wk, stride_hm, stride_hn, EVEN_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
     offs_m, offs_n = _tile_indices(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     g, u = _gate_up_tiles(
-        X,
-        WG,
-        WU,
-        offs_m,
-        offs_n,
-        M,
-        N,
-        K,
-        stride_xm,
-        stride_xk,
-        stride_wn,
-        stride_wk,
-        EVEN_K,
-        DOT_PRECISION,
-        BLOCK_M,
-        BLOCK_N,
-        BLOCK_K,
+        X, WG, WU, offs_m, offs_n, M, N, K, stride_xm, stride_xk, stride_wn, stride_wk, EVEN_K, DOT_PRECISION, BLOCK_M,
+        BLOCK_N, BLOCK_K,
     )
     h = g * tl.sigmoid(g) * u
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
@@ -206,47 +160,14 @@ def _gate_up_swiglu_fwd_kernel(
 @triton.heuristics(_HEURISTICS)
 @triton.jit
 def _gate_up_swiglu_bwd_kernel(
-    X,
-    WG,
-    WU,
-    DH,
-    DG,
-    DU,
-    M,
-    N,
-    K,
-    stride_xm,
-    stride_xk,
-    stride_wn,
-    stride_wk,
-    stride_hm,
-    stride_hn,
-    EVEN_K: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr,
+    X, WG, WU, DH, DG, DU, M, N, K, stride_xm, stride_xk, stride_wn, stride_wk, stride_hm, stride_hn,
+    EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     offs_m, offs_n = _tile_indices(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     g, u = _gate_up_tiles(
-        X,
-        WG,
-        WU,
-        offs_m,
-        offs_n,
-        M,
-        N,
-        K,
-        stride_xm,
-        stride_xk,
-        stride_wn,
-        stride_wk,
-        EVEN_K,
-        DOT_PRECISION,
-        BLOCK_M,
-        BLOCK_N,
-        BLOCK_K,
+        X, WG, WU, offs_m, offs_n, M, N, K, stride_xm, stride_xk, stride_wn, stride_wk, EVEN_K, DOT_PRECISION, BLOCK_M,
+        BLOCK_N, BLOCK_K,
     )
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     tile = offs_m[:, None].to(tl.int64) * stride_hm + offs_n[None, :] * stride_hn  # DH, DG, DU: one layout
@@ -287,18 +208,7 @@ def _triton_gate_up_grads(
     (m, k), n = x.shape, w_gate.shape[0]
     d_gate, d_up = torch.empty_like(grad_h), torch.empty_like(grad_h)
     _gate_up_swiglu_bwd_kernel[_grid(m, n)](
-        x,
-        w_gate,
-        w_up,
-        grad_h,
-        d_gate,
-        d_up,
-        m,
-        n,
-        k,
-        *x.stride(),
-        *w_gate.stride(),
-        *grad_h.stride(),
+        x, w_gate, w_up, grad_h, d_gate, d_up, m, n, k, *x.stride(), *w_gate.stride(), *grad_h.stride(),
         DOT_PRECISION=_dot_precision(x.dtype),
     )
     return d_gate, d_up

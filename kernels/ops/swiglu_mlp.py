@@ -35,13 +35,8 @@ def _forward(
 
 
 def _backward(
-    grad_y: torch.Tensor,
-    x: torch.Tensor,
-    w_gate: torch.Tensor,
-    w_up: torch.Tensor,
-    w_down: torch.Tensor,
-    g: torch.Tensor,
-    u: torch.Tensor,
+    grad_y: torch.Tensor, x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
+    g: torch.Tensor, u: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     d_gate, d_up, h = run_kernels(
         g, gate_kernels._triton_backward, gate_kernels._reference_backward, grad_y @ w_down, g, u, True
@@ -73,13 +68,8 @@ def _(x, w_gate, w_up, w_down):
 
 @torch.library.custom_op("lightning_scaling::swiglu_mlp_backward", mutates_args=())
 def swiglu_mlp_backward(
-    grad_y: torch.Tensor,
-    x: torch.Tensor,
-    w_gate: torch.Tensor,
-    w_up: torch.Tensor,
-    w_down: torch.Tensor,
-    g: torch.Tensor,
-    u: torch.Tensor,
+    grad_y: torch.Tensor, x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
+    g: torch.Tensor, u: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients (d_x, d_w_gate, d_w_up, d_w_down) of ``swiglu_mlp_forward``, recomputing the product."""
     return _backward(grad_y, x, w_gate, w_up, w_down, g, u)

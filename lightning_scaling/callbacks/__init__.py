@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from lightning_scaling.lazy_imports import module_getattr
 
 _LAZY = {
     "FlopCounter": "lightning_scaling.callbacks.flop_counter",
@@ -19,7 +18,4 @@ _LAZY = {
 __all__ = sorted(_LAZY)
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'lightning_scaling.callbacks' has no attribute {name!r}")
+__getattr__ = module_getattr(__name__, _LAZY)

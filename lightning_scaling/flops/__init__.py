@@ -9,9 +9,6 @@ May import: :mod:`lightning_scaling.argument_checks`; never the callbacks, Light
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
 from lightning_scaling.flops.formulas import (
     CAUSAL_ATTENTION_CONVENTIONS,
     DEFAULT_CAUSAL_ATTENTION,
@@ -24,18 +21,19 @@ from lightning_scaling.flops.formulas import (
     transformer_params,
 )
 from lightning_scaling.flops.hardware import DENSE_PEAK_FLOPS, dense_peak_flops, device_peak_flops
+from lightning_scaling.lazy_imports import module_getattr
 
 _LAZY = {
-    "MeasuredFlops": "counter",
-    "TrainingFlopCounter": "counter",
-    "count_parameters": "counter",
-    "measure_training_flops": "counter",
-    "register_flop_formula": "counter",
-    "registered_flop_formulas": "counter",
-    "training_flop_counter": "counter",
-    "FlopsByShape": "by_shape",
-    "ModelShape": "model_shape",
-    "find_model_shape": "model_shape",
+    "MeasuredFlops": ".counter",
+    "TrainingFlopCounter": ".counter",
+    "count_parameters": ".counter",
+    "measure_training_flops": ".counter",
+    "register_flop_formula": ".counter",
+    "registered_flop_formulas": ".counter",
+    "training_flop_counter": ".counter",
+    "FlopsByShape": ".by_shape",
+    "ModelShape": ".model_shape",
+    "find_model_shape": ".model_shape",
 }
 
 # the eager names as a literal, so that linters and type checkers see them re-exported; then the lazy ones
@@ -56,7 +54,4 @@ __all__ = [
 __all__ += sorted(_LAZY)
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = module_getattr(__name__, _LAZY)

@@ -215,8 +215,10 @@ def transformer_flops(
             "mlp": n_layer * 2.0 * s * mlp_mats * d * f,
             "logits": 2.0 * s * d * v,
         }
-    elif convention == "kaplan":
-        # Kaplan 2020 Table 1: C_forward = 2N + 2·n_layer·n_ctx·d_attn per token (context term = causal half)
+    else:
+        # Kaplan 2020 Table 1: C_forward = 2N + 2·n_layer·n_ctx·d_attn per token (context term = causal half), N
+        # without embeddings. PaLM App. B: 6N + 12·L·H·Q·T per token for training = 3 × (2N + 4·L·H·Q·T) forward,
+        # the same matmuls with the output projection (logits) in N.
         breakdown = {
             "embeddings": 0.0,
             "qkv": n_layer * 2.0 * d * (d_attn + 2 * d_kv) * s,
@@ -225,19 +227,7 @@ def transformer_flops(
             "values": n_layer * 2.0 * s * d_attn * s * attn,
             "out_proj": n_layer * 2.0 * d_attn * d * s,
             "mlp": n_layer * 2.0 * mlp_mats * d * f * s,
-            "logits": 0.0,
-        }
-    else:
-        # PaLM App. B: 6N + 12·L·H·Q·T per token for training = 3 × (2N + 4·L·H·Q·T) forward
-        breakdown = {
-            "embeddings": 0.0,
-            "qkv": n_layer * 2.0 * d * (d_attn + 2 * d_kv) * s,
-            "scores": n_layer * 2.0 * d_attn * s * s * attn,
-            "softmax": 0.0,
-            "values": n_layer * 2.0 * d_attn * s * s * attn,
-            "out_proj": n_layer * 2.0 * d_attn * d * s,
-            "mlp": n_layer * 2.0 * mlp_mats * d * f * s,
-            "logits": 2.0 * d * v * s,
+            "logits": 2.0 * d * v * s if convention == "palm" else 0.0,
         }
     forward = float(sum(breakdown.values()))
     # Chinchilla App. F: backward = 2 × forward; Kaplan Table 1 and PaLM App. B: training = 3 × forward

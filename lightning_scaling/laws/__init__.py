@@ -10,9 +10,6 @@ May import: :mod:`lightning_scaling.argument_checks`, :mod:`lightning_scaling.me
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
 from lightning_scaling.laws.definitions import (
     BESIROGLU_2024,
     DEFAULT_LAW,
@@ -34,24 +31,25 @@ from lightning_scaling.laws.definitions import (
     load_fitted_range,
     load_law,
 )
+from lightning_scaling.lazy_imports import module_getattr
 
 _LAZY = {
-    "APPROACHES": "fitting",
-    "FrontierFit": "fitting",
-    "LawFit": "fitting",
-    "ScalingPoints": "fitting",
-    "UndeterminedLawError": "fitting",
-    "fit_approach1": "fitting",
-    "fit_approach2": "fitting",
-    "fit_approach3": "fitting",
-    "fit_kaplan": "fitting",
-    "optimum_at": "fitting",
-    "BootstrapResult": "resampling",
-    "bootstrap": "resampling",
-    "read_csv": "runs",
-    "read_csv_logger": "runs",
-    "read_points": "runs",
-    "plot_fit": "plotting",
+    "APPROACHES": ".fitting",
+    "FrontierFit": ".fitting",
+    "LawFit": ".fitting",
+    "ScalingPoints": ".fitting",
+    "UndeterminedLawError": ".fitting",
+    "fit_approach1": ".fitting",
+    "fit_approach2": ".fitting",
+    "fit_approach3": ".fitting",
+    "fit_kaplan": ".fitting",
+    "optimum_at": ".fitting",
+    "BootstrapResult": ".resampling",
+    "bootstrap": ".resampling",
+    "read_csv": ".runs",
+    "read_csv_logger": ".runs",
+    "read_points": ".runs",
+    "plot_fit": ".plotting",
 }
 
 # the eager names as a literal, so that linters and type checkers see them re-exported; then the lazy ones
@@ -79,7 +77,4 @@ __all__ = [
 __all__ += sorted(_LAZY)
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = module_getattr(__name__, _LAZY)
