@@ -9,6 +9,10 @@ reports, over the repeats:
 - ``same-run whole fit``: the monitored fit's wall time over the same time less what we spent in it (our hooks
   and the FLOP-measured steps' extra time beyond unmeasured steps of the same size), from the monitored run
   alone: free of the machine's drift between two runs, which on a shared machine can exceed the effect;
+- ``same-run, paired measured steps``: the same, with each FLOP-measured step compared with the same step (same
+  batch) of the paired fit without the monitor instead of with later steps of its size: a measured step is the
+  first batch of its shape, which costs more than later ones with or without us (new allocations, kernels picked
+  for new sizes), so the column before charges us for that too;
 - ``steady``: the same ratio over the steps after the first ``--warmup`` ones (median step time);
 - ``hooks ms/step``: time spent inside the monitor's per-batch hooks and its gradient hooks per optimizer step,
   measured in the same run (what the bookkeeping costs, free of machine noise; the FLOP-measured steps'
@@ -253,6 +257,9 @@ def fit_once(name: str, with_monitor: bool, args: argparse.Namespace) -> dict[st
         # what the same fit would have taken without us, from this run alone: minus our hooks' time and the
         # measured steps' extra time (free of the machine's drift between runs)
         "own_seconds": spent[0] + clock.measurement_extra(),
+        "hooks_seconds": spent[0],
+        "step_times": clock.times,
+        "step_measured": clock.measured,
         "steady": statistics.median(clock.times[args.warmup :]) if len(clock.times) > args.warmup else float("nan"),
         "hooks_ms_per_step": 1e3 * spent[0] / steps,
         "measured": monitor.flops.measured_shapes if monitor else 0,
@@ -312,6 +319,21 @@ def _child(args: argparse.Namespace) -> int:
     return 0
 
 
+def _paired_extra(on: dict[str, Any], off: dict[str, Any]) -> float:
+    """Seconds the FLOP-measured steps of the monitored fit took beyond the same steps (same index, same batch) of
+    the paired fit without the monitor. Unlike ``StepClock.measurement_extra``, the baseline pays what the first
+    batch of a new shape costs anyway (new allocations, kernels chosen for new sizes). Per-step noise between the
+    two fits enters both ways; the total is floored at 0."""
+    if len(on["step_times"]) != len(off["step_times"]):
+        return 0.0
+    extra = sum(
+        t_on - t_off
+        for t_on, t_off, m in zip(on["step_times"], off["step_times"], on["step_measured"], strict=True)
+        if m
+    )
+    return max(extra, 0.0)
+
+
 def _spread(values: list[float]) -> str:
     return f"{statistics.median(values):.3f} [{min(values):.3f}–{max(values):.3f}]"
 
@@ -354,13 +376,14 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for name in names:
         fit_once(name, False, args)  # warm this configuration's code paths once, untimed
-        whole, steady, hooks, same_run, measured, shapes = [], [], [], [], 0, 0
+        whole, steady, hooks, same_run, paired, measured, shapes = [], [], [], [], [], 0, 0
         for repeat in range(args.repeats):
             order = (False, True) if repeat % 2 == 0 else (True, False)
             pair = {flag: fit_once(name, flag, args) for flag in order}
             whole.append(pair[True]["wall"] / pair[False]["wall"])
             on = pair[True]
             same_run.append(on["wall"] / (on["wall"] - on["own_seconds"]))
+            paired.append(on["wall"] / (on["wall"] - on["hooks_seconds"] - _paired_extra(on, pair[False])))
             steady.append(pair[True]["steady"] / pair[False]["steady"])
             hooks.append(pair[True]["hooks_ms_per_step"])
             measured, shapes = pair[True]["measured"], pair[True]["shapes"]
@@ -370,6 +393,7 @@ def main(argv: list[str] | None = None) -> int:
                 name,
                 _spread(whole),
                 _spread(same_run),
+                _spread(paired),
                 _spread(steady),
                 f"{statistics.median(hooks):.2f}",
                 f"{measured}/{shapes}",
@@ -384,6 +408,7 @@ def main(argv: list[str] | None = None) -> int:
             "configuration",
             "whole fit on/off",
             "same-run whole fit",
+            "same-run, paired measured steps",
             "steady on/off",
             "hooks ms/step",
             "measured/shapes",
