@@ -549,6 +549,7 @@ def _batch_group(s: Mapping[str, Any], thresholds: ReportThresholds) -> dict[str
         "measurements": s.get("measurements"),
         "skipped_nonfinite_steps": s.get("skipped_nonfinite"),
         "method": s.get("mode"),
+        "whole_over_norm_layers": _number(s.get("whole_over_norm_layers")),
         "noise_scale_status": s.get("status"),
     }
     if gns is None or gns <= 0 or not batch:
@@ -886,7 +887,14 @@ REPORT_KEYS: dict[str, str] = {
     "batch_size.batch_over_noise_scale": "batch in use / B_simple (ratio)",
     "batch_size.measurements": "optimizer steps measured",
     "batch_size.skipped_nonfinite_steps": "optimizer steps left out because their gradients were not finite",
-    "batch_size.method": "where the two batch sizes come from: hooks (accumulation and/or DDP) or off",
+    "batch_size.method": (
+        "where the two batch sizes come from: hooks (accumulation and/or DDP), norm layers (their per-example "
+        "gradients) or off"
+    ),
+    "batch_size.whole_over_norm_layers": (
+        "the whole model's B_simple over the normalization layers' own, when both were measured (the factor "
+        "for GradientNoiseScale(norm_layers_scale=...); ratio)"
+    ),
     "batch_size.noise_scale_status": "why there is an estimate or not, in words",
     "data.status": "fresh, repeating, diminishing, worthless repeats, unknown",
     "data.unique_tokens": "unique tokens in the training data (tokens)",

@@ -527,8 +527,9 @@ class GradientNoiseScale(LedgerCallback):
             + (
                 ""
                 if self.norm_layers_scale != 1.0 or self._k > 1 or self._world > 1
-                else " Their noise scale reads about half the whole model's (0.4-0.6x on a small GPT); "
-                f"{self.option_hint('norm_layers_scale')} corrects it (see its documentation)."
+                else " Their noise scale reads about half the whole model's (0.4-0.6x on a small GPT): a run "
+                "with accumulate_grad_batches=2 reports the factor (whole_over_norm_layers in the noise scale's "
+                f"summary and the report) to pass as {self.option_hint('norm_layers_scale')}."
             ),
         )
         return True
