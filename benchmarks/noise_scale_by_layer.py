@@ -53,21 +53,15 @@ from __future__ import annotations
 
 import argparse
 import copy
-import logging
 import math
-import os
-import platform
-import shlex
 import statistics
-import sys
 import time
-import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from _example import example_gpt
+from _example import example_gpt, start_lightning_benchmark
 from _table import print_table
 from torch.utils.data import DataLoader, Dataset, Subset
 
@@ -167,7 +161,7 @@ def parameter_groups(model: torch.nn.Module) -> dict[str, list[str]]:
 
     probe = NormLayerProbe()
     probe.find(model)
-    norm_modules = {name for name, _, _ in probe.layers}  # exactly the layers the library measures
+    norm_modules = {name for name, _ in probe.layers}  # exactly the layers the library measures
     groups: dict[str, list[str]] = {g: [] for g in GROUPS}
     for name, _ in model.named_parameters():
         owner, _, leaf = name.rpartition(".")
@@ -464,25 +458,7 @@ def _rel(a: float, b: float) -> float:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    import lightning as L
-
-    import lightning_scaling
-
-    warnings.filterwarnings(
-        "ignore",
-        message=r".*(does not have many workers|log_every_n_steps|TPU available|no `val_dataloader`|LeafSpec"
-        r"|batching rule for aten::_scaled_dot_product).*",
-    )
-    for name in ("lightning.pytorch", "lightning.fabric"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    command = shlex.join(["python", "benchmarks/noise_scale_by_layer.py", *(sys.argv[1:] if argv is None else argv)])
-    print(f"command: {command}")
-    print(
-        f"machine: {platform.machine()}, {os.cpu_count()} logical CPUs; torch threads: {torch.get_num_threads()}; "
-        f"python {platform.python_version()}, torch {torch.__version__}, lightning {L.__version__}, "
-        f"lightning_scaling {lightning_scaling.__version__}; date {time.strftime('%Y-%m-%d')}",
-        flush=True,
-    )
+    start_lightning_benchmark("noise_scale_by_layer.py", argv)
     n_probe = args.probe_batches * args.probe_size
     print(
         f"example GPT, {args.n_layer} layers, seq {args.seq_len} bytes; training: micro-batch {args.micro_batch} x "

@@ -34,32 +34,26 @@ CHECK_TOLERANCE = {torch.float32: 1e-3, torch.float64: 1e-6}
 HALF_TOLERANCE = 2e-2
 
 
-def _layer_kind(module: torch.nn.Module) -> str | None:
-    """'layer' (LayerNorm), 'rms' (RMSNorm) or None, for a norm layer over the last dimension with a weight."""
+def _is_norm_layer(module: torch.nn.Module) -> bool:
+    """Whether ``module`` is a LayerNorm or RMSNorm over the last dimension with a trained weight vector."""
     weight = getattr(module, "weight", None)
     if not isinstance(weight, torch.nn.Parameter) or weight.dim() != 1 or not weight.requires_grad:
-        return None
-    if isinstance(module, torch.nn.LayerNorm):
-        return "layer" if len(module.normalized_shape) == 1 else None
-    if isinstance(module, torch.nn.RMSNorm):
-        return "rms" if len(module.normalized_shape) == 1 else None
+        return False
+    if isinstance(module, (torch.nn.LayerNorm, torch.nn.RMSNorm)):
+        return len(module.normalized_shape) == 1
     # our fused norms: a model holding one has imported their module already (no Triton import here)
     fused = sys.modules.get("lightning_scaling.kernels.modules")
-    if fused is not None and isinstance(module, fused.FusedLayerNorm):
-        return "layer"
-    if fused is not None and isinstance(module, fused.FusedRMSNorm):
-        return "rms"
+    if fused is not None and isinstance(module, (fused.FusedLayerNorm, fused.FusedRMSNorm)):
+        return True
     # Other libraries' RMSNorm (Hugging Face's LlamaRMSNorm & co., litgpt's RMSNorm): one weight vector, an epsilon,
     # no children; their formula is then checked against autograd on the first step.
     own = dict(module.named_parameters(recurse=False))
-    if (
+    return (
         type(module).__name__.endswith("RMSNorm")
         and set(own) == {"weight"}
         and isinstance(_declared_epsilon(module), float)
         and not any(True for _ in module.children())
-    ):
-        return "rms"
-    return None
+    )
 
 
 def _tensor(module: torch.nn.Module, name: str) -> torch.Tensor:
@@ -83,7 +77,7 @@ class NormLayerProbe:
     """
 
     def __init__(self) -> None:
-        self.layers: list[tuple[str, torch.nn.Module, str]] = []  # (qualified name, module, kind)
+        self.layers: list[tuple[str, torch.nn.Module]] = []  # (qualified name, module)
         self._handles: list[Any] = []
         self._active = False
         self._examples: int | None = None
@@ -97,13 +91,13 @@ class NormLayerProbe:
     # ------------------------------------------------------------------------------------------- set-up
     def find(self, model: torch.nn.Module) -> str:
         """Find the norm layers; returns a one-line description ('9 x LayerNorm', or '' when there are none)."""
-        self.layers = [(name, m, kind) for name, m in model.named_modules() if (kind := _layer_kind(m)) is not None]
-        counts = Counter(type(m).__name__ for _, m, _ in self.layers)
+        self.layers = [(name, m) for name, m in model.named_modules() if _is_norm_layer(m)]
+        counts = Counter(type(m).__name__ for _, m in self.layers)
         return ", ".join(f"{n} x {cls}" for cls, n in counts.most_common())
 
     def attach(self) -> None:
         self.detach()
-        for index, (_, module, _kind) in enumerate(self.layers):
+        for index, (_, module) in enumerate(self.layers):
             self._handles.append(module.register_forward_hook(self._forward_hook(index)))
 
     def detach(self) -> None:

@@ -558,8 +558,9 @@ class GradientNoiseScale(LedgerCallback):
 
     def _make_hook(self) -> Any:
         def hook(grad: torch.Tensor) -> None:
-            # Sees one micro-batch's gradient of this parameter (times loss scale / k) before it joins .grad.
-            if not (self._collecting and self._hooks_live and self.enabled):
+            # Sees one micro-batch's gradient of this parameter (times loss scale / k) before it joins .grad. The
+            # hooks are on only for the micro-batches they measure (_on_micro_batch_start).
+            if not (self._collecting and self.enabled):
                 return
             try:
                 flat = grad.reshape(-1)
