@@ -425,3 +425,27 @@ def grid_ladder(sizes=(1e7, 3e7, 1e8, 3e8), tokens=(1e9, 3e9, 1e10, 3e10)) -> tu
     """Every model size trained for every token count (a curve per size), so that sizes and tokens vary alone."""
     n, d = np.meshgrid(sizes, tokens, indexing="ij")
     return n.ravel(), d.ravel()
+
+
+def sft_rows(n: int = 32, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    """litgpt-style supervised fine-tuning samples: a prompt (labels -100) then a response, unpadded."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(n):
+        prompt, response = int(torch.randint(2, 6, (1,), generator=g)), int(torch.randint(2, 10, (1,), generator=g))
+        ids = torch.randint(1, 256, (prompt + response,), generator=g)
+        labels = ids.clone()
+        labels[:prompt] = -100
+        rows.append({"input_ids": ids, "labels": labels})
+    return rows
+
+
+def sft_collate(rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Pads input_ids with 0 and labels with -100 to the longest row, with no attention mask (as litgpt does)."""
+    longest = max(len(r["input_ids"]) for r in rows)
+    ids = torch.zeros(len(rows), longest, dtype=torch.long)
+    labels = torch.full((len(rows), longest), -100, dtype=torch.long)
+    for i, r in enumerate(rows):
+        n = len(r["input_ids"])
+        ids[i, :n], labels[i, :n] = r["input_ids"], r["labels"]
+    return {"input_ids": ids, "labels": labels}

@@ -8,6 +8,7 @@ import warnings
 
 import pytest
 import torch
+from helpers import sft_collate, sft_rows
 
 from lightning_scaling.callbacks import non_padding_tokens
 from lightning_scaling.callbacks._common import (
@@ -20,32 +21,8 @@ from lightning_scaling.callbacks._common import (
 )
 
 
-def _sft_rows(n: int = 32, seed: int = 0) -> list[dict[str, torch.Tensor]]:
-    """litgpt-style supervised fine-tuning samples: a prompt (labels -100) then a response, unpadded."""
-    g = torch.Generator().manual_seed(seed)
-    rows = []
-    for _ in range(n):
-        prompt, response = int(torch.randint(2, 6, (1,), generator=g)), int(torch.randint(2, 10, (1,), generator=g))
-        ids = torch.randint(1, 256, (prompt + response,), generator=g)
-        labels = ids.clone()
-        labels[:prompt] = -100
-        rows.append({"input_ids": ids, "labels": labels})
-    return rows
-
-
-def sft_collate(rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Pads input_ids with 0 and labels with -100 to the longest row, with no attention mask (as litgpt does)."""
-    longest = max(len(r["input_ids"]) for r in rows)
-    ids = torch.zeros(len(rows), longest, dtype=torch.long)
-    labels = torch.full((len(rows), longest), -100, dtype=torch.long)
-    for i, r in enumerate(rows):
-        n = len(r["input_ids"])
-        ids[i, :n], labels[i, :n] = r["input_ids"], r["labels"]
-    return {"input_ids": ids, "labels": labels}
-
-
 def test_right_padding_marked_in_labels_is_not_counted():
-    rows = _sft_rows(8)
+    rows = sft_rows(8)
     batch = sft_collate(rows)
     real = sum(len(r["input_ids"]) for r in rows)
     assert batch["input_ids"].numel() > real  # the batch really is padded

@@ -11,6 +11,7 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
+from helpers import quick_trainer
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_scaling.callbacks._norm_layers import NormLayerProbe
@@ -151,6 +152,25 @@ def _population(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return x, y
 
 
+def _train(
+    module: L.LightningModule,
+    callback: L.Callback,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    batch_size: int,
+    steps: int,
+    root: Any = None,
+    **trainer_options: Any,
+) -> L.Trainer:
+    """Fit ``module`` on (x, y) for ``steps`` optimizer steps with ``callback``, Lightning's warnings silenced."""
+    trainer = quick_trainer(root, [callback], steps, **trainer_options)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(module, DataLoader(TensorDataset(x, y), batch_size=batch_size))
+    return trainer
+
+
 def _true_b_simple(module: NormOnly) -> float:
     """tr(Σ)/|G|² from every sample's own gradient over a large population (float64, torch.func)."""
     x, y = _population(20_000, seed=99)
@@ -174,19 +194,7 @@ def test_norm_only_model_estimate_is_on_the_truth_without_accumulation() -> None
     truth = _true_b_simple(module)
     x, y = _population(steps * batch, seed=0)
     cb = GradientNoiseScale(ema_decay=0.99, warmup_steps=10**9, norm_layers_every_n_steps=1)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_steps=steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[cb],
-    )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        trainer.fit(module, DataLoader(TensorDataset(x, y), batch_size=batch))
+    trainer = _train(module, cb, x, y, batch_size=batch, steps=steps)
     assert cb.mode == "norm layers" and cb.norm_layers_found == "1 x LayerNorm"
     est = cb.estimate()
     assert est.measurements == steps
@@ -203,20 +211,7 @@ def test_norm_only_model_with_accumulation_reports_both_and_they_agree() -> None
     truth = _true_b_simple(module)
     x, y = _population(steps * 2 * micro, seed=3)
     cb = GradientNoiseScale(ema_decay=0.98, warmup_steps=10**9, norm_layers_every_n_steps=1)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_steps=steps,
-        accumulate_grad_batches=2,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[cb],
-    )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        trainer.fit(module, DataLoader(TensorDataset(x, y), batch_size=micro))
+    trainer = _train(module, cb, x, y, batch_size=micro, steps=steps, accumulate_grad_batches=2)
     assert cb.mode == "hooks"  # the whole model's estimate is the main one; the norm layers' is beside it
     whole, norm = cb.estimate(), cb.norm_estimator.estimate()
     assert norm.measurements == steps
@@ -234,19 +229,7 @@ def _norm_only_fit(scale: float, monkeypatch: Any) -> tuple[GradientNoiseScale, 
     monkeypatch.setattr(_common, "rank_zero_info", said.append)
     x, y = _population(40 * 8, seed=4)
     cb = GradientNoiseScale(warmup_steps=10**9, norm_layers_every_n_steps=1, norm_layers_scale=scale)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_steps=40,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[cb],
-    )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        trainer.fit(NormOnly(), DataLoader(TensorDataset(x, y), batch_size=8))
+    _train(NormOnly(), cb, x, y, batch_size=8, steps=40)
     return cb, said
 
 
@@ -314,19 +297,7 @@ def _fit(module: L.LightningModule, monkeypatch: Any, steps: int = 6) -> tuple[G
     monkeypatch.setattr(_common, "rank_zero_info", said.append)
     x, y = _population(steps * 4, seed=5)
     cb = GradientNoiseScale(warmup_steps=10**9)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_steps=steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[cb],
-    )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        trainer.fit(module, DataLoader(TensorDataset(x, y), batch_size=4))
+    _train(module, cb, x, y, batch_size=4, steps=steps)
     return cb, said
 
 
@@ -351,17 +322,7 @@ def test_norm_layers_false_keeps_the_old_behaviour(monkeypatch: Any) -> None:
     monkeypatch.setattr(_common, "rank_zero_info", lambda m: None)
     cb = GradientNoiseScale(norm_layers=False)
     x, y = _population(16, seed=5)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_steps=4,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[cb],
-    )
-    trainer.fit(NormOnly(), DataLoader(TensorDataset(x, y), batch_size=4))
+    _train(NormOnly(), cb, x, y, batch_size=4, steps=4)
     assert cb.mode == "off" and cb.norm_estimator.count == 0
     with pytest.raises(ValueError, match="norm_layers"):
         GradientNoiseScale(norm_layers="yes")  # type: ignore[arg-type]
@@ -370,19 +331,7 @@ def test_norm_layers_false_keeps_the_old_behaviour(monkeypatch: Any) -> None:
 def test_norm_estimate_survives_a_checkpoint(tmp_path: Any) -> None:
     a = GradientNoiseScale(warmup_steps=10**9, norm_layers_every_n_steps=1)
     x, y = _population(40, seed=7)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_steps=5,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-        callbacks=[a],
-    )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        trainer.fit(NormOnly(), DataLoader(TensorDataset(x, y), batch_size=4))
+    _train(NormOnly(), a, x, y, batch_size=4, steps=5, root=tmp_path, enable_checkpointing=True)
     b = GradientNoiseScale()
     b.load_state_dict(a.state_dict())
     assert b.norm_estimator.state_dict() == a.norm_estimator.state_dict() and b.norm_estimator.count == 5
@@ -395,17 +344,7 @@ def test_norm_layers_are_measured_on_every_nth_step_only(monkeypatch: Any) -> No
     monkeypatch.setattr(_common, "rank_zero_info", lambda m: None)
     cb = GradientNoiseScale(warmup_steps=10**9, norm_layers_every_n_steps=3)
     x, y = _population(40, seed=5)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_steps=10,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[cb],
-    )
-    trainer.fit(NormOnly(), DataLoader(TensorDataset(x, y), batch_size=4))
+    _train(NormOnly(), cb, x, y, batch_size=4, steps=10)
     assert cb.norm_estimator.count == 4  # steps 0, 3, 6, 9
     with pytest.raises(ValueError, match="norm_layers_every_n_steps"):
         GradientNoiseScale(norm_layers_every_n_steps=0)

@@ -18,6 +18,8 @@ from helpers import (
     assert_rejected_by_name,
     assert_rejected_by_name_or_stored_finite,
     quick_trainer,
+    sft_collate,
+    sft_rows,
     target_tokens,
     weird_numbers,
 )
@@ -279,30 +281,6 @@ def test_wall_clock_line_never_says_zero_minutes(monkeypatch):
 # ------------------------------------------------------------------- padding marked in labels, the rule in the report
 
 
-def _sft_rows(n: int = 32, seed: int = 0) -> list[dict[str, torch.Tensor]]:
-    """litgpt-style supervised fine-tuning samples: a prompt (labels -100) then a response, unpadded."""
-    g = torch.Generator().manual_seed(seed)
-    rows = []
-    for _ in range(n):
-        prompt, response = int(torch.randint(2, 6, (1,), generator=g)), int(torch.randint(2, 10, (1,), generator=g))
-        ids = torch.randint(1, 256, (prompt + response,), generator=g)
-        labels = ids.clone()
-        labels[:prompt] = -100
-        rows.append({"input_ids": ids, "labels": labels})
-    return rows
-
-
-def sft_collate(rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Pads input_ids with 0 and labels with -100 to the longest row, with no attention mask (as litgpt does)."""
-    longest = max(len(r["input_ids"]) for r in rows)
-    ids = torch.zeros(len(rows), longest, dtype=torch.long)
-    labels = torch.full((len(rows), longest), -100, dtype=torch.long)
-    for i, r in enumerate(rows):
-        n = len(r["input_ids"])
-        ids[i, :n], labels[i, :n] = r["input_ids"], r["labels"]
-    return {"input_ids": ids, "labels": labels}
-
-
 class SFTModule(GPTLightningModule):
     def training_step(self, batch, batch_idx):
         logits = self(batch["input_ids"])
@@ -314,7 +292,7 @@ def test_sft_run_counts_training_and_supervised_tokens_and_names_the_rule(tmp_pa
 
     said: list[str] = []
     monkeypatch.setattr(token_budget, "rank_zero_info", said.append)
-    rows = _sft_rows(32)
+    rows = sft_rows(32)
     loader = DataLoader(rows, batch_size=4, collate_fn=sft_collate, shuffle=False)
     budget = TokenBudget()
     with warnings.catch_warnings():
