@@ -29,10 +29,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import math
-import os
-import platform
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +37,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
-from _example import example_gpt
+from _example import example_gpt, start_lightning_benchmark
 from _table import print_table
 
 
@@ -188,22 +185,7 @@ def run(gpt: Any, args: argparse.Namespace, accumulate: int, lr_scaling: str | N
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    import lightning as L
-
-    import lightning_scaling
-
-    warnings.filterwarnings("ignore", message=r".*(does not have many workers|log_every_n_steps|TPU available).*")
-    for name in ("lightning.pytorch", "lightning.fabric"):
-        import logging
-
-        logging.getLogger(name).setLevel(logging.WARNING)
-    print(
-        f"machine: {platform.machine()}, {os.cpu_count()} logical CPUs ({platform.processor() or 'cpu'}); "
-        f"torch threads: {torch.get_num_threads()}; python {platform.python_version()}, torch {torch.__version__}, "
-        f"lightning {L.__version__}, lightning_scaling {lightning_scaling.__version__}; "
-        f"date {time.strftime('%Y-%m-%d')}",
-        flush=True,
-    )
+    start_lightning_benchmark("batch_size_schedule.py", argv)
     gpt = example_gpt()
     tokens = args.micro_batches * args.micro_batch * args.seq_len
     print(

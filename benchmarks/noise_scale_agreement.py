@@ -39,15 +39,9 @@ from __future__ import annotations
 
 import argparse
 import functools
-import logging
 import math
-import os
-import platform
-import shlex
 import statistics
-import sys
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +49,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
-from _example import example_gpt
+from _example import example_gpt, start_lightning_benchmark
 from _table import print_table
 
 
@@ -243,26 +237,7 @@ def _ratio(row: dict[str, float]) -> float:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    import lightning as L
-
-    import lightning_scaling
-
-    warnings.filterwarnings(
-        "ignore",
-        message=r".*(does not have many workers|log_every_n_steps|TPU available"
-        r"|no `val_dataloader`|LeafSpec).*",
-    )
-    for name in ("lightning.pytorch", "lightning.fabric"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    command = shlex.join(["python", "benchmarks/noise_scale_agreement.py", *(sys.argv[1:] if argv is None else argv)])
-    print(f"command: {command}")
-    print(
-        f"machine: {platform.machine()}, {os.cpu_count()} logical CPUs ({platform.processor() or 'cpu'}); "
-        f"torch threads: {torch.get_num_threads()}; python {platform.python_version()}, torch {torch.__version__}, "
-        f"lightning {L.__version__}, lightning_scaling {lightning_scaling.__version__}; "
-        f"date {time.strftime('%Y-%m-%d')}",
-        flush=True,
-    )
+    start_lightning_benchmark("noise_scale_agreement.py", argv)
     print(
         f"example GPT, {args.n_layer} layers, seq {args.seq_len} bytes; micro-batch {args.micro_batch} sequences x "
         f"accumulate {args.accumulate} = {args.micro_batch * args.accumulate} sequences per step; {args.steps} "
