@@ -517,8 +517,8 @@ def _backward_flops(grad_out, q, k, v, out, lse, causal, scale, *, out_shape=Non
     return 2 * _forward_flops(q, k, v, causal, scale, causal_attention=causal_attention)
 
 
-register_flop_formula(torch.ops.lightning_scaling.flash_attention_forward, _forward_flops)
-register_flop_formula(torch.ops.lightning_scaling.flash_attention_backward, _backward_flops)
+register_flop_formula(torch.ops.lightning_scaling.flash_attention_forward, _forward_flops, attention=True)
+register_flop_formula(torch.ops.lightning_scaling.flash_attention_backward, _backward_flops, attention=True)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -204,7 +204,8 @@ class StepLedger:
         """Add ``value`` (a number or a 0-dim tensor on any device: no host read) to the open micro-batch; it
         joins the step when the micro-batch trains, and is dropped when ``training_step`` returned None."""
         index = self._slots[name]
-        self._micro[index] = self._micro.get(index, 0) + value
+        previous = self._micro.get(index)
+        self._micro[index] = value if previous is None else previous + value  # (0 + tensor would be an op)
 
     def add_to_step(self, name: str, value: float | torch.Tensor) -> None:
         """Add ``value`` to the current optimizer step directly (numbers known only at the step, e.g. in
@@ -257,8 +258,10 @@ class StepLedger:
         if not trained:
             self._step[self._slots[SKIPPED]] += 1
             return
+        step = self._step
         for index, value in self._micro.items():
-            self._step[index] = self._step[index] + value
+            previous = step[index]
+            step[index] = value if isinstance(previous, int) and previous == 0 else previous + value
         self._step[self._slots[MICRO_BATCHES]] += 1
         loss = unwrap_loss(outputs)
         if loss is not None and loss.numel() == 1:  # manual optimization may hand back any tensor
@@ -321,7 +324,15 @@ def _read_back(values: list[Any]) -> list[float]:
     if lazy:
         device = values[lazy[0]].device  # a tokens_fn may count on the CPU while the loss is on the GPU
         dtype = torch.float32 if device.type == "mps" else torch.float64
-        read = torch.stack([values[i].detach().reshape(()).to(device=device, dtype=dtype) for i in lazy]).tolist()
+        scalars = []
+        for i in lazy:
+            t = values[i].detach()
+            if t.dim():
+                t = t.reshape(())
+            if t.dtype != dtype or t.device != device:  # counts (int64) stay exact in float64
+                t = t.to(device=device, dtype=dtype)
+            scalars.append(t)
+        read = torch.stack(scalars).tolist()
         for i, value in zip(lazy, read, strict=True):
             out[i] = value
     return out

@@ -199,10 +199,15 @@ class NormLayerProbe:
     def _measure(self, index: int, module: torch.nn.Module, y: torch.Tensor, dy: torch.Tensor) -> None:
         """Keep this layer's Σ_t dy ⊙ y and Σ_t dy per example, in fp32 (fp64 for a float64 model); the
         per-example gradients are formed from them in :meth:`collect`."""
-        width = y.shape[-1]
-        dtype = torch.float64 if y.dtype == torch.float64 else torch.float32
-        d = dy.detach().to(dtype).reshape(y.shape[0], -1, width)
-        parts = [(d * y.to(dtype).reshape(d.shape)).sum(1)]
+        d = dy.detach()
+        if y.dtype not in (torch.float32, torch.float64):  # half precision: the products and sums in fp32
+            d, y = d.float(), y.float()
+        elif d.dtype != y.dtype:
+            d = d.to(y.dtype)
+        if d.dim() != 3:  # [examples, rows, width]; dy has y's shape (this runs in the backward: no op to spare)
+            d = d.reshape(y.shape[0], -1, y.shape[-1])
+            y = y.reshape(d.shape)
+        parts = [(d * y).sum(1)]
         if isinstance(getattr(module, "bias", None), torch.Tensor):  # y − b: a bias shifts y even when frozen
             parts.append(d.sum(1))
         previous = self._sums.get(index)

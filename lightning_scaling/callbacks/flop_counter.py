@@ -329,7 +329,13 @@ class FlopCounter(LedgerCallback):
                 "attention", f"attention counted as {self.causal_attention!r} causal; layers recognised: {paths}."
             )
         error = self._shapes.record(
-            measuring.key, measuring.family, measuring.batch_size, measuring.seq_len, model, hardware
+            measuring.key,
+            measuring.family,
+            measuring.batch_size,
+            measuring.seq_len,
+            model,
+            hardware,
+            attention=measuring.attention_flops,
         )
         if error is not None and error > self._shapes.tolerance:
             self._warn.info(
@@ -383,6 +389,7 @@ class _Measurement:
         self.key, self.family, self.batch_size, self.seq_len = key, family, batch_size, seq_len
         self.error: str | None = None
         self.attention_calls: dict[str, int] = {}
+        self.attention_flops: tuple[int, int] | None = None  # (model, hardware) of the attention calls
         self._stack = contextlib.ExitStack()
         self._counter: _InStepCounter | None = _InStepCounter(causal_attention)
         try:
@@ -398,6 +405,8 @@ class _Measurement:
         counter, self._counter = self._counter, None
         if counter is not None:
             self.attention_calls = counter.attention_calls
+            (forward, forward_hw), (backward, backward_hw) = counter.attention_flops.values()
+            self.attention_flops = (forward + min(backward, 2 * forward), forward_hw + backward_hw)
         if counter is None:
             return None
         try:
@@ -432,18 +441,28 @@ class _InStepCounter(TorchDispatchMode):
         super().__init__()
         self.counter = TrainingFlopCounter(causal_attention=causal_attention)
         self.error: str | None = None
+        # by id of the op (a C-level hash; ops live for the process): its key in the counter's tables, or None
+        # for an op that costs no FLOPs and that eager attention is not followed through (most ops of a step)
+        self._keys: dict[int, Any] = {}
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         if self.error is None:
-            # the counter's formulas are keyed by op packet, its attention handlers by a higher-order op itself
-            key = func if isinstance(func, torch._ops.HigherOrderOperator) else func._overloadpacket
-            try:
-                self.counter._count_flops(key, out, args, kwargs)
-            except Exception as err:  # noqa: BLE001 - the measurement is void; the user's op ran fine
-                self.error = f"counting {func} raised {type(err).__name__}: {err}"
+            key = self._keys.get(id(func), self)
+            if key is self:
+                key = self._keys[id(func)] = self._key_of(func)
+            if key is not None:
+                try:
+                    self.counter._count_flops(key, out, args, kwargs)
+                except Exception as err:  # noqa: BLE001 - the measurement is void; the user's op ran fine
+                    self.error = f"counting {func} raised {type(err).__name__}: {err}"
         return out
+
+    def _key_of(self, func: Any) -> Any:
+        # the counter's formulas are keyed by op packet, its attention handlers by a higher-order op itself
+        key = func if isinstance(func, torch._ops.HigherOrderOperator) else func._overloadpacket
+        return key if self.counter.counts_or_follows(key) else None
 
     @property
     def forward_flops(self) -> int:
@@ -460,6 +479,10 @@ class _InStepCounter(TorchDispatchMode):
     @property
     def attention_calls(self) -> dict[str, int]:
         return self.counter.attention_calls
+
+    @property
+    def attention_flops(self) -> dict[str, tuple[int, int]]:
+        return self.counter.attention_flops
 
 
 def _uses_flex_attention(module: torch.nn.Module) -> bool:

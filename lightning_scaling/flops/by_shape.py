@@ -9,12 +9,17 @@ FLOPs are exactly
 (per-sample work such as a classification head; every matmul over the tokens; the attention scores, quadratic in
 the sequence length), so three measured shapes of one *family* (the same batch structure with other batch sizes
 and sequence lengths) determine the rest. A language model has no per-sample term (p = 0), so a family starts
-with the two token terms: two measured shapes determine it and a third checks it. Only when that check fails does
-the family take the per-sample term as well (one more measurement). A prediction is trusted only after it has
-predicted a measured shape within ``tolerance`` (validation); until then new shapes are measured, up to
-``max_measured`` in all. A shape whose
-features lie outside what the measurements determine (say a new sequence length when every measurement had the
-same one) is measured, never extrapolated, while measurements are left.
+with the two token terms. The counter also says which of a measured shape's FLOPs were attention (scores and
+P·V, the r·b·s² term) and which were the rest (q·b·s): with that split, one measured shape determines the
+formula and the next one checks it. When the check fails the split is dropped (two measured shapes then
+determine the token terms and a third checks them); when that check fails too, the family takes the per-sample
+term as well (one more measurement). Each failure drops one assumption and costs no measurement beyond those
+the narrower formula needed. A prediction is trusted only after it has predicted a measured shape within
+``tolerance`` (validation), and a check validates only the part of the formula it tests: a shape the measured
+shapes alone already determine (same sequence length, another batch size) does not check the split. Until then
+new shapes are measured, up to ``max_measured`` in all. A shape whose features lie outside what the
+measurements determine (say a new sequence length when every measurement had the same one and no split) is
+measured, never extrapolated, while measurements are left.
 
 Pure Python and numpy: no torch, no Lightning. Units: FLOPs (a multiply-add is 2), per micro-batch on one rank.
 """
@@ -38,6 +43,22 @@ def _features(batch_size: int, seq_len: int, terms: tuple[int, ...] = ALL_TERMS)
     return np.array([b, b * s, b * s * s])[list(terms)]
 
 
+def _span(x: np.ndarray) -> np.ndarray:
+    """Orthonormal basis of the row space of ``x`` (rows: scaled features)."""
+    if not len(x):
+        return np.zeros((0, x.shape[1] if x.ndim == 2 else 0))
+    _, sv, vt = np.linalg.svd(x, full_matrices=False)
+    rank = int((sv > sv[0] * 1e-9).sum()) if sv.size and sv[0] > 0 else 0
+    return vt[:rank]
+
+
+def _in_span(basis: np.ndarray | None, f: np.ndarray) -> bool:
+    if basis is None or not len(basis):
+        return False
+    residual = f - basis.T @ (basis @ f)
+    return float(np.linalg.norm(residual)) <= 1e-7 * float(np.linalg.norm(f))
+
+
 @dataclass
 class ShapeFamily:
     """The measured shapes of one batch structure and the formula fitted to them (model and hardware FLOPs)."""
@@ -46,8 +67,13 @@ class ShapeFamily:
     terms: tuple[int, ...] = TOKEN_TERMS  # which of p·b, q·b·s, r·b·s² the formula has (see the module docstring)
     validated: bool = False
     worst_error: float = 0.0  # largest relative error of a prediction checked against a measurement
+    # per point: its (model, hardware) FLOPs of attention (the r·b·s² term), None when the counter could not say
+    attention: list[tuple[int, int] | None] = field(default_factory=list)
+    use_split: bool = True  # whether the attention split may determine the formula (dropped after a failed check)
+    split_in_use: bool = False  # whether the current fit needed the split (the points alone do not determine it)
     _coef: np.ndarray | None = None  # [2, len(terms)]: model and hardware coefficients
-    _basis: np.ndarray | None = None  # orthonormal basis of the measured features' row space
+    _basis: np.ndarray | None = None  # orthonormal basis of what the fit determines (scaled features)
+    _point_basis: np.ndarray | None = None  # the same, from the measured shapes' totals alone
     _scale: np.ndarray | None = None  # feature scaling used by the fit
 
     def fit(self) -> None:
@@ -55,20 +81,36 @@ class ShapeFamily:
         y = np.array([[m, h] for _, _, m, h in self.points], dtype=float)
         scale = np.abs(x).max(axis=0)
         scale[scale == 0] = 1.0
+        self._scale = scale
+        self._point_basis = _span(x / scale)
+        self.split_in_use = False
+        if self.use_split and len(self._point_basis) < len(self.terms) and 2 in self.terms:
+            quadratic = np.array([term == 2 for term in self.terms])
+            rows, values = [], []
+            for (b, s, model, hardware), attention in zip(self.points, self.attention, strict=True):
+                if attention is None:
+                    continue
+                f = _features(b, s, self.terms)
+                rows += [np.where(quadratic, 0.0, f), np.where(quadratic, f, 0.0)]
+                values += [[model - attention[0], hardware - attention[1]], list(attention)]
+            if rows:
+                x, y = np.vstack([x, *rows]), np.vstack([y, values])
+                self.split_in_use = len(_span(x / scale)) > len(self._point_basis)
         coef, *_ = np.linalg.lstsq(x / scale, y, rcond=None)
         self._coef = (coef / scale[:, None]).T
-        _, sv, vt = np.linalg.svd(x / scale, full_matrices=False)
-        rank = int((sv > sv[0] * 1e-9).sum()) if sv.size and sv[0] > 0 else 0
-        self._basis = vt[:rank]
-        self._scale = scale
+        self._basis = _span(x / scale)
 
     def determined(self, batch_size: int, seq_len: int) -> bool:
         """Whether the measurements determine F at this shape (its features lie in their span)."""
-        if self._basis is None or self._scale is None or not len(self._basis):
+        if self._scale is None:
             return False
-        f = _features(batch_size, seq_len, self.terms) / self._scale
-        residual = f - self._basis.T @ (self._basis @ f)
-        return float(np.linalg.norm(residual)) <= 1e-7 * float(np.linalg.norm(f))
+        return _in_span(self._basis, _features(batch_size, seq_len, self.terms) / self._scale)
+
+    def determined_by_points(self, batch_size: int, seq_len: int) -> bool:
+        """Whether the measured totals alone, without the attention split, determine F at this shape."""
+        if self._scale is None:
+            return False
+        return _in_span(self._point_basis, _features(batch_size, seq_len, self.terms) / self._scale)
 
     def predict(self, batch_size: int, seq_len: int) -> tuple[int, int]:
         assert self._coef is not None
@@ -133,10 +175,19 @@ class FlopsByShape:
         return estimate
 
     def record(
-        self, key: Hashable, family: Hashable, batch_size: int, seq_len: int, model: int, hardware: int
+        self,
+        key: Hashable,
+        family: Hashable,
+        batch_size: int,
+        seq_len: int,
+        model: int,
+        hardware: int,
+        attention: tuple[int, int] | None = None,
     ) -> float | None:
-        """Add a measurement. Returns the relative error of the family's prediction for it (None when the
-        family could not predict it yet); a small error validates the family, a large one un-validates it."""
+        """Add a measurement (``attention``: the (model, hardware) FLOPs of its attention calls, when the counter
+        could tell them apart). Returns the relative error of the family's prediction for it (None when the
+        family could not predict it yet, or checked a narrower formula); a small error validates the family, a
+        large one un-validates it and drops the family's narrowest assumption."""
         self.exact[key] = (int(model), int(hardware))
         self.measured += 1
         fam = self.families.setdefault(family, ShapeFamily())
@@ -144,14 +195,24 @@ class FlopsByShape:
         if fam.points and fam.determined(batch_size, seq_len):
             predicted = fam.predict(batch_size, seq_len)[0]
             error = abs(predicted - model) / max(abs(model), 1)
-            fam.validated = error <= self.tolerance
-            if not fam.validated and fam.terms != ALL_TERMS:
-                fam.terms = ALL_TERMS  # the token terms alone do not explain it: add the per-sample term
-                error = None  # a check of the narrower formula, not of the one in use
+            # a shape the totals alone determine says nothing about the split the formula also rests on
+            tests_all = not fam.split_in_use or not fam.determined_by_points(batch_size, seq_len)
+            if error > self.tolerance:
+                fam.validated = False
+                if fam.split_in_use:
+                    fam.use_split = False  # the attention split does not hold for this family
+                    error = None  # a check of the split, not of the formula the points give
+                elif fam.terms != ALL_TERMS:
+                    fam.terms = ALL_TERMS  # the token terms alone do not explain it: add the per-sample term
+                    error = None  # a check of the narrower formula, not of the one in use
+                else:
+                    fam.worst_error = max(fam.worst_error, error)
             else:
+                fam.validated = fam.validated or tests_all
                 fam.worst_error = max(fam.worst_error, error)
         else:  # a shape the formula could not reach: the fit gains a dimension, which must be checked afresh
             fam.validated = False
         fam.points.append((int(batch_size), int(seq_len), int(model), int(hardware)))
+        fam.attention.append(None if attention is None else (int(attention[0]), int(attention[1])))
         fam.fit()
         return error

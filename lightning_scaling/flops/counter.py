@@ -85,6 +85,7 @@ _OURS = "_lightning_scaling_formula"  # marks entries we put in torch's global f
 
 # Formulas registered with ``register_flop_formula``: op packet -> formula(*shapes, out_shape, causal_attention)
 _REGISTERED: dict[Any, Callable[..., int]] = {}
+_REGISTERED_ATTENTION: set[Any] = set()  # registered ops whose FLOPs are attention's (quadratic in S)
 _REGISTERED_HARDWARE: dict[Any, Callable[..., int]] = {}
 
 #: How each attention call was recognised (keys of ``TrainingFlopCounter.attention_calls``): the code path
@@ -255,6 +256,15 @@ def _mask_is_causal(mask: Any, s_q: int, s_k: int) -> bool:
         return False
 
 
+def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two masks of one layout hold the same values (one host read)."""
+    try:
+        with torch.no_grad():
+            return a.device == b.device and bool(torch.equal(a, b))
+    except (RuntimeError, TypeError):
+        return False
+
+
 def _probabilities_are_causal(probs: torch.Tensor) -> bool:
     """Whether attention probabilities [..., Sq, Sk] are exactly 0 above the diagonal (padding rows aside: rows
     with every key, or with all-equal probabilities when other rows are not)."""
@@ -373,6 +383,8 @@ _PASS_THROUGH = frozenset(
     )
     if hasattr(_aten, name)
 )
+# ops without FLOPs that eager attention is followed through (the softmax, its backward, what passes a tag on)
+_FOLLOWED_WITHOUT_FLOPS = _SOFTMAX | _PASS_THROUGH | {_aten._softmax_backward_data}
 
 
 @dataclass(eq=False)
@@ -415,7 +427,7 @@ def _bind_shapes(packet: Any, formula: Callable[..., int], **extra: Any) -> Call
 
 
 def register_flop_formula(
-    op: Any, formula: Callable[..., int], hardware_formula: Callable[..., int] | None = None
+    op: Any, formula: Callable[..., int], hardware_formula: Callable[..., int] | None = None, *, attention: bool = False
 ) -> None:
     """Count ``op`` with ``formula`` in ``training_flop_counter`` and in every plain ``FlopCounterMode``.
 
@@ -437,6 +449,11 @@ def register_flop_formula(
     executes, e.g. a backward that recomputes its forward; by default the hardware FLOPs are ``formula`` under
     "half" (a causal kernel that skips the masked blocks).
 
+    ``attention=True`` says the op is attention: its FLOPs are the scores and P·V, quadratic in the sequence
+    length (``TrainingFlopCounter.attention_flops``). ``FlopCounter`` then needs one measured input shape fewer
+    to predict the others (``lightning_scaling.flops.by_shape``); left False, the op's FLOPs count as linear in
+    the tokens, which a second measured shape checks.
+
     Register at import time of the module that defines the op: ``training_flop_counter`` takes the formulas
     registered when it is created. Registering the same op again replaces our earlier formulas. An op that
     torch itself already counts is refused with ``ValueError``.
@@ -446,6 +463,8 @@ def register_flop_formula(
         raise ValueError(f"formula must be callable, got {formula!r}")
     if hardware_formula is not None and not callable(hardware_formula):
         raise ValueError(f"hardware_formula must be callable or None, got {hardware_formula!r}")
+    if not isinstance(attention, bool):
+        raise ValueError(f"attention must be True or False, got {attention!r}")
     registry = _torch_flop_counter.flop_registry
     previous = registry.get(packet)
     if previous is not None and not getattr(previous, _OURS, False):
@@ -461,6 +480,10 @@ def register_flop_formula(
         _REGISTERED_HARDWARE.pop(packet, None)
     else:
         _REGISTERED_HARDWARE[packet] = hardware_formula
+    if attention:
+        _REGISTERED_ATTENTION.add(packet)
+    else:
+        _REGISTERED_ATTENTION.discard(packet)
 
 
 def registered_flop_formulas() -> dict[Any, Callable[..., int]]:
@@ -523,6 +546,15 @@ class TrainingFlopCounter(FlopCounterMode):
         one_of("causal_attention", causal_attention, CAUSAL_ATTENTION_CONVENTIONS)
         self.causal_attention = causal_attention
         self._handlers: dict[Any, _Handler] = self._make_handlers()
+        self._attention_packets = frozenset(
+            packet
+            for packet in self._handlers
+            if packet in _SDPA_FORWARD
+            or packet in _SDPA_BACKWARD
+            or packet in _LOW_LEVEL
+            or packet in _REGISTERED_ATTENTION
+            or (_FLEX is not None and packet in _FLEX)
+        )
         mapping = {
             packet: _raw(functools.partial(self._model_only, handler)) for packet, handler in self._handlers.items()
         }
@@ -532,7 +564,11 @@ class TrainingFlopCounter(FlopCounterMode):
         self._attention_calls: dict[str, int] = defaultdict(int)
         self._tags: dict[int, tuple[StorageWeakRef, tuple[str, Any]]] = {}
         self._mask_verdicts: dict[tuple, tuple[StorageWeakRef, bool]] = {}
+        self._masks_by_layout: dict[tuple, tuple[torch.Tensor, bool]] = {}  # the last mask checked, by layout
         self._flex_verdicts: dict[tuple, bool] = {}
+        # attention's FLOPs by phase: [model, hardware] of the fused, flex and registered attention calls
+        self._fused_attention: dict[str, list[int]] = {"forward": [0, 0], "backward": [0, 0]}
+        self._eager_attention_matmuls: dict[int, _MatmulCall] = {}  # by id: the matmuls of eager attention
 
     # ------------------------------------------------------------------------------------------ public
     @property
@@ -566,11 +602,24 @@ class TrainingFlopCounter(FlopCounterMode):
         ``ATTENTION_PATHS``, e.g. ``{"eager:causal_mask": 2}``."""
         return {path: n for path, n in self._attention_calls.items() if n}
 
+    @property
+    def attention_flops(self) -> dict[str, tuple[int, int]]:
+        """(model, hardware) FLOPs of the attention calls, by phase ("forward", "backward"): the scores and P·V
+        (and their gradients) of fused, flex, eager and registered attention (``register_flop_formula(...,
+        attention=True)``), the part of a transformer's FLOPs that is quadratic in the sequence length."""
+        totals = {phase: list(counts) for phase, counts in self._fused_attention.items()}
+        for call in self._eager_attention_matmuls.values():
+            totals[call.phase][0] += call.flops - (call.flops // 2 if call.discounted else 0)
+            totals[call.phase][1] += call.flops
+        return {phase: (model, hardware) for phase, (model, hardware) in totals.items()}
+
     # --------------------------------------------------------------------------------- context manager
     def __enter__(self) -> TrainingFlopCounter:
         for counts in (*self.phase_counts.values(), *self.hardware_counts.values()):
             counts.clear()
         self._attention_calls.clear()
+        self._fused_attention = {"forward": [0, 0], "backward": [0, 0]}
+        self._eager_attention_matmuls.clear()
         self._forget()
         if _CountingDispatchMode is None or not hasattr(self, "mod_tracker"):
             super().__enter__()
@@ -591,6 +640,7 @@ class TrainingFlopCounter(FlopCounterMode):
     def _forget(self) -> None:
         self._tags.clear()
         self._mask_verdicts.clear()
+        self._masks_by_layout.clear()
         self._flex_verdicts.clear()
 
     # ----------------------------------------------------------------------------------------- counting
@@ -598,14 +648,29 @@ class TrainingFlopCounter(FlopCounterMode):
     def _model_only(handler: _Handler, *args: Any, out_val: Any = None, **kwargs: Any) -> int:
         return handler(args, kwargs, out_val)[0]
 
+    def counts_or_follows(self, func_packet: Any) -> bool:
+        """Whether ops of ``func_packet`` can cost FLOPs or carry eager attention (else the counter ignores them)."""
+        return (
+            func_packet in self._handlers or func_packet in self.flop_registry or func_packet in _FOLLOWED_WITHOUT_FLOPS
+        )
+
     def _count_flops(self, func_packet: Any, out: Any, args: Any, kwargs: Any) -> Any:
-        phase = "backward" if torch._C._current_graph_task_id() != -1 else "forward"
         handler = self._handlers.get(func_packet)
+        if handler is None and func_packet not in self.flop_registry:
+            # most ops of a step (elementwise, views, reductions) cost no FLOPs: only eager attention follows them
+            if func_packet in _FOLLOWED_WITHOUT_FLOPS:
+                self._follow_eager_attention(func_packet, out, args, kwargs, 0, (), "")
+            return out
+        phase = "backward" if torch._C._current_graph_task_id() != -1 else "forward"
         model = hardware = 0
         if handler is not None:
             model, hardware, path = handler(args, kwargs, out)
             if path is not None and phase == "forward":
                 self._attention_calls[path] += 1
+            if func_packet in self._attention_packets:
+                totals = self._fused_attention[phase]
+                totals[0] += model
+                totals[1] += hardware
         elif func_packet in self.flop_registry:
             model = hardware = int(self.flop_registry[func_packet](*args, **kwargs, out_val=out))
         parents: tuple[str, ...] = ()
@@ -636,7 +701,9 @@ class TrainingFlopCounter(FlopCounterMode):
         return handlers
 
     def _causal_mask(self, mask: Any, s_q: int, s_k: int) -> bool:
-        """``_mask_is_causal``, remembered per mask tensor (every layer gets the same mask) and version."""
+        """``_mask_is_causal``, remembered per mask tensor (every layer gets the same mask) and version, and per
+        mask value: torch's CPU SDPA turns a boolean mask into a new float one in every layer, and one comparison
+        with the last mask of that layout costs less than the check."""
         if not isinstance(mask, torch.Tensor):
             return False
         try:
@@ -655,7 +722,16 @@ class TrainingFlopCounter(FlopCounterMode):
             return False
         cached = self._mask_verdicts.get(key)
         if cached is None or cached[0].expired():  # expired: another tensor now lives at that address
-            cached = (StorageWeakRef(storage), _mask_is_causal(mask, s_q, s_k))
+            layout = key[2:5] + key[6:]
+            seen = self._masks_by_layout.get(layout)
+            if seen is not None and _readable(mask) and _same_values(mask, seen[0]):
+                verdict = seen[1]
+            else:
+                verdict = _mask_is_causal(mask, s_q, s_k)
+                if _readable(mask):
+                    # the mask is kept until the counter closes: autograd keeps it for the backward anyway
+                    self._masks_by_layout[layout] = (mask.detach(), verdict)
+            cached = (StorageWeakRef(storage), verdict)
             self._mask_verdicts[key] = cached
         return cached[1]
 
@@ -813,6 +889,7 @@ class TrainingFlopCounter(FlopCounterMode):
 
     def _link(self, attention: _EagerAttention, call: _MatmulCall) -> None:
         attention.matmuls.append(call)
+        self._eager_attention_matmuls[id(call)] = call
         if attention.causal:
             self._discount(call)
 
@@ -854,6 +931,7 @@ class TrainingFlopCounter(FlopCounterMode):
             dim = args[1] if len(args) > 1 else kwargs.get("dim")
             if tag is not None and tag[0] == "scores" and isinstance(dim, int) and dim in (-1, args[0].dim() - 1):
                 probabilities = out if isinstance(out, torch.Tensor) else None
+                self._eager_attention_matmuls[id(tag[1])] = tag[1]  # the score matmul
                 self._set_tag(out, ("probs", _EagerAttention([tag[1]], probabilities)))
         elif packet is _aten._softmax_backward_data:
             tag = self._tag_of(args[1])  # the softmax output, saved for backward
@@ -900,7 +978,9 @@ class MeasuredFlops:
 
     ``total``/``forward``/``backward``: model FLOPs (``forward``/``backward`` split by whether the op ran inside
     the autograd engine); ``by_op`` maps op name ("aten.mm") to model FLOPs; ``hardware``: FLOPs the kernels
-    executed; ``attention``: forward attention calls by how they were recognised (``ATTENTION_PATHS``)."""
+    executed; ``attention``: forward attention calls by how they were recognised (``ATTENTION_PATHS``);
+    ``attention_flops``: (model, hardware) FLOPs of those calls, forward and backward (the part quadratic in the
+    sequence length; model FLOPs of the backward capped at 2x the forward, as in ``FlopCounter``)."""
 
     total: int
     forward: int
@@ -909,6 +989,7 @@ class MeasuredFlops:
     by_op: dict[str, int] = field(default_factory=dict)
     hardware: int = 0
     attention: dict[str, int] = field(default_factory=dict)
+    attention_flops: tuple[int, int] = (0, 0)
 
 
 def measure_training_flops(fn: Callable[[], Any], causal_attention: str = DEFAULT_CAUSAL_ATTENTION) -> MeasuredFlops:
@@ -919,6 +1000,7 @@ def measure_training_flops(fn: Callable[[], Any], causal_attention: str = DEFAUL
     with counter:
         fn()
     by_op = {str(op): int(n) for op, n in counter.get_flop_counts().get("Global", {}).items() if n}
+    (forward, forward_hw), (backward, backward_hw) = counter.attention_flops.values()
     return MeasuredFlops(
         total=int(counter.get_total_flops()),
         forward=counter.forward_flops,
@@ -927,6 +1009,7 @@ def measure_training_flops(fn: Callable[[], Any], causal_attention: str = DEFAUL
         by_op=by_op,
         hardware=counter.hardware_flops,
         attention=counter.attention_calls,
+        attention_flops=(forward + min(backward, 2 * forward), forward_hw + backward_hw),
     )
 
 

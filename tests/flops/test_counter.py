@@ -193,6 +193,23 @@ def test_example_gpt_half_and_full_differ_by_the_attention_matmuls(gpt_measured)
     )
     assert full.total - half.total == cfg.n_layer * 3 * one_layer / 2
     assert full.by_op["aten.mm"] == half.by_op["aten.mm"]
+    # the attention split: the SDPA calls, and nothing of the projections, MLP or head
+    assert half.attention_flops[0] == cfg.n_layer * 3 * one_layer / 2
+    assert full.attention_flops[0] == cfg.n_layer * 3 * one_layer
+    not_attention = sum(n for op, n in half.by_op.items() if "attention" not in op)
+    assert half.total - half.attention_flops[0] == full.total - full.attention_flops[0] == not_attention
+
+
+def test_a_registered_op_is_attention_only_when_registered_so():
+    a, b = torch.randn(4, 8), torch.randn(8, 3)
+    assert measure_training_flops(lambda: scaled_matmul(a, b)).attention_flops == (0, 0)
+    try:
+        register_flop_formula(scaled_matmul, scaled_matmul_flops, attention=True)
+        measured = measure_training_flops(lambda: scaled_matmul(a, b))
+        assert measured.attention_flops == (measured.total, measured.hardware) == (2 * 4 * 8 * 3, 2 * 4 * 8 * 3)
+    finally:
+        register_flop_formula(scaled_matmul, scaled_matmul_flops)
+    assert measure_training_flops(lambda: scaled_matmul(a, b)).attention_flops == (0, 0)
 
 
 # A tiny custom op with a registered formula: the calling convention is checked call by call.
@@ -269,6 +286,8 @@ def test_register_flop_formula_rejects_bad_input():
         register_flop_formula("ls_flop_test::no_such_op", scaled_matmul_flops)
     with pytest.raises(ValueError, match="formula"):
         register_flop_formula(scaled_matmul, "not callable")
+    with pytest.raises(ValueError, match="attention must be True or False"):
+        register_flop_formula(scaled_matmul, scaled_matmul_flops, attention="yes")  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("tied", [True, False])
@@ -405,6 +424,9 @@ def test_sdpa_with_a_causal_mask_counts_like_is_causal(name):
     # hardware: a masked kernel computes the whole square; one told is_causal skips the upper triangle
     assert measured.hardware == _full_square_hardware()
     assert flagged.hardware == _full_square_hardware() // 2
+    # nothing but attention ran: all of it is the part quadratic in the sequence length
+    assert measured.attention_flops == (measured.total, measured.hardware)
+    assert flagged.attention_flops == (flagged.total, flagged.hardware)
 
 
 @pytest.mark.parametrize("name", sorted(NON_CAUSAL_MASKS))
@@ -514,6 +536,8 @@ def test_eager_causal_attention_counts_like_sdpa(name):
     assert measured.attention == {"eager:causal_mask": 1}
     # hardware: the matmuls computed the full square, and the backward recomputes nothing
     assert measured.hardware == 3 * attention_flops(B, H, S, S, D, causal=False)
+    # the six matmuls (scores, P·V, dV, dP, dQ, dK) are all attention's
+    assert measured.attention_flops == (measured.total, measured.hardware)
 
 
 @pytest.mark.parametrize(
@@ -525,6 +549,7 @@ def test_eager_non_causal_attention_counts_in_full(options):
     measured = measure_training_flops(_eager_step(**options))
     assert measured.total == 3 * attention_flops(B, H, S, S, D, causal=False)
     assert measured.attention == {"eager:full": 1}
+    assert measured.attention_flops == (measured.total, measured.hardware)
 
 
 def test_eager_attention_under_full_is_the_whole_square():

@@ -89,6 +89,9 @@ def test_hugging_face_llama_parameters_tokens_and_flops(tmp_path):
     assert monitor.tokens.token_rule == RULE_ATTENTION_MASK
     assert monitor.tokens.supervised_tokens == sum(int((b["labels"] != -100).sum()) for b in batches)
     assert monitor.flops.total_flops == pytest.approx(_independent_flops(batches), rel=1e-9)
+    # four lengths: the first measured shape's attention split gives the formula, the second checks it, the other
+    # two are predicted (exactly: rel 1e-9 above)
+    assert monitor.flops.measured_shapes == 2 and monitor.flops.predicted_shapes == 2
     assert monitor.noise_scale.estimator.count == 8
 
 
