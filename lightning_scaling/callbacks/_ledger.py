@@ -211,7 +211,8 @@ class StepLedger:
         """Add ``value`` to the current optimizer step directly (numbers known only at the step, e.g. in
         ``on_before_optimizer_step``)."""
         index = self._slots[name]
-        self._step[index] = self._step[index] + value
+        previous = self._step[index]
+        self._step[index] = value if isinstance(previous, int) and previous == 0 else previous + value
 
     def backward_done(self) -> None:
         """The open micro-batch ran its backward pass (``on_after_backward``): it trains."""

@@ -405,7 +405,8 @@ class _Measurement:
         counter, self._counter = self._counter, None
         if counter is not None:
             self.attention_calls = counter.attention_calls
-            (forward, forward_hw), (backward, backward_hw) = counter.attention_flops.values()
+            by_phase = counter.attention_flops
+            (forward, forward_hw), (backward, backward_hw) = by_phase["forward"], by_phase["backward"]
             self.attention_flops = (forward + min(backward, 2 * forward), forward_hw + backward_hw)
         if counter is None:
             return None
@@ -441,7 +442,8 @@ class _InStepCounter(TorchDispatchMode):
         super().__init__()
         self.counter = TrainingFlopCounter(causal_attention=causal_attention)
         self.error: str | None = None
-        # by id of the op (a C-level hash; ops live for the process): its key in the counter's tables, or None
+        # by id of the op (an op's own hash runs Python; ops live as long as the process, so an id is never
+        # reused for another): its key in the counter's tables, or None
         # for an op that costs no FLOPs and that eager attention is not followed through (most ops of a step)
         self._keys: dict[int, Any] = {}
 

@@ -16,7 +16,9 @@ determine the token terms and a third checks them); when that check fails too, t
 term as well (one more measurement). Each failure drops one assumption and costs no measurement beyond those
 the narrower formula needed. A prediction is trusted only after it has predicted a measured shape within
 ``tolerance`` (validation), and a check validates only the part of the formula it tests: a shape the measured
-shapes alone already determine (same sequence length, another batch size) does not check the split. Until then
+shapes alone already determine (same sequence length, another batch size) does not check the split, and its
+miss is the measured totals' (the per-sample term is added). Once the measured shapes determine the formula on
+their own, it is fitted to them alone (the split agreed with them at the check). Until then
 new shapes are measured, up to ``max_measured`` in all. A shape whose features lie outside what the
 measurements determine (say a new sequence length when every measurement had the same one and no split) is
 measured, never extrapolated, while measurements are left.
@@ -159,8 +161,9 @@ class FlopsByShape:
         return self.measured < self.max_measured
 
     def fallback(self, key: Hashable, family: Hashable, batch_size: int, seq_len: int) -> tuple[int, int] | None:
-        """Best estimate once no measurement is left: the family's formula where it is determined, else scaled
-        per token from the family's nearest measured shape; None when the family was never measured."""
+        """Best estimate once no measurement is left: the family's formula where it is determined (after one
+        measured shape, by its attention split, unchecked), else scaled per token from the family's nearest
+        measured shape; None when the family was never measured."""
         fam = self.families.get(family)
         if fam is None or not fam.points:
             return None
@@ -199,11 +202,14 @@ class FlopsByShape:
             tests_all = not fam.split_in_use or not fam.determined_by_points(batch_size, seq_len)
             if error > self.tolerance:
                 fam.validated = False
-                if fam.split_in_use:
+                if fam.split_in_use and tests_all:
                     fam.use_split = False  # the attention split does not hold for this family
                     error = None  # a check of the split, not of the formula the points give
                 elif fam.terms != ALL_TERMS:
-                    fam.terms = ALL_TERMS  # the token terms alone do not explain it: add the per-sample term
+                    # the token terms alone do not explain it: add the per-sample term (and trust the measured
+                    # totals alone from now on: a model with per-sample work is not the plain language model the
+                    # split was for)
+                    fam.terms, fam.use_split = ALL_TERMS, False
                     error = None  # a check of the narrower formula, not of the one in use
                 else:
                     fam.worst_error = max(fam.worst_error, error)

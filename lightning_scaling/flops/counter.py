@@ -256,11 +256,25 @@ def _mask_is_causal(mask: Any, s_q: int, s_k: int) -> bool:
         return False
 
 
+def _distinct_values(x: torch.Tensor) -> torch.Tensor:
+    """``x`` with its broadcast (stride-0) dimensions narrowed to one: the values it really holds."""
+    for dim in range(x.dim()):
+        if x.stride(dim) == 0 and x.size(dim) > 1:
+            x = x.narrow(dim, 0, 1)
+    return x
+
+
+def _comparable(mask: torch.Tensor) -> bool:
+    """Whether comparing ``mask`` with another costs less than checking it: at most ``MASK_CHECK_ELEMENTS``
+    values once broadcast dimensions are read once (the check reads that many at most, sampled)."""
+    return _readable(mask) and _distinct_values(mask).numel() <= MASK_CHECK_ELEMENTS
+
+
 def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Whether two masks of one layout hold the same values (one host read)."""
     try:
         with torch.no_grad():
-            return a.device == b.device and bool(torch.equal(a, b))
+            return a.device == b.device and bool(torch.equal(_distinct_values(a), _distinct_values(b)))
     except (RuntimeError, TypeError):
         return False
 
@@ -564,7 +578,8 @@ class TrainingFlopCounter(FlopCounterMode):
         self._attention_calls: dict[str, int] = defaultdict(int)
         self._tags: dict[int, tuple[StorageWeakRef, tuple[str, Any]]] = {}
         self._mask_verdicts: dict[tuple, tuple[StorageWeakRef, bool]] = {}
-        self._masks_by_layout: dict[tuple, tuple[torch.Tensor, bool]] = {}  # the last mask checked, by layout
+        # the last mask checked, by layout: (the mask, its version when checked, the verdict)
+        self._masks_by_layout: dict[tuple, tuple[torch.Tensor, int, bool]] = {}
         self._flex_verdicts: dict[tuple, bool] = {}
         # attention's FLOPs by phase: [model, hardware] of the fused, flex and registered attention calls
         self._fused_attention: dict[str, list[int]] = {"forward": [0, 0], "backward": [0, 0]}
@@ -702,8 +717,8 @@ class TrainingFlopCounter(FlopCounterMode):
 
     def _causal_mask(self, mask: Any, s_q: int, s_k: int) -> bool:
         """``_mask_is_causal``, remembered per mask tensor (every layer gets the same mask) and version, and per
-        mask value: torch's CPU SDPA turns a boolean mask into a new float one in every layer, and one comparison
-        with the last mask of that layout costs less than the check."""
+        mask value: torch's SDPA turns a boolean mask into a new float one in every layer, and comparing a small
+        mask (``_comparable``) with the last one of its layout costs less than the check."""
         if not isinstance(mask, torch.Tensor):
             return False
         try:
@@ -724,13 +739,20 @@ class TrainingFlopCounter(FlopCounterMode):
         if cached is None or cached[0].expired():  # expired: another tensor now lives at that address
             layout = key[2:5] + key[6:]
             seen = self._masks_by_layout.get(layout)
-            if seen is not None and _readable(mask) and _same_values(mask, seen[0]):
-                verdict = seen[1]
+            comparable = _comparable(mask)
+            if (
+                comparable
+                and seen is not None
+                and seen[0]._version == seen[1]  # the kept mask was not changed in place since its check
+                and _same_values(mask, seen[0])
+            ):
+                verdict = seen[2]
             else:
                 verdict = _mask_is_causal(mask, s_q, s_k)
-                if _readable(mask):
-                    # the mask is kept until the counter closes: autograd keeps it for the backward anyway
-                    self._masks_by_layout[layout] = (mask.detach(), verdict)
+                if comparable:
+                    # the mask is kept until the counter closes (autograd keeps it for the backward anyway); the
+                    # tensor itself, not an alias: an alias made under the dispatch mode has a version of its own
+                    self._masks_by_layout[layout] = (mask, mask._version, verdict)
             cached = (StorageWeakRef(storage), verdict)
             self._mask_verdicts[key] = cached
         return cached[1]
@@ -1000,7 +1022,8 @@ def measure_training_flops(fn: Callable[[], Any], causal_attention: str = DEFAUL
     with counter:
         fn()
     by_op = {str(op): int(n) for op, n in counter.get_flop_counts().get("Global", {}).items() if n}
-    (forward, forward_hw), (backward, backward_hw) = counter.attention_flops.values()
+    by_phase = counter.attention_flops
+    (forward, forward_hw), (backward, backward_hw) = by_phase["forward"], by_phase["backward"]
     return MeasuredFlops(
         total=int(counter.get_total_flops()),
         forward=counter.forward_flops,

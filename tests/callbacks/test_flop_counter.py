@@ -376,8 +376,9 @@ def test_pad_to_longest_measures_a_few_shapes_and_predicts_the_rest_within_1_per
         measure_training_flops(lambda b=b: reference_model.training_step(b, 0).backward()).total
         for b in list(loader)[:40]
     )
-    # two shapes fit the token terms, a third checks them; this model sees s - 1 positions of an s-long batch,
-    # which puts a per-sample term in F(b, s), found with a fourth
+    # the first shape's attention split gives a formula, the second fails it (this model sees s - 1 positions
+    # of an s-long batch: a per-sample term in F(b, s)), so the two shapes fit the token terms, a third fails
+    # them and a fourth checks the formula with the per-sample term
     assert counter.measured_shapes == 4
     assert counter.total_flops == pytest.approx(every, rel=0.01)
 

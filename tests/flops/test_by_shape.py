@@ -95,6 +95,15 @@ def test_a_check_at_the_same_length_does_not_validate_the_split() -> None:
     assert book.measured == 4 and got[(8, 9)] == (_lm(8, 9), 2 * _lm(8, 9))
 
 
+def test_a_miss_at_a_shape_the_totals_determine_is_not_blamed_on_the_split() -> None:
+    def odd(b: int, s: int) -> int:  # not linear in b: 4 x 17 is not half of 8 x 17, whatever the split
+        return 100 * b * b * s
+
+    book, _ = _run(odd, [(8, 17), (4, 17)], attention=lambda b, s: 0)
+    fam = book.families["family"]
+    assert fam.terms == ALL_TERMS and not fam.use_split and not fam.validated
+
+
 def test_a_per_sample_term_after_a_split_costs_what_it_did_without() -> None:
     def windowed(b: int, s: int) -> int:  # a [B, S + 1] window: the model sees s - 1 positions
         return b * (6_000 * (s - 1) + 48 * (s - 1) ** 2)

@@ -436,6 +436,32 @@ def test_sdpa_with_a_non_causal_mask_counts_in_full(name):
     assert measured.attention == {"fused:full": 1}
 
 
+def test_masks_of_one_layout_with_other_values_get_their_own_verdict():
+    # torch's SDPA hands each layer a new mask tensor: an equal one reuses the verdict, another is checked
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(B, H, S, D, requires_grad=True) for _ in range(3))
+    causal, full = CAUSAL_MASKS["bool"](), torch.ones(S, S, dtype=torch.bool)
+
+    def step():
+        out = sum(F.scaled_dot_product_attention(q, k, v, attn_mask=m.clone()) for m in (causal, full, causal))
+        out.sum().backward()
+
+    measured = measure_training_flops(step)
+    assert measured.attention == {"fused:causal_mask": 2, "fused:full": 1}
+
+
+def test_a_mask_changed_in_place_is_checked_again():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(B, H, S, D) for _ in range(3))
+    mask = torch.zeros(S, S).masked_fill(~CAUSAL_MASKS["bool"](), float("-inf"))  # additive: reaches the op as is
+    counter = flop_counting.training_flop_counter()
+    with counter:
+        F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        mask.zero_()  # now every query sees every key
+        F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    assert counter.attention_calls == {"fused:causal_mask": 1, "fused:full": 1}
+
+
 def test_huge_masks_are_checked_on_a_strided_sample_of_rows(monkeypatch):
     monkeypatch.setattr(flop_counting, "MASK_CHECK_ELEMENTS", 3 * S)  # three rows of S keys
     mask = (_CAUSAL & _KEYS[:, None, None, :]).expand(B, H, S, S)
