@@ -42,7 +42,8 @@ def token_rows(n: int = 64, seq: int = SEQ, seed: int = 0) -> torch.Tensor:
 
 
 def quick_trainer(tmp_path, callbacks, steps: int = 4, **kwargs) -> L.Trainer:
-    """A CPU Trainer with no logger, checkpoints, progress bar, summary or validation unless asked for."""
+    """A CPU Trainer with no logger, checkpoints, progress bar, summary or validation unless asked for, rooted at
+    ``tmp_path`` (None: Lightning's default, the working directory)."""
     opts = dict(
         max_steps=steps,
         default_root_dir=tmp_path,

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from gpt import GPTConfig, GPTLightningModule
 from helpers import (
     FUZZ,
+    TINY,
     assert_every_constructor_argument_listed,
     assert_no_nan_metrics,
     assert_rejected_by_name,
@@ -35,23 +36,6 @@ from lightning_scaling.callbacks import FlopCounter, ScalingMonitor
 from lightning_scaling.flops.counter import measure_training_flops
 from lightning_scaling.flops.formulas import transformer_flops
 
-TINY = GPTConfig(n_layer=1, d_model=32, n_head=2, seq_len=16, d_ff=64)
-
-
-def _trainer(callbacks, steps=4, **kwargs):
-    defaults = dict(
-        max_steps=steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        accelerator="cpu",
-        devices=1,
-    )
-    defaults.update(kwargs)
-    return L.Trainer(callbacks=callbacks, **defaults)
-
 
 def _loader(batch_size=4, seq_len=16, n=64):
     torch.manual_seed(0)
@@ -61,7 +45,7 @@ def _loader(batch_size=4, seq_len=16, n=64):
 
 def _fit(callback, loader=None, module=None, **kwargs):
     module = module or GPTLightningModule(TINY)
-    trainer = _trainer([callback], **kwargs)
+    trainer = quick_trainer(None, [callback], **kwargs)
     trainer.fit(module, loader or _loader())
     return trainer
 
@@ -194,7 +178,7 @@ def test_measured_step_trains_exactly_as_without_the_counter():
     def run(callbacks):
         L.seed_everything(1, verbose=False)
         module = GPTLightningModule(GPTConfig(n_layer=1, d_model=32, n_head=2, seq_len=16, d_ff=64, dropout=0.0))
-        trainer = _trainer(callbacks, steps=3, accumulate_grad_batches=2)
+        trainer = quick_trainer(None, callbacks, steps=3, accumulate_grad_batches=2)
         trainer.fit(module, _loader())
         return [p.detach().clone() for p in module.parameters()]
 

@@ -11,9 +11,10 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
-from gpt import GPTConfig, GPTLightningModule
+from gpt import GPTLightningModule
 from helpers import (
     FUZZ,
+    TINY,
     assert_every_constructor_argument_listed,
     assert_rejected_by_name,
     assert_rejected_by_name_or_stored_finite,
@@ -31,22 +32,9 @@ from lightning_scaling.callbacks import DataRepetition, ScalingMonitor, TokenBud
 from lightning_scaling.callbacks._common import RULE_ALL, RULE_LABELS
 from lightning_scaling.flops.counter import count_parameters
 
-TINY = GPTConfig(n_layer=1, d_model=32, n_head=2, seq_len=16, d_ff=64)
-
 
 def _fit(callback, loader, module=None, steps=4, **kwargs):
-    trainer = L.Trainer(
-        max_steps=steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        accelerator="cpu",
-        devices=1,
-        callbacks=[callback],
-        **kwargs,
-    )
+    trainer = quick_trainer(None, [callback], steps=steps, **kwargs)
     trainer.fit(module or GPTLightningModule(TINY), loader)
     return trainer
 
@@ -113,18 +101,7 @@ def test_masked_counts_are_read_back_once_per_optimizer_step(monkeypatch):
 
         monkeypatch.setattr(torch.Tensor, name, spy)
     budget, repetition = TokenBudget(), DataRepetition()
-    trainer = L.Trainer(
-        max_steps=3,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        accelerator="cpu",
-        devices=1,
-        accumulate_grad_batches=4,
-        callbacks=[budget, repetition],
-    )
+    trainer = quick_trainer(None, [budget, repetition], steps=3, accumulate_grad_batches=4)
     trainer.fit(_DictModule(TINY), loader)
     monkeypatch.undo()
     assert budget.tokens == repetition.tokens == 3 * 4 * 2 * 10
