@@ -403,13 +403,9 @@ class _Measurement:
     def close(self) -> tuple[int, int] | None:
         """Stop counting; (model FLOPs, hardware FLOPs) of the micro-batch, or None if counting failed."""
         counter, self._counter = self._counter, None
-        if counter is not None:
-            self.attention_calls = counter.attention_calls
-            by_phase = counter.attention_flops
-            (forward, forward_hw), (backward, backward_hw) = by_phase["forward"], by_phase["backward"]
-            self.attention_flops = (forward + min(backward, 2 * forward), forward_hw + backward_hw)
         if counter is None:
             return None
+        self.attention_calls = counter.attention_calls
         try:
             self._stack.close()
         except Exception as err:  # noqa: BLE001
@@ -418,11 +414,17 @@ class _Measurement:
         if counter.error is not None:
             self.error = counter.error
             return None
-        forward, backward = counter.forward_flops, counter.backward_flops
-        # Model FLOPs count the backward as at most 2x the forward; anything above that is recomputation
-        # (activation checkpointing), which only hardware FLOPs include (PaLM App. B: MFU vs HFU). Hardware
-        # FLOPs are what the kernels executed: the full square of a masked attention, recomputed scores.
-        return int(forward + min(backward, 2 * forward)), int(counter.hardware_flops)
+        by_phase = counter.attention_flops  # (model, hardware) by phase
+        (forward, forward_hw), (backward, backward_hw) = by_phase["forward"], by_phase["backward"]
+        self.attention_flops = (_model_flops(forward, backward), forward_hw + backward_hw)
+        # Hardware FLOPs are what the kernels executed: the full square of a masked attention, recomputed scores.
+        return _model_flops(counter.forward_flops, counter.backward_flops), int(counter.hardware_flops)
+
+
+def _model_flops(forward: int, backward: int) -> int:
+    """Model FLOPs of a step: the backward counts as at most 2x the forward; anything above that is recomputation
+    (activation checkpointing), which only hardware FLOPs include (PaLM App. B: MFU vs HFU)."""
+    return int(forward + min(backward, 2 * forward))
 
 
 class _InStepCounter(TorchDispatchMode):
@@ -442,29 +444,18 @@ class _InStepCounter(TorchDispatchMode):
         super().__init__()
         self.counter = TrainingFlopCounter(causal_attention=causal_attention)
         self.error: str | None = None
-        # by id of the op (an op's own hash runs Python; ops live as long as the process, so an id is never
-        # reused for another): its key in the counter's tables, or None
-        # for an op that costs no FLOPs and that eager attention is not followed through (most ops of a step)
-        self._keys: dict[int, Any] = {}
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         if self.error is None:
-            key = self._keys.get(id(func), self)
-            if key is self:
-                key = self._keys[id(func)] = self._key_of(func)
-            if key is not None:
-                try:
-                    self.counter._count_flops(key, out, args, kwargs)
-                except Exception as err:  # noqa: BLE001 - the measurement is void; the user's op ran fine
-                    self.error = f"counting {func} raised {type(err).__name__}: {err}"
+            # the counter's formulas are keyed by op packet, its attention handlers by a higher-order op itself
+            key = func if isinstance(func, torch._ops.HigherOrderOperator) else func._overloadpacket
+            try:
+                self.counter._count_flops(key, out, args, kwargs)
+            except Exception as err:  # noqa: BLE001 - the measurement is void; the user's op ran fine
+                self.error = f"counting {func} raised {type(err).__name__}: {err}"
         return out
-
-    def _key_of(self, func: Any) -> Any:
-        # the counter's formulas are keyed by op packet, its attention handlers by a higher-order op itself
-        key = func if isinstance(func, torch._ops.HigherOrderOperator) else func._overloadpacket
-        return key if self.counter.counts_or_follows(key) else None
 
     @property
     def forward_flops(self) -> int:

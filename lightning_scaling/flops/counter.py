@@ -663,12 +663,6 @@ class TrainingFlopCounter(FlopCounterMode):
     def _model_only(handler: _Handler, *args: Any, out_val: Any = None, **kwargs: Any) -> int:
         return handler(args, kwargs, out_val)[0]
 
-    def counts_or_follows(self, func_packet: Any) -> bool:
-        """Whether ops of ``func_packet`` can cost FLOPs or carry eager attention (else the counter ignores them)."""
-        return (
-            func_packet in self._handlers or func_packet in self.flop_registry or func_packet in _FOLLOWED_WITHOUT_FLOPS
-        )
-
     def _count_flops(self, func_packet: Any, out: Any, args: Any, kwargs: Any) -> Any:
         handler = self._handlers.get(func_packet)
         if handler is None and func_packet not in self.flop_registry:
@@ -1001,8 +995,8 @@ class MeasuredFlops:
     ``total``/``forward``/``backward``: model FLOPs (``forward``/``backward`` split by whether the op ran inside
     the autograd engine); ``by_op`` maps op name ("aten.mm") to model FLOPs; ``hardware``: FLOPs the kernels
     executed; ``attention``: forward attention calls by how they were recognised (``ATTENTION_PATHS``);
-    ``attention_flops``: (model, hardware) FLOPs of those calls, forward and backward (the part quadratic in the
-    sequence length; model FLOPs of the backward capped at 2x the forward, as in ``FlopCounter``)."""
+    ``attention_flops``: (model, hardware) FLOPs of those calls, forward and backward as in ``total`` and
+    ``hardware`` (the part quadratic in the sequence length)."""
 
     total: int
     forward: int
@@ -1022,7 +1016,7 @@ def measure_training_flops(fn: Callable[[], Any], causal_attention: str = DEFAUL
     with counter:
         fn()
     by_op = {str(op): int(n) for op, n in counter.get_flop_counts().get("Global", {}).items() if n}
-    by_phase = counter.attention_flops
+    by_phase = counter.attention_flops  # (model, hardware) by phase
     (forward, forward_hw), (backward, backward_hw) = by_phase["forward"], by_phase["backward"]
     return MeasuredFlops(
         total=int(counter.get_total_flops()),
@@ -1032,7 +1026,7 @@ def measure_training_flops(fn: Callable[[], Any], causal_attention: str = DEFAUL
         by_op=by_op,
         hardware=counter.hardware_flops,
         attention=counter.attention_calls,
-        attention_flops=(forward + min(backward, 2 * forward), forward_hw + backward_hw),
+        attention_flops=(forward + backward, forward_hw + backward_hw),
     )
 
 
