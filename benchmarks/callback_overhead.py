@@ -1,8 +1,9 @@
 """What adding ScalingMonitor costs a user: whole fits, all parts on vs off, side by side in one process.
 
 Each configuration trains the same model on the same batches twice per repeat, without and with
-``ScalingMonitor()`` (defaults), in alternating order, so that drift in machine load hits both alike. A row
-reports, over the repeats:
+``ScalingMonitor()`` (defaults), in alternating order, so that drift in machine load hits both alike. Each repeat
+runs every configuration once (configurations interleaved), so a row's repeats are spread over the whole run and
+its range takes in the machine's drift over the run. A row reports, over the repeats:
 
 - ``whole fit``: the ratio of ``trainer.fit`` wall times (first steps, the FLOP measurement and Lightning's own
   setup included), min–median–max over the repeats, each repeat's ratio taken within its pair;
@@ -16,12 +17,14 @@ reports, over the repeats:
   first batch of its shape, which costs more than later ones with or without us (new allocations, kernels picked
   for new sizes), so the column before charges us for that too;
 - ``steady``: the same ratio over the steps after the first ``--warmup`` ones (median step time);
-- ``bookkeeping ms/step`` and ``norm layers ms/step``: time spent inside the monitor's per-batch hooks and its
-  gradient hooks per optimizer step, split into the norm layers' per-example gradients (the noise scale's
-  measurement, on every 4th step by default: it grows with the model, like the step) and the rest (the ledger,
-  the parts' books, logging: a fixed cost per step),
-  measured in the same run (what the bookkeeping costs, free of machine noise; the FLOP-measured steps'
-  slowdown happens inside the user's step and shows in the whole-fit ratio instead);
+- ``bookkeeping``, ``gradient norms`` and ``norm layers`` (ms per optimizer step): the time spent inside the
+  monitor's per-batch hooks and its gradient hooks, measured in the same run (free of machine noise) and split
+  three ways. The noise scale's two measurements, which read gradients and so grow with the model like the step:
+  ``gradient norms``, the whole model's gradients (with accumulation or DDP only: a dot product per parameter in
+  the gradient hooks, a fused norm of ``.grad``); ``norm layers``, the normalization layers' per-example
+  gradients (every 4th step by default). ``bookkeeping`` is the rest, a fixed cost per step: the ledger, the
+  parts' books, logging, the hooks' own calls. The FLOP-measured steps' slowdown happens inside the user's step
+  and shows in the whole-fit ratios instead;
 - ``measured`` / ``shapes``: input shapes counted under the FLOP counter / distinct input shapes the run saw (a
   benchmark that measured nothing says 0);
 - ``peak mem``: peak resident memory of a fit with the monitor over one without, each fit in a fresh process
@@ -38,8 +41,8 @@ the padding) with 10, 30 and 64 distinct lengths.
     python benchmarks/callback_overhead.py --device cuda --steps 60
     python benchmarks/callback_overhead.py --only gpt-acc2 --repeats 5 --markdown
 
-Goal (CPU): whole fit <= 1.03x in every row, peak memory <= 1.05x, bookkeeping <= 2 ms per optimizer step (the norm
-layers' measurement has its own budget: <= 1% of a step).
+Goal (CPU): whole fit <= 1.03x in every row, peak memory <= 1.05x, bookkeeping <= 2 ms per optimizer step (the noise
+scale's measurements are budgeted as a share of the step instead: the norm layers <= 1%).
 """
 
 from __future__ import annotations
@@ -192,11 +195,13 @@ class StepClock:
 
 def _timed_monitor(tokens_fn: Any = None) -> tuple[Any, list[float]]:
     """A ScalingMonitor whose hooks (and gradient hooks) add their own run time to ``spent[0]``; the part of it
-    that is the norm layers' per-example gradients (measured every few steps) also goes to ``spent[1]``."""
+    that is the norm layers' per-example gradients (measured every few steps) also goes to ``spent[1]``, and the
+    part that reads the whole model's gradients for the noise scale (the gradient hooks and the fused norms of
+    ``.grad``) to ``spent[2]``."""
     from lightning_scaling.callbacks import ScalingMonitor
     from lightning_scaling.callbacks.gradient_noise_scale import GradientNoiseScale
 
-    spent = [0.0, 0.0]
+    spent = [0.0, 0.0, 0.0]
 
     def timed(fn: Any, *slots: int) -> Any:
         @functools.wraps(fn)
@@ -216,7 +221,10 @@ def _timed_monitor(tokens_fn: Any = None) -> tuple[Any, list[float]]:
     gns = monitor.parts.get("noise_scale")
     if isinstance(gns, GradientNoiseScale):
         make_hook = gns._make_hook
-        gns._make_hook = lambda: timed(make_hook(), 0)  # type: ignore[method-assign]
+        gns._make_hook = lambda param: timed(make_hook(param), 0, 2)  # type: ignore[method-assign]
+        # (these run inside timed hooks: counted once in spent[0])
+        gns._grad_sq = timed(gns._grad_sq, 2)  # type: ignore[method-assign]
+        gns._norm_held = timed(gns._norm_held, 2)  # type: ignore[method-assign]
         # norm-layer gradients: in the backward (a gradient hook of our own) and after it (inside a timed hook)
         gns._probe._measure = timed(gns._probe._measure, 0, 1)  # type: ignore[method-assign]
         gns._probe.collect = timed(gns._probe.collect, 1)  # type: ignore[method-assign]
@@ -230,7 +238,7 @@ def fit_once(name: str, with_monitor: bool, args: argparse.Namespace) -> dict[st
     L.seed_everything(0, verbose=False)
     clock = StepClock()
     callbacks: list[Any] = [_callback(clock)]
-    spent = [0.0, 0.0]
+    spent = [0.0, 0.0, 0.0]
     monitor = None
     if with_monitor:
         monitor, spent = _timed_monitor()
@@ -274,6 +282,7 @@ def fit_once(name: str, with_monitor: bool, args: argparse.Namespace) -> dict[st
         "steady": statistics.median(clock.times[args.warmup :]) if len(clock.times) > args.warmup else float("nan"),
         "hooks_ms_per_step": 1e3 * spent[0] / steps,
         "norm_layers_ms_per_step": 1e3 * spent[1] / steps,
+        "gradient_norms_ms_per_step": 1e3 * spent[2] / steps,
         "measured": monitor.flops.measured_shapes if monitor else 0,
         "shapes": len(shapes),
         "cuda_peak": torch.cuda.max_memory_allocated() if args.device == "cuda" else None,
@@ -346,8 +355,8 @@ def _paired_extra(on: dict[str, Any], off: dict[str, Any]) -> float:
     return max(extra, 0.0)
 
 
-def _spread(values: list[float]) -> str:
-    return f"{statistics.median(values):.3f} [{min(values):.3f}–{max(values):.3f}]"
+def _spread(values: list[float], digits: int = 3) -> str:
+    return f"{statistics.median(values):.{digits}f} [{min(values):.{digits}f}–{max(values):.{digits}f}]"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -390,40 +399,52 @@ def main(argv: list[str] | None = None) -> int:
         f"repeats={args.repeats} micro-batches/fit={args.steps}",
         flush=True,
     )
-    rows = []
     for name in names:
-        fit_once(name, False, args)  # warm this configuration's code paths once, untimed
-        whole, steady, hooks, norm, same_run, paired, measured, shapes = [], [], [], [], [], [], 0, 0
-        floor: list[float] = []
-        for repeat in range(args.repeats):
+        fit_once(name, False, args)  # warm each configuration's code paths once, untimed
+    # Repeats are the outer loop: each row's pairs are spread over the whole run, so its range takes in the
+    # machine's drift over the run, not over a few minutes of it (a second run then lands inside it, or near).
+    keys = ("whole", "floor", "same_run", "paired", "steady", "hooks", "grads", "norm")
+    series: dict[str, dict[str, list[float]]] = {name: {key: [] for key in keys} for name in names}
+    counted: dict[str, str] = {}
+    for repeat in range(args.repeats):
+        for name in names:
+            got = series[name]
             order = (False, True) if repeat % 2 == 0 else (True, False)
             pair = {flag: fit_once(name, flag, args) for flag in order}
             if args.noise_floor:  # after the pair: off again, against the pair's off fit
-                floor.append(fit_once(name, False, args)["wall"] / pair[False]["wall"])
-            whole.append(pair[True]["wall"] / pair[False]["wall"])
+                got["floor"].append(fit_once(name, False, args)["wall"] / pair[False]["wall"])
             on = pair[True]
-            same_run.append(on["wall"] / (on["wall"] - on["own_seconds"]))
-            paired.append(on["wall"] / (on["wall"] - on["hooks_seconds"] - _paired_extra(on, pair[False])))
-            steady.append(pair[True]["steady"] / pair[False]["steady"])
-            hooks.append(pair[True]["hooks_ms_per_step"] - pair[True]["norm_layers_ms_per_step"])
-            norm.append(pair[True]["norm_layers_ms_per_step"])
-            measured, shapes = pair[True]["measured"], pair[True]["shapes"]
+            got["whole"].append(on["wall"] / pair[False]["wall"])
+            got["same_run"].append(on["wall"] / (on["wall"] - on["own_seconds"]))
+            got["paired"].append(on["wall"] / (on["wall"] - on["hooks_seconds"] - _paired_extra(on, pair[False])))
+            got["steady"].append(on["steady"] / pair[False]["steady"])
+            got["hooks"].append(
+                on["hooks_ms_per_step"] - on["norm_layers_ms_per_step"] - on["gradient_norms_ms_per_step"]
+            )
+            got["grads"].append(on["gradient_norms_ms_per_step"])
+            got["norm"].append(on["norm_layers_ms_per_step"])
+            counted[name] = f"{on['measured']}/{on['shapes']}"
+            progress = f"  repeat {repeat + 1}/{args.repeats} {name}: whole {got['whole'][-1]:.3f}"
+            print(progress, file=sys.stderr, flush=True)
+    rows = []
+    for name in names:
+        got = series[name]
         memory = peak_memory_ratio(name, args) if args.memory else None
         rows.append(
             [
                 name,
-                _spread(whole),
-                _spread(floor) if floor else "-",
-                _spread(same_run),
-                _spread(paired),
-                _spread(steady),
-                f"{statistics.median(hooks):.2f}",
-                f"{statistics.median(norm):.2f}",
-                f"{measured}/{shapes}",
+                _spread(got["whole"]),
+                _spread(got["floor"]) if got["floor"] else "-",
+                _spread(got["same_run"]),
+                _spread(got["paired"]),
+                _spread(got["steady"]),
+                _spread(got["hooks"], 2),
+                _spread(got["grads"], 2),
+                _spread(got["norm"], 2),
+                counted[name],
                 "-" if memory is None else f"{memory:.3f}",
             ]
         )
-        print(f"  {name}: whole {rows[-1][1]}", file=sys.stderr, flush=True)
 
     print()
     print_table(
@@ -435,6 +456,7 @@ def main(argv: list[str] | None = None) -> int:
             "same-run, paired measured steps",
             "steady on/off",
             "bookkeeping ms/step",
+            "gradient norms ms/step",
             "norm layers ms/step",
             "measured/shapes",
             "peak mem on/off",

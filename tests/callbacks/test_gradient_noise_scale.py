@@ -11,6 +11,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 from gpt import GPTLightningModule
@@ -250,6 +251,59 @@ def test_gpt_tokens_kaplan_and_identical_micro_batches() -> None:
     assert float(m["scaling/kaplan_critical_batch_tokens"]) == pytest.approx(
         float(KaplanLaw().critical_batch_size(loss)), rel=1e-3
     )
+
+
+class GradientCopies(L.Callback):
+    """Test-only reference: a copy of the whole ``.grad`` after each backward and before each optimizer step."""
+
+    def __init__(self) -> None:
+        self.after_backward: list[torch.Tensor] = []
+        self.before_step: list[torch.Tensor] = []
+
+    @staticmethod
+    def _flat(module: L.LightningModule) -> torch.Tensor:
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in module.parameters()]
+        return torch.cat([g.reshape(-1).double() for g in grads])
+
+    def on_after_backward(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.after_backward.append(self._flat(pl_module))
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
+        self.before_step.append(self._flat(pl_module))
+
+
+@pytest.mark.parametrize("held_bytes", [None, 1], ids=["one-fused-norm", "normed-in-each-hook"])
+def test_accumulation_points_equal_the_micro_batch_gradients(monkeypatch, held_bytes) -> None:
+    """Each step's (|G|², tr(Σ)) is the least-squares line through the exact points: k micro-batch gradients
+    (differences of .grad between backwards, here from copies) at B = b and their mean at B = k·b; also when the
+    hooks norm what they hold in every call (the cap on held bytes reached at once)."""
+    import gpt
+
+    from lightning_scaling.callbacks import gradient_noise_scale as module_under_test
+
+    if held_bytes is not None:
+        monkeypatch.setattr(module_under_test, "_HELD_GRADIENT_BYTES", held_bytes)
+    k, micro, steps = 3, 4, 4
+    cfg = gpt.GPTConfig(seq_len=16, n_layer=1, n_head=2, d_model=32, d_ff=64)
+    # float64, so that the reference's differences of accumulated .grad are exact to ~1e-15
+    module = gpt.GPTLightningModule(cfg, lr=1e-3, warmup_steps=1, use_kernels=False).double()
+    tokens = torch.randint(0, 256, (steps * k * micro, cfg.seq_len + 1), generator=torch.Generator().manual_seed(2))
+    cb = GradientNoiseScale(warmup_steps=10**9, norm_layers=False)
+    cb.estimator = RecordingEstimator(0.99)
+    copies = GradientCopies()
+    t = trainer(steps, k, callbacks=[cb, copies])
+    t.fit(module, DataLoader(tokens, batch_size=micro, shuffle=False))
+    assert cb._held == [] and cb._norms == []  # nothing kept past its backward
+    assert len(cb.estimator.measurements) == steps
+    for step, (grad_sq, trace_cov) in enumerate(cb.estimator.measurements):
+        sums = copies.after_backward[step * k : (step + 1) * k]
+        # Lightning divides each micro-batch loss by k: a micro-batch's own gradient is k times its increment
+        before = [torch.zeros_like(sums[0]), *sums[:-1]]
+        micro_sq = [float((k * (b - a)).square().sum()) for a, b in zip(before, sums, strict=True)]
+        mean_sq = float(copies.before_step[step].square().sum())
+        slope, intercept = np.polyfit([1.0 / micro] * k + [1.0 / (k * micro)], [*micro_sq, mean_sq], 1)
+        assert grad_sq == pytest.approx(float(intercept), rel=1e-9, abs=1e-12 * mean_sq)
+        assert trace_cov == pytest.approx(float(slope), rel=1e-9)
 
 
 def test_gpt_gns_tokens_is_gns_times_tokens_per_sample() -> None:
