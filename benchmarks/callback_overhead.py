@@ -20,11 +20,11 @@ its range takes in the machine's drift over the run. A row reports, over the rep
 - ``bookkeeping``, ``gradient norms`` and ``norm layers`` (ms per optimizer step): the time spent inside the
   monitor's per-batch hooks and its gradient hooks, measured in the same run (free of machine noise) and split
   three ways. The noise scale's two measurements, which read gradients and so grow with the model like the step:
-  ``gradient norms``, the whole model's gradients (with accumulation or DDP only: a dot product per parameter in
-  the gradient hooks, a fused norm of ``.grad``); ``norm layers``, the normalization layers' per-example
-  gradients (every 4th step by default). ``bookkeeping`` is the rest, a fixed cost per step: the ledger, the
-  parts' books, logging, the hooks' own calls. The FLOP-measured steps' slowdown happens inside the user's step
-  and shows in the whole-fit ratios instead;
+  ``gradient norms``, the whole model's gradients (with accumulation or DDP only: every call of the gradient
+  hooks, which keep the incoming gradients, and the fused norms of those and of ``.grad``); ``norm layers``, the
+  normalization layers' per-example gradients (every 4th step by default). ``bookkeeping`` is the rest, a fixed
+  cost per step: the ledger, the parts' books, logging. The FLOP-measured steps' slowdown happens inside the
+  user's step and shows in the whole-fit ratios instead;
 - ``measured`` / ``shapes``: input shapes counted under the FLOP counter / distinct input shapes the run saw (a
   benchmark that measured nothing says 0);
 - ``peak mem``: peak resident memory of a fit with the monitor over one without, each fit in a fresh process
@@ -202,16 +202,22 @@ def _timed_monitor(tokens_fn: Any = None) -> tuple[Any, list[float]]:
     from lightning_scaling.callbacks.gradient_noise_scale import GradientNoiseScale
 
     spent = [0.0, 0.0, 0.0]
+    running = [0, 0, 0]  # timers open per slot: a timed call inside another of the same slot is counted once
 
     def timed(fn: Any, *slots: int) -> Any:
         @functools.wraps(fn)
         def wrapper(*a: Any, **k: Any) -> Any:
+            mine = [slot for slot in slots if not running[slot]]
+            for slot in mine:
+                running[slot] += 1
             t = time.perf_counter()
             try:
                 return fn(*a, **k)
             finally:
-                for slot in slots:
-                    spent[slot] += time.perf_counter() - t
+                elapsed = time.perf_counter() - t
+                for slot in mine:
+                    spent[slot] += elapsed
+                    running[slot] -= 1
 
         return wrapper
 
@@ -222,7 +228,7 @@ def _timed_monitor(tokens_fn: Any = None) -> tuple[Any, list[float]]:
     if isinstance(gns, GradientNoiseScale):
         make_hook = gns._make_hook
         gns._make_hook = lambda param: timed(make_hook(param), 0, 2)  # type: ignore[method-assign]
-        # (these run inside timed hooks: counted once in spent[0])
+        # (these run inside timed hooks; each slot counts a nested call once)
         gns._grad_sq = timed(gns._grad_sq, 2)  # type: ignore[method-assign]
         gns._norm_held = timed(gns._norm_held, 2)  # type: ignore[method-assign]
         # norm-layer gradients: in the backward (a gradient hook of our own) and after it (inside a timed hook)

@@ -192,7 +192,12 @@ class LedgerCallback(Callback):
                 scaling_warn(f"{self._warn.prefix}, rank {trainer.global_rank}: {message}")  # this rank's own
             return
         self.enabled = False
+        self._switched_off()
         self._warn.warn("internal-error", f"switched off after an {message}. Training continues; please report this.")
+
+    def _switched_off(self) -> None:
+        """Called once this part has switched itself off after an error (``enabled`` is False): let go of what it
+        holds in the user's model (hooks, tensors)."""
 
     def _guard(self, method: Any, trainer: Any, *args: Any) -> Any:
         if not self.enabled:
@@ -208,6 +213,7 @@ class LedgerCallback(Callback):
         failed = record.values.get(self._failure_slot, 0)
         if failed > 0 and self.enabled:
             self.enabled = False
+            self._switched_off()
             self._warn.warn(
                 "internal-error",
                 f"switched off on every rank after an error on {int(failed)} rank(s); training continues.",

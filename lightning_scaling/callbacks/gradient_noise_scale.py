@@ -407,6 +407,10 @@ class GradientNoiseScale(LedgerCallback):
         self._remove_hooks()  # also when the callback switched itself off
         super().teardown(trainer, pl_module, stage)
 
+    @override
+    def _switched_off(self) -> None:
+        self._remove_hooks()
+
     # ----------------------------------------------------------------------------------------------------------
     # state
     @override
@@ -559,6 +563,8 @@ class GradientNoiseScale(LedgerCallback):
     def _remove_hooks(self) -> None:
         self._probe.detach()
         self._set_gradient_hooks(False)
+        self._held, self._held_bytes, self._norms, self._hook_error = [], 0, [], None
+        self._collecting = False
 
     def _set_gradient_hooks(self, on: bool) -> None:
         """Put a gradient hook on each of our parameters, or take them off (nothing when already so)."""
@@ -579,7 +585,7 @@ class GradientNoiseScale(LedgerCallback):
             if not (self._hooks_live and self._collecting and self.enabled):
                 return
             try:
-                if self._hooks_hold:
+                if self._hooks_hold and nbytes < _HELD_GRADIENT_BYTES:
                     # autograd adds this tensor into .grad and drops it: keep it until the backward ends (or
                     # _HELD_GRADIENT_BYTES are kept) and norm the lot in one fused call. (A parameter without
                     # .grad yet would have it handed over: kept, autograd copies it instead, for that parameter.)
@@ -588,7 +594,8 @@ class GradientNoiseScale(LedgerCallback):
                     if self._held_bytes >= _HELD_GRADIENT_BYTES:
                         self._norm_held()
                     return
-                # the first micro-batch under DDP: autograd hands this tensor over as .grad, so norm it now
+                # the first micro-batch under DDP (autograd hands this tensor over as .grad), or a parameter too big
+                # to keep: norm it now
                 flat = grad.reshape(-1)
                 if flat.dtype in (torch.float32, torch.float64):  # one dot product: the cheapest squared norm
                     self._norms.append(torch.dot(flat, flat))
@@ -603,10 +610,9 @@ class GradientNoiseScale(LedgerCallback):
 
     def _norm_held(self) -> None:
         """Turn the incoming gradients the hooks kept into one squared norm in ``_norms`` and let them go."""
-        if self._held:
-            norms = torch._foreach_norm(self._held, 2, dtype=self._norm_dtype)
-            self._norms.append(torch.stack(norms).square().sum())
-            self._held, self._held_bytes = [], 0
+        held, self._held, self._held_bytes = self._held, [], 0  # let go of them even if the norm fails
+        if held:
+            self._norms.append(torch.stack(torch._foreach_norm(held, 2, dtype=self._norm_dtype)).square().sum())
 
     @staticmethod
     def _loss_scale(trainer: Trainer) -> torch.Tensor | float:

@@ -272,35 +272,90 @@ class GradientCopies(L.Callback):
         self.before_step.append(self._flat(pl_module))
 
 
-@pytest.mark.parametrize("held_bytes", [None, 1], ids=["one-fused-norm", "normed-in-each-hook"])
-def test_accumulation_points_equal_the_micro_batch_gradients(monkeypatch, held_bytes) -> None:
-    """Each step's (|G|², tr(Σ)) is the least-squares line through the exact points: k micro-batch gradients
-    (differences of .grad between backwards, here from copies) at B = b and their mean at B = k·b; also when the
-    hooks norm what they hold in every call (the cap on held bytes reached at once)."""
+class BranchOnOddBatches(L.LightningModule):
+    """A model whose ``branch`` layer trains only on odd batches, so its .grad is None after the first micro-batch
+    of each accumulation window (float64, so that differences of accumulated .grad are exact to ~1e-15)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.trunk = torch.nn.Linear(6, 6, dtype=torch.float64)
+        self.branch = torch.nn.Linear(6, 6, dtype=torch.float64)
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        hidden = torch.tanh(self.trunk(batch))
+        if batch_idx % 2 == 1:
+            hidden = hidden + self.branch(hidden)
+        return hidden.square().mean()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def _gpt_and_tokens(batches: int, micro: int) -> tuple[L.LightningModule, DataLoader]:
     import gpt
 
+    cfg = gpt.GPTConfig(seq_len=16, n_layer=1, n_head=2, d_model=32, d_ff=64)
+    module = gpt.GPTLightningModule(cfg, lr=1e-3, warmup_steps=1, use_kernels=False).double()
+    tokens = torch.randint(0, 256, (batches * micro, cfg.seq_len + 1), generator=torch.Generator().manual_seed(2))
+    return module, DataLoader(tokens, batch_size=micro, shuffle=False)
+
+
+def _branch_and_data(batches: int, micro: int) -> tuple[L.LightningModule, DataLoader]:
+    data = torch.randn(batches * micro, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    return BranchOnOddBatches(), DataLoader(data, batch_size=micro, shuffle=False)
+
+
+@pytest.mark.parametrize("model", ["gpt", "branch"])
+@pytest.mark.parametrize("held_bytes", [None, 1], ids=["kept-then-one-fused-norm", "normed-in-each-hook"])
+def test_accumulation_points_equal_the_micro_batch_gradients(monkeypatch, model, held_bytes) -> None:
+    """Each point the hooks and the fused norms give is exact: micro-batch i's squared norm is that of k times the
+    change of .grad over its backward (a reference from copies), the step's is |.grad|², and the step's
+    (|G|², tr(Σ)) is their least-squares line. Kept gradients with one fused norm (the default), and each
+    gradient normed in its hook (every parameter over the cap on kept bytes); a parameter without .grad after
+    the window's first micro-batch (the branch model) is kept and counted too."""
     from lightning_scaling.callbacks import gradient_noise_scale as module_under_test
 
     if held_bytes is not None:
         monkeypatch.setattr(module_under_test, "_HELD_GRADIENT_BYTES", held_bytes)
-    k, micro, steps = 3, 4, 4
-    cfg = gpt.GPTConfig(seq_len=16, n_layer=1, n_head=2, d_model=32, d_ff=64)
-    # float64, so that the reference's differences of accumulated .grad are exact to ~1e-15
-    module = gpt.GPTLightningModule(cfg, lr=1e-3, warmup_steps=1, use_kernels=False).double()
-    tokens = torch.randint(0, 256, (steps * k * micro, cfg.seq_len + 1), generator=torch.Generator().manual_seed(2))
+    k, micro, steps = (3, 4, 4) if model == "gpt" else (2, 5, 4)
+    module, loader = (_gpt_and_tokens if model == "gpt" else _branch_and_data)(steps * k, micro)
     cb = GradientNoiseScale(warmup_steps=10**9, norm_layers=False)
     cb.estimator = RecordingEstimator(0.99)
+    points: list[tuple[float, int]] = []
+    kept: list[int] = []
+    commit, norm_held = cb._commit, cb._norm_held
+
+    def record_point(sq: torch.Tensor, samples: float, *args: Any, **kwargs: Any) -> None:
+        points.append((float(sq), int(samples)))
+        commit(sq, samples, *args, **kwargs)
+
+    def record_kept() -> None:
+        kept.append(len(cb._held))
+        norm_held()
+
+    monkeypatch.setattr(cb, "_commit", record_point)
+    monkeypatch.setattr(cb, "_norm_held", record_kept)
     copies = GradientCopies()
     t = trainer(steps, k, callbacks=[cb, copies])
-    t.fit(module, DataLoader(tokens, batch_size=micro, shuffle=False))
-    assert cb._held == [] and cb._norms == []  # nothing kept past its backward
-    assert len(cb.estimator.measurements) == steps
+    t.fit(module, loader)
+    parameters = len(list(module.parameters()))
+    if held_bytes is None:  # every parameter kept in each later micro-batch, normed in one call after its backward
+        assert kept == [parameters] * ((k - 1) * steps)
+    else:
+        assert set(kept) == {0}
+    assert len(points) == (k + 1) * steps and len(cb.estimator.measurements) == steps
     for step, (grad_sq, trace_cov) in enumerate(cb.estimator.measurements):
         sums = copies.after_backward[step * k : (step + 1) * k]
-        # Lightning divides each micro-batch loss by k: a micro-batch's own gradient is k times its increment
         before = [torch.zeros_like(sums[0]), *sums[:-1]]
+        # Lightning divides each micro-batch loss by k: a micro-batch's own gradient is k times its increment
         micro_sq = [float((k * (b - a)).square().sum()) for a, b in zip(before, sums, strict=True)]
         mean_sq = float(copies.before_step[step].square().sum())
+        expected = [(sq, micro) for sq in micro_sq] + [(mean_sq, k * micro)]
+        for (got, got_samples), (want, want_samples) in zip(
+            points[step * (k + 1) : (step + 1) * (k + 1)], expected, strict=True
+        ):
+            assert got_samples == want_samples
+            assert got == pytest.approx(want, rel=1e-10)
         slope, intercept = np.polyfit([1.0 / micro] * k + [1.0 / (k * micro)], [*micro_sq, mean_sq], 1)
         assert grad_sq == pytest.approx(float(intercept), rel=1e-9, abs=1e-12 * mean_sq)
         assert trace_cov == pytest.approx(float(slope), rel=1e-9)
@@ -425,6 +480,30 @@ def test_internal_error_warns_once_and_training_continues(monkeypatch) -> None:
     assert not cb.enabled and cb._handles == []
     msgs = _warnings_of(record)
     assert len(msgs) == 1 and "switched off" in msgs[0] and "boom" in msgs[0]
+
+
+def test_switched_off_after_an_error_lets_go_of_its_hooks_and_kept_gradients_at_once(monkeypatch) -> None:
+    """The fused norm of the kept gradients fails on the first step's second micro-batch: from then on no hook is
+    left on the model and no gradient kept, during the fit (not only at its end), and training goes on."""
+    cb = GradientNoiseScale()
+
+    def broken() -> None:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(cb, "_norm_held", broken)
+    seen: list[tuple[bool, int, int]] = []
+
+    class Probe(L.Callback):
+        def on_train_batch_end(self, *args: Any) -> None:
+            seen.append((cb.enabled, len(cb._handles), len(cb._held)))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        t = trainer(4, 2, callbacks=[cb, Probe()])
+        t.fit(LinearRegression(), regression_data(4 * 2 * 8, 8))
+    assert t.global_step == 4
+    assert seen[0][:2] == (True, len(cb._params)) and seen[0][1] > 0  # hooks on while it measured
+    assert seen[1:] == [(False, 0, 0)] * 7
 
 
 class _FakeTrainer:
