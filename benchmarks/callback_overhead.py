@@ -40,6 +40,7 @@ the padding) with 10, 30 and 64 distinct lengths.
     python benchmarks/callback_overhead.py --noise-floor --memory --markdown   # with the off/off spread
     python benchmarks/callback_overhead.py --device cuda --steps 60
     python benchmarks/callback_overhead.py --only gpt-acc2 --repeats 5 --markdown
+    python benchmarks/callback_overhead.py --json overhead.json # also every repeat's figures, in the order they ran
 
 Goal (CPU): whole fit <= 1.03x in every row, peak memory <= 1.05x, bookkeeping <= 2 ms per optimizer step (the noise
 scale's measurements are budgeted as a share of the step instead: the norm layers <= 1%).
@@ -361,6 +362,19 @@ def _paired_extra(on: dict[str, Any], off: dict[str, Any]) -> float:
     return max(extra, 0.0)
 
 
+# --json: the table's columns under their own names
+_JSON_NAMES = {
+    "whole": "whole_fit_on_off",
+    "floor": "whole_fit_off_off",
+    "same_run": "same_run_whole_fit",
+    "paired": "same_run_paired_measured_steps",
+    "steady": "steady_on_off",
+    "hooks": "bookkeeping_ms_per_step",
+    "grads": "gradient_norms_ms_per_step",
+    "norm": "norm_layers_ms_per_step",
+}
+
+
 def _spread(values: list[float], digits: int = 3) -> str:
     return f"{statistics.median(values):.{digits}f} [{min(values):.{digits}f}–{max(values):.{digits}f}]"
 
@@ -381,6 +395,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--quick", action="store_true", help="2 repeats of 30-step fits")
     p.add_argument("--markdown", action="store_true", help="print the table as Markdown")
+    p.add_argument(
+        "--json",
+        default=None,
+        metavar="PATH",
+        help="also write every repeat's figures, in the order they ran, to PATH (to tell an outlier's cause)",
+    )
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--with-monitor", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -412,6 +432,7 @@ def main(argv: list[str] | None = None) -> int:
     keys = ("whole", "floor", "same_run", "paired", "steady", "hooks", "grads", "norm")
     series: dict[str, dict[str, list[float]]] = {name: {key: [] for key in keys} for name in names}
     counted: dict[str, str] = {}
+    log: list[dict[str, Any]] = []  # every repeat's figures in the order they ran (--json)
     for repeat in range(args.repeats):
         for name in names:
             got = series[name]
@@ -430,6 +451,8 @@ def main(argv: list[str] | None = None) -> int:
             got["grads"].append(on["gradient_norms_ms_per_step"])
             got["norm"].append(on["norm_layers_ms_per_step"])
             counted[name] = f"{on['measured']}/{on['shapes']}"
+            figures = {_JSON_NAMES[key]: got[key][-1] for key in keys if got[key]}
+            log.append({"repeat": repeat + 1, "configuration": name, **figures})
             progress = f"  repeat {repeat + 1}/{args.repeats} {name}: whole {got['whole'][-1]:.3f}"
             print(progress, file=sys.stderr, flush=True)
     rows = []
@@ -452,6 +475,8 @@ def main(argv: list[str] | None = None) -> int:
             ]
         )
 
+    if args.json:
+        Path(args.json).write_text(json.dumps({"command": sys.argv, "repeats": log}, indent=1) + "\n")
     print()
     print_table(
         [
