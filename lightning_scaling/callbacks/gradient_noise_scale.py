@@ -27,6 +27,10 @@ _NORM_MISMATCHED = "gns_norm/mismatched"  # norm layers whose per-example sum mi
 # The gradient hooks keep each parameter's incoming gradient and take the squared norms of the lot in one fused call
 # (one call per parameter costs 3x more on a small model); at most this many bytes are kept before they are normed.
 _HELD_GRADIENT_BYTES = 32 * 2**20
+# The warning that the batch is far above B_simple says B_simple is still rising when it grew this many times over the
+# last _HISTORY_POINTS points of its history (one point every min_measurements measurements).
+_RISING = 1.5
+_HISTORY_POINTS = 4
 
 # Strategies that shard or hide the per-rank gradient (by class name, so optional packages are not imported).
 _NO_LOCAL_GRADIENTS = (
@@ -96,7 +100,8 @@ class GradientNoiseScale(LedgerCallback):
             averages cover about (1 + d)/(1 − d) measurements (199 at 0.99).
         warmup_steps: optimizer steps before the batch is compared with B_simple (the noise scale is near zero
             early in training), >= 0.
-        high_ratio: warn once when the batch in use exceeds ``high_ratio`` × B_simple (> 1).
+        high_ratio: warn once when the batch in use exceeds ``high_ratio`` × B_simple (> 1); the warning says when
+            B_simple grew 1.5x or more over the last 3-4 × ``min_measurements`` measurements (still rising).
         low_ratio: warn once when the batch in use falls below ``low_ratio`` × B_simple (in (0, 1)).
         hysteresis: a warning direction re-arms only after the ratio comes back inside the band by this
             factor (> 1); each direction still warns at most once per run.
@@ -185,6 +190,8 @@ class GradientNoiseScale(LedgerCallback):
         self._norm_dtype = torch.float32
         self._hooks_live = True  # whether the gradient hooks measure this micro-batch (see _on_micro_batch_start)
         self._hooks_hold = False  # whether they keep the incoming gradients (.grad exists: see _make_hook)
+        # (measurements, B_simple) every min_measurements measurements, the last few: how fast B_simple moves
+        self._history: list[tuple[int, float]] = []
 
     # ----------------------------------------------------------------------------------------------------------
     # public
@@ -423,6 +430,7 @@ class GradientNoiseScale(LedgerCallback):
             "warned": sorted(self.warned),
             "batch_size": self.batch_size,
             "batch_tokens": self.batch_tokens,
+            "history": [list(point) for point in self._history],
         }
 
     @override
@@ -436,6 +444,7 @@ class GradientNoiseScale(LedgerCallback):
         self._warn.seen.update(self.warned)
         self.batch_size = float(state_dict.get("batch_size", math.nan))
         self.batch_tokens = float(state_dict.get("batch_tokens", math.nan))
+        self._history = [(int(count), float(value)) for count, value in state_dict.get("history", ())]
 
     # ----------------------------------------------------------------------------------------------------------
     # internals
@@ -658,6 +667,8 @@ class GradientNoiseScale(LedgerCallback):
             )
             return
         self.estimator.update_estimates(grad_sq, trace_cov)
+        if self.estimator.count % self.min_measurements == 0:
+            self._history = [*self._history[-(_HISTORY_POINTS - 1) :], (self.estimator.count, self.estimator.b_simple)]
         self._check_batch(trainer)
 
     def _check_batch(self, trainer: Trainer) -> None:
@@ -699,6 +710,14 @@ class GradientNoiseScale(LedgerCallback):
                 "it would at B = B_noise for the same progress. Consider a smaller global batch (fewer "
                 f"accumulation steps or devices) if compute is the constraint. {caveat}"
             )
+            rising = self._growth(b_simple)
+            if rising is not None:
+                growth, measurements = rising
+                message += (
+                    f" B_simple is still rising fast ({growth:.1f}x over the last {measurements} measurements; "
+                    "the noise scale grows as the loss falls, and the smoothed figure lags it), so the batch may "
+                    "fit later in the run: a BatchSizeSchedule starts small and grows the batch with B_simple."
+                )
         else:
             message = (
                 f"{where}. Far below the critical batch size, S/S_min = 1 + B_noise/B ≈ {1 + 1 / ratio:.1f}: "
@@ -706,6 +725,18 @@ class GradientNoiseScale(LedgerCallback):
                 f"steps at the cost of few extra examples, if wall-clock time is the constraint. {caveat}"
             )
         self._warn.warn(f"batch-{direction}", message)
+
+    def _growth(self, b_simple: float) -> tuple[float, int] | None:
+        """(how many times B_simple grew, over how many measurements) since the oldest point of the history, when
+        it grew at least ``_RISING`` times; None otherwise."""
+        if not self._history:
+            return None
+        count, then = self._history[0]
+        measurements = self.estimator.count - count
+        if measurements < self.min_measurements or not (then > 0 and math.isfinite(then)):
+            return None
+        growth = b_simple / then
+        return (growth, measurements) if growth >= _RISING else None
 
     def _kaplan_critical_batch(self, loss: float) -> float | None:
         if not (math.isfinite(loss) and loss > 0):

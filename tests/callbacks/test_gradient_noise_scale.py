@@ -424,6 +424,32 @@ def test_hysteresis_and_once_per_direction() -> None:
     assert len(msgs) == 2  # one per direction, never twice
 
 
+@pytest.mark.parametrize("rising", [True, False])
+def test_batch_far_above_says_whether_b_simple_is_still_rising(rising) -> None:
+    """Early in training B_simple climbs as the loss falls (the example GPT's: 2.5 samples at step 99, 26.8 at step
+    299): the warning that the batch is far above it says so when B_simple grew 1.5x or more over its recent
+    history, and the history survives a checkpoint."""
+    cb = GradientNoiseScale(ema_decay=0.5, min_measurements=5, warmup_steps=10**9)
+    cb.batch_size = 1000.0
+    fake = SimpleNamespace(global_step=0)
+    for i in range(40):  # B_simple = tr(Σ)/|G|²: from 1 to about 7 samples, or 3 throughout
+        cb._update(fake, 1.0, 1.05**i if rising else 3.0)
+    assert [count for count, _ in cb._history] == [25, 30, 35, 40]
+    restored = GradientNoiseScale(ema_decay=0.5, min_measurements=5, warmup_steps=10**9)
+    restored.load_state_dict(json.loads(json.dumps(cb.state_dict())))
+    assert restored._history == cb._history
+    restored.warmup_steps = 0
+    restored.batch_size = 1000.0
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        restored._update(fake, 1.0, 1.05**40 if rising else 3.0)
+    msgs = _warnings_of(record)
+    assert len(msgs) == 1 and "E/E_min" in msgs[0]
+    assert ("still rising fast" in msgs[0]) == rising
+    if rising:
+        assert "over the last 16 measurements" in msgs[0] and "BatchSizeSchedule" in msgs[0]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # state, robustness, validation
 def test_state_dict_resume_continues_exactly(tmp_path) -> None:
