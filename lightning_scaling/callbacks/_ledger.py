@@ -204,15 +204,13 @@ class StepLedger:
         """Add ``value`` (a number or a 0-dim tensor on any device: no host read) to the open micro-batch; it
         joins the step when the micro-batch trains, and is dropped when ``training_step`` returned None."""
         index = self._slots[name]
-        previous = self._micro.get(index)
-        self._micro[index] = value if previous is None else previous + value  # (0 + tensor would be an op)
+        self._micro[index] = _plus(self._micro.get(index, 0), value)
 
     def add_to_step(self, name: str, value: float | torch.Tensor) -> None:
         """Add ``value`` to the current optimizer step directly (numbers known only at the step, e.g. in
         ``on_before_optimizer_step``)."""
         index = self._slots[name]
-        previous = self._step[index]
-        self._step[index] = value if isinstance(previous, int) and previous == 0 else previous + value
+        self._step[index] = _plus(self._step[index], value)
 
     def backward_done(self) -> None:
         """The open micro-batch ran its backward pass (``on_after_backward``): it trains."""
@@ -261,8 +259,7 @@ class StepLedger:
             return
         step = self._step
         for index, value in self._micro.items():
-            previous = step[index]
-            step[index] = value if isinstance(previous, int) and previous == 0 else previous + value
+            step[index] = _plus(step[index], value)
         self._step[self._slots[MICRO_BATCHES]] += 1
         loss = unwrap_loss(outputs)
         if loss is not None and loss.numel() == 1:  # manual optimization may hand back any tensor
@@ -302,6 +299,12 @@ class StepLedger:
             errors=dict(self.errors),
             log_now=steps > 0 and _logging_due(trainer, self.planned_steps),
         )
+
+
+def _plus(total: Any, value: Any) -> Any:
+    """``total + value``, or ``value`` itself while the total is the untouched 0 (adding a tensor to 0 would be one
+    more device op per slot and step)."""
+    return value if isinstance(total, int) and total == 0 else total + value
 
 
 def _logging_due(trainer: Any, planned_steps: int | None) -> bool:

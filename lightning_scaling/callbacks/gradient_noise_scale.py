@@ -404,9 +404,7 @@ class GradientNoiseScale(LedgerCallback):
 
     @override
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
-        self._remove_hooks()  # Lightning skips teardown after an exception
-        self._norms, self._collecting = [], False
-        self._held, self._held_bytes = [], 0
+        self._remove_hooks()  # Lightning skips teardown after an exception (and what the hooks kept goes with them)
         super().on_exception(trainer, pl_module, exception)
 
     @override

@@ -232,7 +232,7 @@ def test_gpt_tokens_kaplan_and_identical_micro_batches() -> None:
 
     from lightning_scaling.laws.definitions import KaplanLaw
 
-    cfg = gpt.GPTConfig(seq_len=16, n_layer=1, n_head=2, d_model=32, d_ff=64)
+    cfg = TINY
     module = gpt.GPTLightningModule(cfg, lr=0.0, warmup_steps=1, use_kernels=False)
     batch = torch.randint(0, 256, (4, cfg.seq_len + 1), generator=torch.Generator().manual_seed(0))
     cb = GradientNoiseScale(warmup_steps=10**9)
@@ -294,7 +294,7 @@ class BranchOnOddBatches(L.LightningModule):
 def _gpt_and_tokens(batches: int, micro: int) -> tuple[L.LightningModule, DataLoader]:
     import gpt
 
-    cfg = gpt.GPTConfig(seq_len=16, n_layer=1, n_head=2, d_model=32, d_ff=64)
+    cfg = TINY
     module = gpt.GPTLightningModule(cfg, lr=1e-3, warmup_steps=1, use_kernels=False).double()
     tokens = torch.randint(0, 256, (batches * micro, cfg.seq_len + 1), generator=torch.Generator().manual_seed(2))
     return module, DataLoader(tokens, batch_size=micro, shuffle=False)
@@ -364,7 +364,7 @@ def test_accumulation_points_equal_the_micro_batch_gradients(monkeypatch, model,
 def test_gpt_gns_tokens_is_gns_times_tokens_per_sample() -> None:
     import gpt
 
-    cfg = gpt.GPTConfig(seq_len=16, n_layer=1, n_head=2, d_model=32, d_ff=64)
+    cfg = TINY
     module = gpt.GPTLightningModule(cfg, lr=0.0, warmup_steps=1, use_kernels=False)
     tokens = torch.randint(0, 256, (8 * 2 * 4, cfg.seq_len + 1), generator=torch.Generator().manual_seed(1))
     cb = GradientNoiseScale(ema_decay=0.5, warmup_steps=10**9)
